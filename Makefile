@@ -1,0 +1,30 @@
+# Two commands do everything on a fresh machine:
+#   make demo   set up .venv and run the main job
+#   make test   set up .venv and run the test suite (the slow tests: make test-slow)
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.moekit-setup
+
+.PHONY: setup demo test test-slow test-all clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt scripts/setup-venv.sh
+	bash scripts/setup-venv.sh "$(PYTHON)" "$(VENV)"
+	touch $@
+
+demo: setup
+	$(BIN)/moekit demo
+
+test: setup
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -m slow -q
+
+test-all: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

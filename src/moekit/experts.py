@@ -1,0 +1,139 @@
+"""Expert banks: E experts whose weights are stacked on a leading expert axis.
+
+Shape legend: N rows, D input features, H hidden units, O outputs, E experts.
+
+All experts run in one batched einsum, with no Python loop over experts. A bank returns the experts'
+pre-head activations (``logits_NEO``); :func:`apply_head` turns them into outputs, so that losses can
+work on log-probabilities straight from the logits of a softmax head.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from moekit._checks import check_choice, check_int
+
+EXPERT_KINDS = ("linear", "mlp")
+HEADS = ("identity", "sigmoid", "softmax")
+ACTIVATIONS = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "relu": torch.relu,
+               "gelu": nn.functional.gelu, "silu": nn.functional.silu}
+
+
+def apply_head(head: str, logits_NEO: Tensor) -> Tensor:
+    """Apply an output head along the last axis: identity, sigmoid, or softmax over outputs."""
+    if head == "identity":
+        return logits_NEO
+    if head == "sigmoid":
+        return torch.sigmoid(logits_NEO)
+    if head == "softmax":
+        return torch.softmax(logits_NEO, dim=-1)
+    raise ValueError(f"apply_head: head must be one of {HEADS}; got head={head!r}.")
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    """Which experts to build.
+
+    Attributes:
+        kind: 'linear' (the paper's: one linear layer) or 'mlp' (one hidden layer).
+        hidden: hidden units per MLP expert (ignored for linear experts).
+        activation: the MLP's hidden activation, one of ``ACTIVATIONS``.
+        head: output head, 'identity' (regression), 'sigmoid' or 'softmax' (a class distribution).
+    """
+
+    kind: str = "linear"
+    hidden: int = 16
+    activation: str = "tanh"
+    head: str = "identity"
+
+    def __post_init__(self) -> None:
+        check_choice("ExpertConfig", "kind", self.kind, EXPERT_KINDS)
+        check_int("ExpertConfig", "hidden", self.hidden, minimum=1)
+        check_choice("ExpertConfig", "activation", self.activation, ACTIVATIONS)
+        check_choice("ExpertConfig", "head", self.head, HEADS)
+
+    def build(self, in_features: int, out_features: int, n_experts: int, *,
+              generator: torch.Generator | None = None) -> LinearExperts | MLPExperts:
+        if self.kind == "linear":
+            return LinearExperts(in_features, out_features, n_experts, head=self.head,
+                                 generator=generator)
+        return MLPExperts(in_features, out_features, n_experts, hidden=self.hidden,
+                          activation=self.activation, head=self.head, generator=generator)
+
+
+def _uniform_(tensor: Tensor, fan_in: int, generator: torch.Generator | None) -> None:
+    # nn.Linear's default range U(-1/sqrt(fan_in), 1/sqrt(fan_in)), from the caller's generator.
+    bound = 1.0 / math.sqrt(fan_in)
+    with torch.no_grad():
+        tensor.uniform_(-bound, bound, generator=generator)
+
+
+class LinearExperts(nn.Module):
+    """E linear experts, o_i = W_i x + b_i, each forming a linear decision surface (the paper's).
+
+    Example:
+        >>> bank = LinearExperts(2, 4, 3, head="softmax")
+        >>> bank(torch.zeros(5, 2)).shape
+        torch.Size([5, 3, 4])
+    """
+
+    def __init__(self, in_features: int, out_features: int, n_experts: int, *,
+                 head: str = "identity", generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.in_features = check_int("LinearExperts", "in_features", in_features, minimum=1)
+        self.out_features = check_int("LinearExperts", "out_features", out_features, minimum=1)
+        self.n_experts = check_int("LinearExperts", "n_experts", n_experts, minimum=1)
+        self.head = check_choice("LinearExperts", "head", head, HEADS)
+        self.w_EDO = nn.Parameter(torch.empty(n_experts, in_features, out_features))
+        self.b_EO = nn.Parameter(torch.empty(n_experts, out_features))
+        self.reset_parameters(generator)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        _uniform_(self.w_EDO, self.in_features, generator)
+        _uniform_(self.b_EO, self.in_features, generator)
+
+    def forward(self, x_ND: Tensor) -> Tensor:
+        """Pre-head activations of every expert on every row, shape (N, E, O)."""
+        return torch.einsum("nd,edo->neo", x_ND, self.w_EDO) + self.b_EO
+
+
+class MLPExperts(nn.Module):
+    """E experts with one hidden layer each: o_i = W2_i act(W1_i x + b1_i) + b2_i.
+
+    Example:
+        >>> bank = MLPExperts(2, 1, 3, hidden=8)
+        >>> bank(torch.zeros(5, 2)).shape
+        torch.Size([5, 3, 1])
+    """
+
+    def __init__(self, in_features: int, out_features: int, n_experts: int, *, hidden: int = 16,
+                 activation: str = "tanh", head: str = "identity",
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.in_features = check_int("MLPExperts", "in_features", in_features, minimum=1)
+        self.out_features = check_int("MLPExperts", "out_features", out_features, minimum=1)
+        self.n_experts = check_int("MLPExperts", "n_experts", n_experts, minimum=1)
+        self.hidden = check_int("MLPExperts", "hidden", hidden, minimum=1)
+        self.activation = check_choice("MLPExperts", "activation", activation, ACTIVATIONS)
+        self.head = check_choice("MLPExperts", "head", head, HEADS)
+        self.w1_EDH = nn.Parameter(torch.empty(n_experts, in_features, hidden))
+        self.b1_EH = nn.Parameter(torch.empty(n_experts, hidden))
+        self.w2_EHO = nn.Parameter(torch.empty(n_experts, hidden, out_features))
+        self.b2_EO = nn.Parameter(torch.empty(n_experts, out_features))
+        self.reset_parameters(generator)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        _uniform_(self.w1_EDH, self.in_features, generator)
+        _uniform_(self.b1_EH, self.in_features, generator)
+        _uniform_(self.w2_EHO, self.hidden, generator)
+        _uniform_(self.b2_EO, self.hidden, generator)
+
+    def forward(self, x_ND: Tensor) -> Tensor:
+        """Pre-head activations of every expert on every row, shape (N, E, O)."""
+        act = ACTIVATIONS[self.activation]
+        h_NEH = act(torch.einsum("nd,edh->neh", x_ND, self.w1_EDH) + self.b1_EH)
+        return torch.einsum("neh,eho->neo", h_NEH, self.w2_EHO) + self.b2_EO
