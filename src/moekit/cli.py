@@ -20,7 +20,7 @@ EPILOG = """examples:
 
 def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "demo", help="fit a small mixture of linear experts and print what each expert took",
+        "demo", allow_abbrev=False, help="fit a small mixture of linear experts and print what each expert took",
         description="Fit a mixture of linear experts to a 1-D function with three straight pieces "
                     "(breaks at 1/3 and 2/3) and print which piece each expert took.",
     )
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moekit", description="Mixtures of experts: fit, reproduce Jacobs et al. (1991), "
                                    "and see what each expert learned.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=EPILOG, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"moekit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -1,0 +1,54 @@
+"""The `moekit` command: --help, --version, the demo, and usage errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from moekit import __version__, load_model
+from moekit.cli import main
+
+
+def test_version_from_the_installed_command():
+    done = subprocess.run([sys.executable, "-m", "moekit", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == f"moekit {__version__}"
+
+
+def test_help_lists_the_demo(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "demo" in capsys.readouterr().out
+
+
+def test_no_command_is_a_usage_error(capsys):
+    assert main([]) == 2
+    assert "give a command, e.g. `moekit demo`" in capsys.readouterr().err
+
+
+def test_bad_option_value_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--experts", "0"])
+    assert exit_info.value.code == 2
+    assert "--experts must be >= 1; got 0" in capsys.readouterr().err
+
+
+def test_unknown_option_is_rejected(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--expert", "3"])
+    assert exit_info.value.code == 2
+
+
+def test_demo_gives_each_piece_its_own_expert(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "inactive" in printed and f"Wrote {out}/results.json" in printed
+    results = json.loads((out / "results.json").read_text())
+    active = [e for e in results["experts"] if e["active"]]
+    # Three pieces (slopes 3, -3, 1.5 on thirds of [0, 1]): three experts, one third of rows each.
+    assert len(active) == 3
+    assert sorted(round(e["slope"]) for e in active) == [-3, 1, 3]
+    assert all(abs(e["share"] - 1 / 3) < 0.05 for e in active)
+    assert load_model(out / "model").config.n_experts == 4
