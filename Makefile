@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt scripts/setup-venv.sh
 	touch $@
 
 demo: setup
-	$(BIN)/moekit demo
+	$(BIN)/moekit vowels
 
 test: setup
 	$(BIN)/python -m pytest -m "not slow" -q

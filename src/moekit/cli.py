@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from moekit._version import __version__
 
 EPILOG = """examples:
+  moekit vowels                    reproduce Jacobs et al. (1991) Table 1 and Figures 2-3
+  moekit vowels --quick            the same, debug-sized (a few seconds)
   moekit demo                      fit a 4-expert mixture to a 3-piece line, show what each expert took
   moekit demo --experts 6 --seed 3 --out runs/demo6
 """
@@ -52,6 +54,80 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 4,8; got {text!r}")
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 1,2,4; got {text!r}")
+
+
+def _add_vowels(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "vowels", allow_abbrev=False,
+        help="reproduce Jacobs et al. (1991) Table 1 and Figures 2-3 on Peterson & Barney",
+        description="Mixtures of 4 and 8 linear experts against backprop nets with 6 and 12 hidden "
+                    "units on the Peterson & Barney vowels [i] [I] [a] [\u039b], 25 runs each, "
+                    "the paper's protocol; writes the table, results.json, figures and report.html.")
+    p.add_argument("--runs", type=int, help="runs per system (default 25; 3 with --quick)")
+    p.add_argument("--experts", type=_int_list, help="mixture sizes (default 4,8)")
+    p.add_argument("--hidden", type=_int_list, help="backprop hidden sizes (default 6,12)")
+    p.add_argument("--seed", type=int, help="seed of the initial weights (default 0)")
+    p.add_argument("--lr", type=float, help="one fixed step for every system (skips the exploration)")
+    p.add_argument("--lr-grid", type=_float_list, help="steps to explore (default 0.25,0.5,1,2,4)")
+    p.add_argument("--criterion", type=float, help="stop at this average squared error (default 0.08)")
+    p.add_argument("--average", choices=("unit", "case"),
+                   help="average the squared error per output unit (default) or per case")
+    p.add_argument("--max-epochs", type=int, help="epoch cap per run (default 5000)")
+    p.add_argument("--loss", choices=("eq1", "eq2", "eq3"), help="mixture error function (default eq3)")
+    p.add_argument("--no-loss-comparison", action="store_true",
+                   help="skip the Eq. 1 / Eq. 2 / Eq. 3 comparison")
+    p.add_argument("--include-speaker-76", action="store_true", help="add speaker 76 to the test set")
+    p.add_argument("--dtype", choices=("float32", "float64"), help="precision (default float32)")
+    p.add_argument("--out", help="output folder (default runs/vowels)")
+    p.add_argument("--quick", action="store_true", help="a debug-sized run in a few seconds")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    p.set_defaults(func=_run_vowels)
+
+
+_VOWELS_OPTIONS = {"runs": "runs", "experts": "experts", "hidden": "hidden", "seed": "seed",
+                   "lr": "lr", "lr_grid": "lr_grid", "criterion": "criterion",
+                   "average": "average", "max_epochs": "max_epochs", "loss": "loss",
+                   "dtype": "dtype", "out": "out"}
+
+
+def _run_vowels(args: argparse.Namespace) -> int:
+    from moekit.experiments.vowels import VowelsConfig, quick_config
+    from moekit.experiments.vowels_run import run_vowels
+
+    given = {field: getattr(args, arg) for arg, field in _VOWELS_OPTIONS.items()
+             if getattr(args, arg) is not None}
+    given.update(compare_losses=not args.no_loss_comparison,
+                 include_speaker_76=args.include_speaker_76, progress=not args.no_progress)
+    config = quick_config(**given) if args.quick else VowelsConfig(**given)
+    outcome = run_vowels(config)
+    print(outcome.table_text)
+    if outcome.loss_rows:
+        print("\nError functions (each at its own best step):")
+        for r in outcome.loss_rows:
+            print(f"  {r.system:<18} step {r.lr:<5g} {r.reached}/{r.runs} reached  "
+                  f"{r.epochs:7.0f} epochs  train {r.train:5.1f}%  test {r.test:5.1f}%  "
+                  f"experts per case {r.experts_per_case:.2f}")
+    print("\nThe paper's claims on this run:")
+    for c in outcome.claims:
+        print(f"  [{c.verdict}] {c.claim}\n      {c.evidence}")
+    print(f"\nRan in {outcome.seconds:.1f} s. Wrote:")
+    for path in outcome.files.values():
+        print(f"  {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moekit", description="Mixtures of experts: fit, reproduce Jacobs et al. (1991), "
@@ -60,15 +136,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"moekit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_vowels(subparsers)
     _add_demo(subparsers)
     return parser
 
 
 def _check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    for name in ("experts", "epochs"):
+    for name in ("experts", "hidden", "epochs", "runs", "max_epochs", "lr", "criterion", "lr_grid"):
         value = getattr(args, name, None)
-        if value is not None and value < 1:
-            parser.error(f"--{name} must be >= 1; got {value}. Example: moekit demo --{name} 4")
+        values = value if isinstance(value, tuple) else (value,)
+        if value is not None and (not values or any(v <= 0 for v in values)):
+            flag = "--" + name.replace("_", "-")
+            parser.error(f"{flag} must be > 0; got {value}. Example: moekit {args.command} "
+                         f"{flag} {'4' if name != 'lr_grid' else '1,2,4'}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,12 +28,15 @@ class Routing:
         experts_NK: index of each chosen expert (long); for the dense gate, 0..E-1 on every row.
         probs_NE: the full gate distribution over all experts (rows sum to 1).
         logits_NE: the gate's pre-softmax outputs (the paper's x_j).
+        dense: True when every row's k-th choice is expert k (the K = E dense gate), so that a
+            combine can use ``weights_NK`` as per-expert weights without gathering.
     """
 
     weights_NK: Tensor
     experts_NK: Tensor
     probs_NE: Tensor
     logits_NE: Tensor
+    dense: bool = False
 
     @property
     def n_experts(self) -> int:
@@ -93,4 +96,4 @@ class SoftmaxGate(nn.Module):
         probs_NE = torch.softmax(logits_NE, dim=-1)
         experts_NE = torch.arange(self.n_experts, device=x_ND.device).expand(x_ND.shape[0], -1)
         return Routing(weights_NK=probs_NE, experts_NK=experts_NE, probs_NE=probs_NE,
-                       logits_NE=logits_NE)
+                       logits_NE=logits_NE, dense=True)

@@ -44,6 +44,8 @@ def combine(routing: Routing, expert_outputs_NEO: Tensor) -> Tensor:
 
     For the dense gate (K = E, e_nk = k) this is the paper's y = sum_i p_i o_i.
     """
+    if routing.dense:
+        return torch.einsum("ne,neo->no", routing.weights_NK, expert_outputs_NEO)
     out_features = expert_outputs_NEO.shape[-1]
     index_NKO = routing.experts_NK.unsqueeze(-1).expand(-1, -1, out_features)
     chosen_NKO = expert_outputs_NEO.gather(1, index_NKO)

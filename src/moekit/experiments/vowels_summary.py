@@ -1,0 +1,189 @@
+"""Table 1 beside the paper's, the t-tests, and a plain verdict on each of the paper's claims."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+from moekit.experiments.vowels import INACTIVE_PROPORTION, PAPER_TABLE, SystemResult, VowelsConfig
+
+# Accuracy within this many points of the paper's counts as reproduced.
+ACCURACY_TOLERANCE = 4.0
+
+
+@dataclass(frozen=True)
+class Row:
+    """One system's line of Table 1 (means over runs at the criterion)."""
+
+    system: str
+    lr: float
+    runs: int
+    reached: int
+    train: float
+    test: float
+    epochs: float
+    sd: float
+    active_experts: float
+    experts_per_case: float
+    paper: dict[str, float] | None
+
+
+def table_rows(results: list[SystemResult]) -> list[Row]:
+    return [Row(system=r.system.name, lr=r.lr, runs=len(r.epochs_R), reached=int(r.reached_R.sum()),
+                train=float(r.train_acc_R.mean()), test=float(r.test_acc_R.mean()),
+                epochs=float(r.epochs_R.mean()),
+                sd=float(r.epochs_R.std(ddof=1)) if len(r.epochs_R) > 1 else 0.0,
+                active_experts=float(r.active_experts_R.mean()),
+                experts_per_case=float(r.experts_per_case_R.mean()),
+                paper=PAPER_TABLE.get(r.system.name)) for r in results]
+
+
+@dataclass(frozen=True)
+class TTest:
+    mixture: str
+    backprop: str
+    ratio: float  # backprop mean epochs / mixture mean epochs
+    t: float
+    p_less: float  # one-sided: mixtures need fewer epochs
+
+
+def epoch_t_tests(results: list[SystemResult]) -> list[TTest]:
+    """Welch t-tests of mixture vs backprop epochs, one-sided (the paper: mixtures are faster)."""
+    mixtures = [r for r in results if r.system.kind == "mixture"]
+    nets = [r for r in results if r.system.kind == "backprop"]
+    tests = []
+    for m in mixtures:
+        for b in nets:
+            if len(m.epochs_R) < 2 or len(b.epochs_R) < 2:
+                continue
+            t, p = stats.ttest_ind(m.epochs_R, b.epochs_R, equal_var=False, alternative="less")
+            tests.append(TTest(m.system.name, b.system.name,
+                               float(b.epochs_R.mean() / m.epochs_R.mean()), float(t), float(p)))
+    return tests
+
+
+@dataclass(frozen=True)
+class Claim:
+    claim: str
+    verdict: str  # 'reproduced' | 'not reproduced' | 'partly'
+    evidence: str
+
+
+def claims(rows: list[Row], tests: list[TTest], loss_rows: list[Row],
+           config: VowelsConfig) -> list[Claim]:
+    """The paper's claims about Table 1, Figures 2-3 and the error functions, checked on this run."""
+    found: list[Claim] = []
+    mixtures = [r for r in rows if r.paper and "Experts" in r.system]
+    nets = [r for r in rows if r.paper and "BP" in r.system]
+    if tests:
+        faster = [t for t in tests if t.ratio >= 1.5 and t.p_less < 0.001]
+        ratios = ", ".join(f"{t.backprop}/{t.mixture} = {t.ratio:.2f} (p = {t.p_less:.2g})" for t in tests)
+        verdict = "reproduced" if len(faster) == len(tests) else (
+            "partly" if any(t.ratio > 1 and t.p_less < 0.05 for t in tests) else "not reproduced")
+        found.append(Claim("Mixtures reach the criterion in about half the epochs of backprop nets "
+                           "(paper: 1083-1124 vs 2209-2435 epochs, ratio about 2).", verdict,
+                           f"Epoch ratios backprop/mixture, one-sided Welch t-tests: {ratios}."))
+    if mixtures:
+        worst = max(max(abs(r.train - 88.0), abs(r.test - 90.0)) for r in mixtures)
+        found.append(Claim(
+            f"Mixtures classify 88% of training and 90% of test tokens at the criterion.",
+            "reproduced" if worst <= ACCURACY_TOLERANCE else "not reproduced",
+            "; ".join(f"{r.system}: {r.train:.1f}% train, {r.test:.1f}% test" for r in mixtures)
+            + f" (tolerance {ACCURACY_TOLERANCE:.0f} points)."))
+    if mixtures and nets:
+        spread = max(r.test for r in mixtures + nets) - min(r.test for r in mixtures + nets)
+        found.append(Claim("All four systems have the same accuracy (the misclassified set is "
+                           "insensitive to small boundary changes).",
+                           "reproduced" if spread <= 2.0 else "not reproduced",
+                           f"Test accuracies span {spread:.1f} points across systems."))
+        easier = [r for r in mixtures + nets if r.test >= r.train]
+        found.append(Claim("The test set is easier than the training set.",
+                           "reproduced" if len(easier) == len(mixtures + nets) else
+                           ("partly" if easier else "not reproduced"),
+                           f"Test >= train accuracy for {len(easier)} of {len(mixtures + nets)} systems."))
+    if mixtures:
+        active = ", ".join(f"{r.system}: {r.active_experts:.1f}" for r in mixtures)
+        ok = all(2.0 <= r.active_experts <= 3.0 for r in mixtures)
+        partly = all(r.active_experts <= 3.0 for r in mixtures)
+        found.append(Claim(
+            "All but 2 or 3 experts have mixing proportions that are effectively 0.",
+            "reproduced" if ok else ("partly" if partly else "not reproduced"),
+            f"Mean number of experts with mean mixing proportion >= {INACTIVE_PROPORTION:.0%} on "
+            f"the training set: {active}."))
+    found += _loss_claims(rows, loss_rows)
+    return found
+
+
+def _loss_claims(rows: list[Row], loss_rows: list[Row]) -> list[Claim]:
+    if not loss_rows:
+        return []
+    by_name = {r.system: r for r in rows + loss_rows}
+    out = []
+    sizes = sorted({int(r.system.split()[0]) for r in loss_rows})
+
+    def row(size: int, loss: str) -> Row | None:
+        return by_name.get(f"{size} Experts" + ("" if loss == "eq3" else f" ({loss})"))
+
+    pairs = [(row(s, "eq3"), row(s, "eq2")) for s in sizes]
+    pairs = [(a, b) for a, b in pairs if a and b]
+    if pairs:
+        text = "; ".join(f"{a.system}: Eq. 3 {a.epochs:.0f} vs Eq. 2 {b.epochs:.0f} epochs" for a, b in pairs)
+        faster = sum(a.epochs < b.epochs for a, b in pairs)
+        out.append(Claim("Eq. 3 learns faster than Eq. 2.",
+                         "reproduced" if faster == len(pairs) else ("partly" if faster else "not reproduced"),
+                         text + " (each at its own best step)."))
+    triples = [(row(s, "eq1"), row(s, "eq2"), row(s, "eq3")) for s in sizes]
+    triples = [t for t in triples if all(t)]
+    if triples:
+        text = "; ".join(f"{s} experts: Eq. 1 {a.experts_per_case:.2f}, Eq. 2 {b.experts_per_case:.2f}, "
+                         f"Eq. 3 {c.experts_per_case:.2f}" for s, (a, b, c) in zip(sizes, triples))
+        most = sum(a.experts_per_case > max(b.experts_per_case, c.experts_per_case) for a, b, c in triples)
+        out.append(Claim("Eq. 1 (cooperative) uses many experts per case; Eqs. 2-3 use about one.",
+                         "reproduced" if most == len(triples) else ("partly" if most else "not reproduced"),
+                         "Effective experts blended per case, exp(entropy of the gate): " + text + "."))
+    return out
+
+
+def format_table(rows: list[Row], tests: list[TTest], config: VowelsConfig) -> str:
+    """Table 1 as plain text, each system beside the paper's numbers."""
+    average = "per output unit" if config.average == "unit" else "per case"
+    lines = [f"Table 1: stop at average squared error {config.criterion} ({average}); "
+             f"mean over runs, paper's value in brackets",
+             f"{'System':<18}{'step':>6}{'reached':>9}{'Train %':>15}{'Test %':>15}"
+             f"{'Avg epochs':>18}{'SD':>13}{'active':>8}"]
+    for r in rows:
+        p = r.paper or {}
+
+        def cell(value: float, key: str, fmt: str) -> str:
+            ref = f" [{p[key]:{fmt}}]" if key in p else ""
+            return f"{value:{fmt}}{ref}"
+
+        lines.append(f"{r.system:<18}{r.lr:>6g}{f'{r.reached}/{r.runs}':>9}"
+                     f"{cell(r.train, 'train', '.1f'):>15}{cell(r.test, 'test', '.1f'):>15}"
+                     f"{cell(r.epochs, 'epochs', '.0f'):>18}{cell(r.sd, 'sd', '.0f'):>13}"
+                     f"{r.active_experts:>8.1f}")
+    for t in tests:
+        lines.append(f"t-test {t.mixture} vs {t.backprop}: backprop needs {t.ratio:.2f}x the epochs; "
+                     f"t = {t.t:.2f}, one-sided p = {t.p_less:.3g}")
+    return "\n".join(lines)
+
+
+def rows_to_json(rows: list[Row]) -> list[dict[str, object]]:
+    return [dict(r.__dict__) for r in rows]
+
+
+def describe_runs(result: SystemResult) -> dict[str, object]:
+    """Per-run numbers for results.json."""
+    return {
+        "system": result.system.name, "kind": result.system.kind, "size": result.system.size,
+        "loss": result.system.loss, "parameters": result.system.n_parameters(), "lr": result.lr,
+        "exploration": [dict(t.__dict__, status=t.status) for t in result.trials],
+        "epochs": result.epochs_R.tolist(), "reached": result.reached_R.tolist(),
+        "hit_cap": int((~result.reached_R).sum()),
+        "train_accuracy": np.round(result.train_acc_R, 3).tolist(),
+        "test_accuracy": np.round(result.test_acc_R, 3).tolist(),
+        "active_experts": result.active_experts_R.tolist(),
+        "experts_per_case": np.round(result.experts_per_case_R, 4).tolist(),
+    }
