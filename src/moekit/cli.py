@@ -80,7 +80,9 @@ def _add_vowels(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--hidden", type=_int_list, help="backprop hidden sizes (default 6,12)")
     p.add_argument("--seed", type=int, help="seed of the initial weights (default 0)")
     p.add_argument("--lr", type=float, help="one fixed step for every system (skips the exploration)")
-    p.add_argument("--lr-grid", type=_float_list, help="steps to explore (default 0.25,0.5,1,2,4)")
+    p.add_argument("--lr-grid", type=_float_list, help="steps to explore (default 0.5,1,2,4)")
+    p.add_argument("--expert-head", choices=("softmax", "identity", "sigmoid"),
+                   help="the experts' outputs: a class distribution (default) or linear/logistic")
     p.add_argument("--criterion", type=float, help="stop at this average squared error (default 0.08)")
     p.add_argument("--average", choices=("unit", "case"),
                    help="average the squared error per output unit (default) or per case")
@@ -99,7 +101,7 @@ def _add_vowels(subparsers: argparse._SubParsersAction) -> None:
 _VOWELS_OPTIONS = {"runs": "runs", "experts": "experts", "hidden": "hidden", "seed": "seed",
                    "lr": "lr", "lr_grid": "lr_grid", "criterion": "criterion",
                    "average": "average", "max_epochs": "max_epochs", "loss": "loss",
-                   "dtype": "dtype", "out": "out"}
+                   "dtype": "dtype", "out": "out", "expert_head": "expert_head"}
 
 
 def _run_vowels(args: argparse.Namespace) -> int:

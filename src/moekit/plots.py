@@ -165,8 +165,8 @@ def plot_lines_over_time(model: MixtureOfExperts, snapshots: Sequence[tuple[int,
     chosen = [snapshots[int(i)] for i in np.unique(np.linspace(0, len(snapshots) - 1, panels).round())]
     cols = min(len(chosen), 3)
     rows = int(np.ceil(len(chosen) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False,
-                             sharex=True, sharey=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols + 1.8, 3.2 * rows), squeeze=False,
+                             sharex=True, sharey=True, layout="constrained")
     final_pairs = expert_class_pairs(model, x_N2, y_N)
     m0, m1, _ = _grid(x_N2)
     xlim, ylim = (m0.min(), m0.max()), (m1.min(), m1.max())
@@ -180,6 +180,10 @@ def plot_lines_over_time(model: MixtureOfExperts, snapshots: Sequence[tuple[int,
             _draw_line(ax, normal, offset, xlim, ylim, color=EXPERT_COLORS[e % 10],
                        lw=0.4 + 3.0 * mean_E[e], alpha=0.9 if mean_E[e] >= 0.01 else 0.35)
         ax.set(xlim=xlim, ylim=ylim, title=f"epoch {epoch}")
+    handles = [plt.Line2D([], [], color=EXPERT_COLORS[e % 10], lw=2,
+                          label=f"expert {e}: {labels[a]} | {labels[b]}")
+               for e, (a, b) in enumerate(final_pairs)]
+    fig.legend(handles=handles, loc="outside right center", fontsize=8)
     for ax in axes.flat[len(chosen):]:
         ax.axis("off")
     for ax in axes[:, 0]:

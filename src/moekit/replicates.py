@@ -14,18 +14,17 @@ epoch, stop when the training error of the blended output reaches a threshold.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, stack_module_state, vmap
 from tqdm.auto import tqdm
 
 from moekit._checks import check_choice, check_finite, check_int, check_matrix, check_positive_float
-from moekit.losses import mixture_loss, resolve_loss_name
-from moekit.training import Targets, prepare_targets
+from moekit.losses import resolve_loss_name
+from moekit.stacked import StackedMixtureEngine, VmapEngine, supports_stacked
+from moekit.training import prepare_targets
 
 STOP_METRICS = ("sse", "mse")
 
@@ -99,24 +98,10 @@ class ReplicateResult:
         return ~(self.reached_R | self.diverged_R | self.pruned_R)
 
 
-def _per_run_errors(model: nn.Module, config: ReplicateConfig, x_ND: Tensor, targets: Targets
-                    ) -> Callable[[dict[str, Tensor], dict[str, Tensor]], tuple[Tensor, Tensor]]:
-    """The loss and stop metric of one run, as a function of its parameters (for vmap)."""
-
-    def errors(params: dict[str, Tensor], buffers: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        out = functional_call(model, (params, buffers), (x_ND,))
-        loss = mixture_loss(config.loss, out, targets.for_loss, variance=config.variance)
-        sq_NO = (targets.dense_NO - out.output).square()
-        metric = sq_NO.sum(-1).mean() if config.stop_metric == "sse" else sq_NO.mean()
-        return loss + out.aux_loss, metric
-
-    return errors
-
-
 def train_replicates(models: Sequence[nn.Module], x: Tensor, y: Tensor, lrs: Sequence[float] | Tensor,
                      config: ReplicateConfig | None = None, *,
                      track: Sequence[int] = (), track_epochs: Sequence[int] = (),
-                     prune: PruneRule | None = None) -> ReplicateResult:
+                     prune: PruneRule | None = None, engine: str = "auto") -> ReplicateResult:
     """Train R models of one architecture as one batched computation, each with its own step size.
 
     Args:
@@ -126,6 +111,8 @@ def train_replicates(models: Sequence[nn.Module], x: Tensor, y: Tensor, lrs: Seq
         config: a :class:`ReplicateConfig` (defaults: Eq. 3, criterion 0.08 per case).
         track, track_epochs: runs whose weights to snapshot at the given epochs (and at the end).
         prune: an optional rule that stops runs early (e.g. a step size that cannot win a search).
+        engine: 'stacked' (the fast rows-last path for dense mixtures), 'vmap' (the reference: any
+            model, its own forward under torch.func.vmap), or 'auto' (stacked where it applies).
 
     Example:
         >>> from moekit import MixtureOfExperts
@@ -153,10 +140,11 @@ def train_replicates(models: Sequence[nn.Module], x: Tensor, y: Tensor, lrs: Seq
     targets = prepare_targets("train_replicates", "y", y, out_features=first.config.out_features,
                               loss=config.loss, dtype=x.dtype)
 
-    params, buffers = stack_module_state(list(models))
-    params = {k: v.detach() for k, v in params.items()}
-    template = copy.deepcopy(first).to("meta")
-    errors = vmap(_per_run_errors(template, config, x, targets))
+    check_choice("train_replicates", "engine", engine, ("auto", "stacked", "vmap"))
+    use_stacked = engine == "stacked" or (engine == "auto" and supports_stacked(models))
+    build = StackedMixtureEngine if use_stacked else VmapEngine
+    runner = build(models, x, targets, config.loss, config.variance, config.stop_metric)
+    params = runner.params
     lr_R = lr_R.to(x.dtype)
 
     falses = torch.zeros(n_runs, dtype=torch.bool)
@@ -173,12 +161,12 @@ def train_replicates(models: Sequence[nn.Module], x: Tensor, y: Tensor, lrs: Seq
     bar = tqdm(total=config.max_epochs, desc="runs", unit="epoch", disable=not config.progress,
                leave=False)
     for epoch in range(config.max_epochs + 1):
-        loss_W, metric_W = errors(work, _gather(buffers, rows, grad=False))
+        loss_W, metric_W = runner.errors(work, rows)
         metric_RT[rows, epoch] = metric_W.detach()
         loss_RT[rows, epoch] = loss_W.detach()
         if epoch in track_at:
             _scatter(params, work, rows)
-            _snapshot(snapshots, params, epoch, active_R=state.active_R)
+            _snapshot(snapshots, runner, params, epoch, active_R=state.active_R)
         _update_state(state, rows, epoch, loss_W.detach(), metric_W.detach(), config)
         if prune is not None and state.active_R.any():
             stop_R = prune(epoch, state) & state.active_R
@@ -202,15 +190,14 @@ def train_replicates(models: Sequence[nn.Module], x: Tensor, y: Tensor, lrs: Seq
     bar.close()
 
     _scatter(params, work, rows)
-    _snapshot(snapshots, params, None, final_epochs=state.epochs_R)
-    _write_back(models, params)
+    _snapshot(snapshots, runner, params, None, final_epochs=state.epochs_R)
+    _write_back(models, runner, params)
     return ReplicateResult(state.epochs_R, state.reached_R, state.diverged_R, state.pruned_R,
                            metric_RT, loss_RT, snapshots)
 
 
-def _gather(stacked: dict[str, Tensor], rows: Tensor, *, grad: bool = True) -> dict[str, Tensor]:
-    return {k: v[rows].detach().requires_grad_(grad and v.is_floating_point())
-            for k, v in stacked.items()}
+def _gather(stacked: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
+    return {k: v[rows].detach().requires_grad_(True) for k, v in stacked.items()}
 
 
 def _scatter(stacked: dict[str, Tensor], work: dict[str, Tensor], rows: Tensor) -> None:
@@ -230,8 +217,8 @@ def _update_state(state: ReplicateState, rows: Tensor, epoch: int, loss_W: Tenso
         state.active_R[reached] = False
 
 
-def _snapshot(snapshots: dict[int, list[tuple[int, dict[str, Tensor]]]], params: dict[str, Tensor],
-              epoch: int | None, *, active_R: Tensor | None = None,
+def _snapshot(snapshots: dict[int, list[tuple[int, dict[str, Tensor]]]], runner,
+              params: dict[str, Tensor], epoch: int | None, *, active_R: Tensor | None = None,
               final_epochs: Tensor | None = None) -> None:
     """Copy the tracked runs' weights: at ``epoch`` for runs still active, or each run's last epoch."""
     for r, frames in snapshots.items():
@@ -240,11 +227,10 @@ def _snapshot(snapshots: dict[int, list[tuple[int, dict[str, Tensor]]]], params:
         at = epoch if epoch is not None else int(final_epochs[r])
         if frames and frames[-1][0] == at:
             continue
-        frames.append((at, {k: v[r].detach().clone() for k, v in params.items()}))
+        frames.append((at, runner.module_state(params, r)))
 
 
-def _write_back(models: Sequence[nn.Module], params: dict[str, Tensor]) -> None:
+def _write_back(models: Sequence[nn.Module], runner, params: dict[str, Tensor]) -> None:
     with torch.no_grad():
         for r, model in enumerate(models):
-            for name, p in model.named_parameters():
-                p.copy_(params[name][r])
+            model.load_state_dict(runner.module_state(params, r), strict=False)

@@ -111,6 +111,18 @@ def _write_json(outcome: VowelsOutcome, results: list[SystemResult], path: Path)
     return path
 
 
+def _stability_note(rows: list[Row]) -> str:
+    """Say plainly when the chosen step makes gradient descent oscillate."""
+    shaky = [r for r in rows if r.rising > 10]
+    if not shaky:
+        return "At the chosen steps the training error fell on almost every epoch."
+    listed = ", ".join(f"{r.system} ({r.rising:.0f}% of epochs at step {r.lr:g})" for r in shaky)
+    return (f"The fastest steps sit at the edge of stability: the training error rose on {listed}. "
+            "The runs reach the criterion on a downswing of the oscillation; the exploration rule "
+            "(fewest mean epochs with every run reaching the criterion) prefers such steps. Rerun "
+            "with a grid of smaller steps (--lr-grid) to see smooth descent at the cost of epochs.")
+
+
 def _caption(key: str) -> str:
     if key.startswith("mixing_"):
         return (f"Mixing proportion of each expert over the input plane "
@@ -142,7 +154,7 @@ def _write_html(outcome: VowelsOutcome, results: list[SystemResult], path: Path)
             f"({'per output unit' if config.average == 'unit' else 'per case'}); epoch cap "
             f"{config.max_epochs}; {config.runs} runs per system; train speakers 1-50, test 51-75"
             f"{' and 76' if config.include_speaker_76 else ''}. Accuracies are at the criterion. "
-            f"Ran in {outcome.seconds:.1f} s.")),
+            f"Ran in {outcome.seconds:.1f} s.") + text(_stability_note(outcome.rows))),
         Section("Step-size exploration", steps + text(
             "Every step starts from the same initial weights. The step with the fewest mean epochs "
             "among those where every run reached the criterion is kept; steps that could no longer "

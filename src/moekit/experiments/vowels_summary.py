@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,7 @@ class Row:
     sd: float
     active_experts: float
     experts_per_case: float
+    rising: float  # % of epochs on which the training error went up (oscillation at a large step)
     paper: dict[str, float] | None
 
 
@@ -37,7 +39,15 @@ def table_rows(results: list[SystemResult]) -> list[Row]:
                 sd=float(r.epochs_R.std(ddof=1)) if len(r.epochs_R) > 1 else 0.0,
                 active_experts=float(r.active_experts_R.mean()),
                 experts_per_case=float(r.experts_per_case_R.mean()),
+                rising=rising_epochs(r.curves_RT),
                 paper=PAPER_TABLE.get(r.system.name)) for r in results]
+
+
+def rising_epochs(curves_RT: np.ndarray) -> float:
+    """The percentage of updates after which the training error was higher than before."""
+    steps_RT = np.diff(curves_RT, axis=1)
+    valid = ~np.isnan(steps_RT)
+    return float(100.0 * (steps_RT[valid] > 0).mean()) if valid.any() else 0.0
 
 
 @dataclass(frozen=True)
@@ -58,7 +68,13 @@ def epoch_t_tests(results: list[SystemResult]) -> list[TTest]:
         for b in nets:
             if len(m.epochs_R) < 2 or len(b.epochs_R) < 2:
                 continue
-            t, p = stats.ttest_ind(m.epochs_R, b.epochs_R, equal_var=False, alternative="less")
+            if np.ptp(m.epochs_R) == 0 and np.ptp(b.epochs_R) == 0:
+                t, p = float("nan"), float("nan")  # no spread at all (e.g. every run hit the cap)
+            else:
+                with warnings.catch_warnings():  # near-identical samples: scipy warns, we report it
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    t, p = stats.ttest_ind(m.epochs_R, b.epochs_R, equal_var=False,
+                                           alternative="less")
             tests.append(TTest(m.system.name, b.system.name,
                                float(b.epochs_R.mean() / m.epochs_R.mean()), float(t), float(p)))
     return tests
@@ -78,13 +94,17 @@ def claims(rows: list[Row], tests: list[TTest], loss_rows: list[Row],
     mixtures = [r for r in rows if r.paper and "Experts" in r.system]
     nets = [r for r in rows if r.paper and "BP" in r.system]
     if tests:
-        faster = [t for t in tests if t.ratio >= 1.5 and t.p_less < 0.001]
+        halves = [t for t in tests if t.ratio >= 1.5 and t.p_less < 0.001]  # nan compares False
+        faster = [t for t in tests if t.ratio > 1 and t.p_less < 0.05]
         ratios = ", ".join(f"{t.backprop}/{t.mixture} = {t.ratio:.2f} (p = {t.p_less:.2g})" for t in tests)
-        verdict = "reproduced" if len(faster) == len(tests) else (
-            "partly" if any(t.ratio > 1 and t.p_less < 0.05 for t in tests) else "not reproduced")
+        verdict = "reproduced" if len(halves) == len(tests) else "not reproduced"
+        summary = (f"Mixtures are significantly faster (p < 0.05) in {len(faster)} of {len(tests)} "
+                   f"comparisons, by a factor of {min(t.ratio for t in tests):.2f} to "
+                   f"{max(t.ratio for t in tests):.2f}, not about 2.")
         found.append(Claim("Mixtures reach the criterion in about half the epochs of backprop nets "
                            "(paper: 1083-1124 vs 2209-2435 epochs, ratio about 2).", verdict,
-                           f"Epoch ratios backprop/mixture, one-sided Welch t-tests: {ratios}."))
+                           (summary if verdict != "reproduced" else "") +
+                           f" Epoch ratios backprop/mixture, one-sided Welch t-tests: {ratios}."))
     if mixtures:
         worst = max(max(abs(r.train - 88.0), abs(r.test - 90.0)) for r in mixtures)
         found.append(Claim(
@@ -93,11 +113,14 @@ def claims(rows: list[Row], tests: list[TTest], loss_rows: list[Row],
             "; ".join(f"{r.system}: {r.train:.1f}% train, {r.test:.1f}% test" for r in mixtures)
             + f" (tolerance {ACCURACY_TOLERANCE:.0f} points)."))
     if mixtures and nets:
-        spread = max(r.test for r in mixtures + nets) - min(r.test for r in mixtures + nets)
+        every = mixtures + nets
+        spread_test = max(r.test for r in every) - min(r.test for r in every)
+        spread_train = max(r.train for r in every) - min(r.train for r in every)
         found.append(Claim("All four systems have the same accuracy (the misclassified set is "
                            "insensitive to small boundary changes).",
-                           "reproduced" if spread <= 2.0 else "not reproduced",
-                           f"Test accuracies span {spread:.1f} points across systems."))
+                           "reproduced" if max(spread_test, spread_train) <= 2.0 else "not reproduced",
+                           f"Across systems, training accuracies span {spread_train:.1f} points and "
+                           f"test accuracies {spread_test:.1f} points."))
         easier = [r for r in mixtures + nets if r.test >= r.train]
         found.append(Claim("The test set is easier than the training set.",
                            "reproduced" if len(easier) == len(mixtures + nets) else
@@ -106,12 +129,14 @@ def claims(rows: list[Row], tests: list[TTest], loss_rows: list[Row],
     if mixtures:
         active = ", ".join(f"{r.system}: {r.active_experts:.1f}" for r in mixtures)
         ok = all(2.0 <= r.active_experts <= 3.0 for r in mixtures)
-        partly = all(r.active_experts <= 3.0 for r in mixtures)
+        fewer = all(r.active_experts < 2.0 for r in mixtures)
         found.append(Claim(
             "All but 2 or 3 experts have mixing proportions that are effectively 0.",
-            "reproduced" if ok else ("partly" if partly else "not reproduced"),
+            "reproduced" if ok else "not reproduced",
             f"Mean number of experts with mean mixing proportion >= {INACTIVE_PROPORTION:.0%} on "
-            f"the training set: {active}."))
+            f"the training set: {active}."
+            + (" Most runs reach the criterion before the experts split: one expert does the work."
+               if fewer else "")))
     found += _loss_claims(rows, loss_rows)
     return found
 
@@ -152,7 +177,7 @@ def format_table(rows: list[Row], tests: list[TTest], config: VowelsConfig) -> s
     lines = [f"Table 1: stop at average squared error {config.criterion} ({average}); "
              f"mean over runs, paper's value in brackets",
              f"{'System':<18}{'step':>6}{'reached':>9}{'Train %':>15}{'Test %':>15}"
-             f"{'Avg epochs':>18}{'SD':>13}{'active':>8}"]
+             f"{'Avg epochs':>18}{'SD':>13}{'active':>8}{'rising':>8}"]
     for r in rows:
         p = r.paper or {}
 
@@ -163,7 +188,9 @@ def format_table(rows: list[Row], tests: list[TTest], config: VowelsConfig) -> s
         lines.append(f"{r.system:<18}{r.lr:>6g}{f'{r.reached}/{r.runs}':>9}"
                      f"{cell(r.train, 'train', '.1f'):>15}{cell(r.test, 'test', '.1f'):>15}"
                      f"{cell(r.epochs, 'epochs', '.0f'):>18}{cell(r.sd, 'sd', '.0f'):>13}"
-                     f"{r.active_experts:>8.1f}")
+                     f"{r.active_experts:>8.1f}{r.rising:>7.0f}%")
+    lines.append("active: experts with mean mixing proportion >= 1%; rising: % of epochs on which "
+                 "the training error went up")
     for t in tests:
         lines.append(f"t-test {t.mixture} vs {t.backprop}: backprop needs {t.ratio:.2f}x the epochs; "
                      f"t = {t.t:.2f}, one-sided p = {t.p_less:.3g}")
