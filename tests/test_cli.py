@@ -31,7 +31,7 @@ def test_bad_option_value_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", "--experts", "0"])
     assert exit_info.value.code == 2
-    assert "--experts must be >= 1; got 0" in capsys.readouterr().err
+    assert "--experts must be > 0; got 0" in capsys.readouterr().err
 
 
 def test_unknown_option_is_rejected(capsys):

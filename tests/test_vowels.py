@@ -110,3 +110,16 @@ def test_cli_usage_errors(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["vowels", "--lr-grid", "1,x"])
     assert exit_info.value.code == 2 and "comma-separated numbers" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_full_default_run_is_near_the_papers_accuracies(tmp_path):
+    """The main job, as `make demo` runs it: every run reaches the criterion and the mixtures'
+    accuracies are within a few points of the paper's 88% train / 90% test."""
+    from moekit.experiments.vowels_run import run_vowels
+
+    outcome = run_vowels(VowelsConfig(out=str(tmp_path), progress=False))
+    mixtures = [r for r in outcome.rows if "Experts" in r.system]
+    assert all(r.reached == r.runs == 25 for r in outcome.rows)
+    assert all(abs(r.train - 88) <= 4 and abs(r.test - 90) <= 4 for r in mixtures)
+    assert (tmp_path / "report.html").stat().st_size > 100_000

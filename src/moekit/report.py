@@ -14,8 +14,8 @@ STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em;
        color: #222; line-height: 1.45; }
 table { border-collapse: collapse; margin: 1em 0; font-size: 0.92em; }
-th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
-th { background: #f2f2f2; } td:first-child, th:first-child { text-align: left; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: left; vertical-align: top; }
+th { background: #f2f2f2; }
 .reproduced { color: #17652a; font-weight: 600; } .partly { color: #8a6100; font-weight: 600; }
 .not-reproduced { color: #a31515; font-weight: 600; }
 figure { margin: 1.2em 0; } figcaption { font-size: 0.9em; color: #555; }

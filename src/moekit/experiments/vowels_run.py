@@ -56,9 +56,11 @@ def run_vowels(config: VowelsConfig, task: VowelTask | None = None) -> VowelsOut
     seconds = time.perf_counter() - start
 
     rows, loss_rows = table_rows(results), table_rows(loss_results)
-    if loss_rows:  # the main error function's rows complete the comparison
-        loss_rows = sorted(loss_rows + [r for r in rows if "Experts" in r.system],
-                           key=lambda r: (int(r.system.split()[0]), r.system))
+    if loss_rows:  # the main error function's row of the same mixture completes the comparison
+        sizes = {r.system.size for r in loss_results}
+        main_rows = [row for row, r in zip(rows, results)
+                     if r.system.kind == "mixture" and r.system.size in sizes]
+        loss_rows = sorted(loss_rows + main_rows, key=lambda r: r.system)
     tests = epoch_t_tests(results)
     found = claims(rows, tests, loss_rows, config)
     outcome = VowelsOutcome(config, rows, loss_rows, tests, found, format_table(rows, tests, config),
