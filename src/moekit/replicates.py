@@ -101,7 +101,8 @@ class ReplicateResult:
 def train_replicates(models: Sequence[nn.Module], x: Tensor, y: Tensor, lrs: Sequence[float] | Tensor,
                      config: ReplicateConfig | None = None, *,
                      track: Sequence[int] = (), track_epochs: Sequence[int] = (),
-                     prune: PruneRule | None = None, engine: str = "auto") -> ReplicateResult:
+                     prune: PruneRule | None = None, engine: str = "auto",
+                     description: str = "runs") -> ReplicateResult:
     """Train R models of one architecture as one batched computation, each with its own step size.
 
     Args:
@@ -113,6 +114,7 @@ def train_replicates(models: Sequence[nn.Module], x: Tensor, y: Tensor, lrs: Seq
         prune: an optional rule that stops runs early (e.g. a step size that cannot win a search).
         engine: 'stacked' (the fast rows-last path for dense mixtures), 'vmap' (the reference: any
             model, its own forward under torch.func.vmap), or 'auto' (stacked where it applies).
+        description: the progress bar's label.
 
     Example:
         >>> from moekit import MixtureOfExperts
@@ -158,7 +160,7 @@ def train_replicates(models: Sequence[nn.Module], x: Tensor, y: Tensor, lrs: Seq
     # Only the active runs are computed: ``rows`` indexes them, ``work`` holds their parameters.
     rows = torch.arange(n_runs)
     work = _gather(params, rows)
-    bar = tqdm(total=config.max_epochs, desc="runs", unit="epoch", disable=not config.progress,
+    bar = tqdm(total=config.max_epochs, desc=description, unit="epoch", disable=not config.progress,
                leave=False)
     for epoch in range(config.max_epochs + 1):
         loss_W, metric_W = runner.errors(work, rows)

@@ -214,7 +214,7 @@ def run_system(system: System, task: VowelTask, config: VowelsConfig, *,
     result = train_replicates(models, x_train, task.y_train, lrs, replicate,
                               prune=_lower_bound_rule(len(steps), config.runs),
                               track=[g * config.runs for g in range(len(steps))] if track_epochs else (),
-                              track_epochs=track_epochs)
+                              track_epochs=track_epochs, description=system.name)
     trials = _trials(steps, config.runs, result)
     best = _choose(trials)
     chosen = slice(best * config.runs, (best + 1) * config.runs)

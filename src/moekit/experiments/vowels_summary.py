@@ -191,6 +191,11 @@ def format_table(rows: list[Row], tests: list[TTest], config: VowelsConfig) -> s
                      f"{r.active_experts:>8.1f}{r.rising:>7.0f}%")
     lines.append("active: experts with mean mixing proportion >= 1%; rising: % of epochs on which "
                  "the training error went up")
+    short = [r for r in rows if r.reached < r.runs]
+    lines.append("Every run reached the criterion." if not short else
+                 f"Runs that did not reach the criterion within the cap of {config.max_epochs} epochs "
+                 "(counted at the cap): " + ", ".join(f"{r.system} {r.runs - r.reached}/{r.runs}"
+                                                      for r in short) + ".")
     for t in tests:
         lines.append(f"t-test {t.mixture} vs {t.backprop}: backprop needs {t.ratio:.2f}x the epochs; "
                      f"t = {t.t:.2f}, one-sided p = {t.p_less:.3g}")
