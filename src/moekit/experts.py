@@ -16,8 +16,9 @@ import torch
 from torch import Tensor, nn
 
 from moekit._checks import check_choice, check_int
+from moekit.dispatch import DispatchPlan, grouped_matmul
 
-EXPERT_KINDS = ("linear", "mlp")
+EXPERT_KINDS = ("linear", "mlp", "glu")
 HEADS = ("identity", "sigmoid", "softmax")
 ACTIVATIONS = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "relu": torch.relu,
                "gelu": nn.functional.gelu, "silu": nn.functional.silu}
@@ -46,7 +47,8 @@ class ExpertConfig:
     """Which experts to build.
 
     Attributes:
-        kind: 'linear' (the paper's: one linear layer) or 'mlp' (one hidden layer).
+        kind: 'linear' (the paper's: one linear layer), 'mlp' (one hidden layer), or 'glu' (a gated
+            linear unit, SwiGLU with activation 'silu', as in Mixtral).
         hidden: hidden units per MLP expert (ignored for linear experts).
         activation: the MLP's hidden activation, one of ``ACTIVATIONS``.
         head: output head, 'identity' (regression), 'sigmoid' or 'softmax' (a class distribution).
@@ -68,6 +70,9 @@ class ExpertConfig:
         if self.kind == "linear":
             return LinearExperts(in_features, out_features, n_experts, head=self.head,
                                  generator=generator)
+        if self.kind == "glu":
+            return GLUExperts(in_features, out_features, n_experts, hidden=self.hidden,
+                              activation=self.activation, head=self.head, generator=generator)
         return MLPExperts(in_features, out_features, n_experts, hidden=self.hidden,
                           activation=self.activation, head=self.head, generator=generator)
 
@@ -107,6 +112,10 @@ class LinearExperts(nn.Module):
         """Pre-head activations of every expert on every row, shape (N, E, O)."""
         return torch.einsum("nd,edo->neo", x_ND, self.w_EDO) + self.b_EO
 
+    def forward_grouped(self, x_MD: Tensor, plan: DispatchPlan) -> Tensor:
+        """Pre-head activations of each routed row's own expert, rows in plan order, (M, O)."""
+        return grouped_matmul(x_MD, self.w_EDO, plan) + self.b_EO[plan.experts_M]
+
 
 class MLPExperts(nn.Module):
     """E experts with one hidden layer each: o_i = W2_i act(W1_i x + b1_i) + b2_i.
@@ -144,3 +153,52 @@ class MLPExperts(nn.Module):
         act = ACTIVATIONS[self.activation]
         h_NEH = act(torch.einsum("nd,edh->neh", x_ND, self.w1_EDH) + self.b1_EH)
         return torch.einsum("neh,eho->neo", h_NEH, self.w2_EHO) + self.b2_EO
+
+    def forward_grouped(self, x_MD: Tensor, plan: DispatchPlan) -> Tensor:
+        """Pre-head activations of each routed row's own expert, rows in plan order, (M, O)."""
+        act = ACTIVATIONS[self.activation]
+        h_MH = act(grouped_matmul(x_MD, self.w1_EDH, plan) + self.b1_EH[plan.experts_M])
+        return grouped_matmul(h_MH, self.w2_EHO, plan) + self.b2_EO[plan.experts_M]
+
+
+class GLUExperts(nn.Module):
+    """E gated-linear-unit experts without biases (SwiGLU with 'silu', Shazeer 2020; Mixtral):
+    o_i = W2_i (act(W1_i x) * (W3_i x)). W1 is the gate projection, W3 the up projection.
+
+    Example:
+        >>> GLUExperts(4, 4, 3, hidden=8)(torch.zeros(5, 4)).shape
+        torch.Size([5, 3, 4])
+    """
+
+    def __init__(self, in_features: int, out_features: int, n_experts: int, *, hidden: int = 16,
+                 activation: str = "silu", head: str = "identity",
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.in_features = check_int("GLUExperts", "in_features", in_features, minimum=1)
+        self.out_features = check_int("GLUExperts", "out_features", out_features, minimum=1)
+        self.n_experts = check_int("GLUExperts", "n_experts", n_experts, minimum=1)
+        self.hidden = check_int("GLUExperts", "hidden", hidden, minimum=1)
+        self.activation = check_choice("GLUExperts", "activation", activation, ACTIVATIONS)
+        self.head = check_choice("GLUExperts", "head", head, HEADS)
+        self.w1_EDH = nn.Parameter(torch.empty(n_experts, in_features, hidden))
+        self.w3_EDH = nn.Parameter(torch.empty(n_experts, in_features, hidden))
+        self.w2_EHO = nn.Parameter(torch.empty(n_experts, hidden, out_features))
+        self.reset_parameters(generator)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        _uniform_(self.w1_EDH, self.in_features, generator)
+        _uniform_(self.w3_EDH, self.in_features, generator)
+        _uniform_(self.w2_EHO, self.hidden, generator)
+
+    def forward(self, x_ND: Tensor) -> Tensor:
+        """Every expert on every row, shape (N, E, O)."""
+        act = ACTIVATIONS[self.activation]
+        gate_NEH = act(torch.einsum("nd,edh->neh", x_ND, self.w1_EDH))
+        up_NEH = torch.einsum("nd,edh->neh", x_ND, self.w3_EDH)
+        return torch.einsum("neh,eho->neo", gate_NEH * up_NEH, self.w2_EHO)
+
+    def forward_grouped(self, x_MD: Tensor, plan: DispatchPlan) -> Tensor:
+        """Each routed row's own expert, rows in plan order, shape (M, O)."""
+        act = ACTIVATIONS[self.activation]
+        h_MH = act(grouped_matmul(x_MD, self.w1_EDH, plan)) * grouped_matmul(x_MD, self.w3_EDH, plan)
+        return grouped_matmul(h_MH, self.w2_EHO, plan)

@@ -12,9 +12,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from moekit._checks import check_int, check_matrix
+from moekit._checks import check_choice, check_int, check_positive_float
+from moekit._checks import check_matrix
+from moekit.dispatch import DispatchPlan, combine_rows, gather_rows, plan_dispatch
 from moekit.experts import ExpertConfig, apply_head
-from moekit.gates import GateConfig, Routing
+from moekit.gates import GateConfig, RouterConfig, Routing
+from moekit.losses import importance_load_loss, load_balancing_loss, router_z_loss
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,8 @@ class MoEOutput:
         expert_outputs: every expert's output after its head, (N, E, O), where the layer computes
             every expert (dense layers); None otherwise.
         expert_logits: the same before the head (equal to ``expert_outputs`` for an identity head).
+        dispatch: for routed layers, where each assignment went, including exactly which
+            (row, expert) pairs were dropped for capacity and the drop rate; None for dense layers.
     """
 
     output: Tensor
@@ -37,6 +42,7 @@ class MoEOutput:
     aux_parts: dict[str, Tensor] = field(default_factory=dict)
     expert_outputs: Tensor | None = None
     expert_logits: Tensor | None = None
+    dispatch: DispatchPlan | None = None
 
 
 def combine(routing: Routing, expert_outputs_NEO: Tensor) -> Tensor:
@@ -123,3 +129,138 @@ class MixtureOfExperts(nn.Module):
             expert_outputs=outputs_NEO,
             expert_logits=logits_NEO,
         )
+
+
+@dataclass(frozen=True)
+class SparseMoEConfig:
+    """Everything needed to rebuild a :class:`SparseMoE`.
+
+    Attributes:
+        d_model: D, the feature size in and out.
+        n_experts: E. hidden: each expert's hidden size H.
+        router: a :class:`~moekit.gates.RouterConfig` (its ``top_k`` is the layer's K).
+        experts: 'swiglu' (gated, as Mixtral) or 'mlp' (one hidden layer with biases).
+        activation: the experts' activation ('silu' for SwiGLU).
+        n_shared: experts every row goes through (DeepSeek-style shared experts), 0 for none.
+        capacity_factor: None is dropless; otherwise each expert keeps at most
+            ceil(capacity_factor * M / E) assignments and the rest are dropped (and reported).
+        load_balance_weight, z_loss_weight, importance_weight: weights of the auxiliary losses.
+    """
+
+    d_model: int
+    n_experts: int
+    hidden: int
+    router: RouterConfig = field(default_factory=RouterConfig)
+    experts: str = "swiglu"
+    activation: str = "silu"
+    n_shared: int = 0
+    capacity_factor: float | None = None
+    load_balance_weight: float = 0.01
+    z_loss_weight: float = 0.0
+    importance_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        owner = "SparseMoE"
+        check_int(owner, "d_model", self.d_model, minimum=1)
+        check_int(owner, "n_experts", self.n_experts, minimum=1)
+        check_int(owner, "hidden", self.hidden, minimum=1)
+        check_choice(owner, "experts", self.experts, ("swiglu", "mlp"))
+        check_int(owner, "n_shared", self.n_shared, minimum=0)
+        if not 1 <= self.router.top_k <= self.n_experts:
+            raise ValueError(f"{owner}: top_k must be in [1, n_experts={self.n_experts}]; got "
+                             f"top_k={self.router.top_k}.")
+        if self.capacity_factor is not None:
+            check_positive_float(owner, "capacity_factor", self.capacity_factor)
+
+    def expert_config(self) -> ExpertConfig:
+        return ExpertConfig(kind="glu" if self.experts == "swiglu" else "mlp", hidden=self.hidden,
+                            activation=self.activation)
+
+
+class SparseMoE(nn.Module):
+    """A routed mixture-of-experts feed-forward block: (..., D) -> (..., D); only chosen experts run.
+
+    Args:
+        d_model: D. n_experts: E. top_k: K, experts per row (1 = switch routing).
+        hidden: each expert's hidden size (default 4 * d_model).
+        router: 'topk', 'switch', 'expert_choice', 'sigmoid', or a RouterConfig.
+        experts: 'swiglu' or 'mlp'. n_shared: always-on shared experts.
+        capacity_factor: None (dropless, the default) or a factor that caps each expert's rows.
+        generator: the random generator for the initial weights.
+
+    ``forward(x, generator=...)`` draws router noise (if configured) from ``generator``.
+
+    Example:
+        >>> moe = SparseMoE(16, n_experts=8, top_k=2, hidden=32)
+        >>> out = moe(torch.randn(4, 10, 16))
+        >>> out.output.shape, out.routing.experts_NK.shape
+        (torch.Size([4, 10, 16]), torch.Size([40, 2]))
+    """
+
+    config_class = SparseMoEConfig
+
+    def __init__(self, d_model: int, n_experts: int, top_k: int = 2, *, hidden: int | None = None,
+                 router: str | RouterConfig = "topk", experts: str = "swiglu",
+                 activation: str = "silu", n_shared: int = 0,
+                 capacity_factor: float | None = None, load_balance_weight: float = 0.01,
+                 z_loss_weight: float = 0.0, importance_weight: float = 0.0,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if isinstance(router, str):
+            router = RouterConfig(kind=router, top_k=top_k)
+        self.config = SparseMoEConfig(
+            d_model, n_experts, hidden if hidden is not None else 4 * d_model, router, experts,
+            activation, n_shared, capacity_factor, load_balance_weight, z_loss_weight,
+            importance_weight)
+        self.router = router.build(d_model, n_experts, generator=generator)
+        self.experts = self.config.expert_config().build(d_model, d_model, n_experts,
+                                                         generator=generator)
+        self.shared = (self.config.expert_config().build(d_model, d_model, n_shared,
+                                                         generator=generator)
+                       if n_shared else None)
+
+    @classmethod
+    def from_config(cls, config: SparseMoEConfig, *, generator: torch.Generator | None = None
+                    ) -> SparseMoE:
+        c = config
+        return cls(c.d_model, c.n_experts, c.router.top_k, hidden=c.hidden, router=c.router,
+                   experts=c.experts, activation=c.activation, n_shared=c.n_shared,
+                   capacity_factor=c.capacity_factor, load_balance_weight=c.load_balance_weight,
+                   z_loss_weight=c.z_loss_weight, importance_weight=c.importance_weight,
+                   generator=generator)
+
+    def forward(self, x: Tensor, *, generator: torch.Generator | None = None) -> MoEOutput:
+        d_model = self.config.d_model
+        if x.shape[-1] != d_model:
+            raise ValueError(f"SparseMoE: x has {x.shape[-1]} features in its last axis but the "
+                             f"layer expects d_model={d_model}; got x.shape={tuple(x.shape)}.")
+        x_ND = x.reshape(-1, d_model)
+        routing = self.router(x_ND, generator=generator)
+        plan = plan_dispatch(routing, self.config.n_experts,
+                             capacity_factor=self.config.capacity_factor)
+        y_MD = self.experts.forward_grouped(gather_rows(x_ND, plan), plan)
+        y_ND = combine_rows(y_MD, plan, x_ND.shape[0])
+        if self.shared is not None:
+            y_ND = y_ND + self.shared(x_ND).sum(1)
+        aux_loss, parts = self._aux_losses(routing)
+        return MoEOutput(output=y_ND.reshape(x.shape), routing=routing, aux_loss=aux_loss,
+                         aux_parts=parts, dispatch=plan)
+
+    def _aux_losses(self, routing: Routing) -> tuple[Tensor, dict[str, Tensor]]:
+        c = self.config
+        parts: dict[str, Tensor] = {}
+        if c.load_balance_weight:
+            parts["load_balance"] = load_balancing_loss(routing.probs_NE, routing.experts_NK,
+                                                        routing.mask_NK)
+        if c.z_loss_weight:
+            parts["z_loss"] = router_z_loss(routing.logits_NE)
+        if c.importance_weight:
+            load_E = routing.load_E if routing.load_E is not None else torch.bincount(
+                routing.experts_NK.flatten(), minlength=c.n_experts).to(routing.probs_NE.dtype)
+            parts["importance_load"] = importance_load_loss(routing.probs_NE, load_E)
+        weights = {"load_balance": c.load_balance_weight, "z_loss": c.z_loss_weight,
+                   "importance_load": c.importance_weight}
+        total = routing.logits_NE.new_zeros(())
+        for name, value in parts.items():
+            total = total + weights[name] * value
+        return total, parts

@@ -133,6 +133,42 @@ def categorical_mixture_nll(gate_logits_NE: Tensor, expert_logits_NEC: Tensor, t
     return _reduce(-torch.logsumexp(log_p_NE + log_likelihood_NE, dim=-1), reduction)
 
 
+# --- auxiliary losses of sparse routers -------------------------------------------------------------
+
+def load_balancing_loss(probs_NE: Tensor, experts_NK: Tensor, mask_NK: Tensor | None = None
+                        ) -> Tensor:
+    """Switch Transformer (Fedus et al. 2021, Eq. 4-6) / GShard: E * sum_i f_i P_i.
+
+    f_i is the fraction of routed assignments that go to expert i (not differentiable), P_i the mean
+    router probability of expert i. It equals 1 when routing is uniform and grows with imbalance.
+    """
+    n_experts = probs_NE.shape[-1]
+    chosen = experts_NK.flatten() if mask_NK is None else experts_NK[mask_NK]
+    counts_E = torch.bincount(chosen, minlength=n_experts).to(probs_NE.dtype)
+    f_E = counts_E / counts_E.sum().clamp_min(1.0)
+    return n_experts * (f_E * probs_NE.mean(0)).sum()
+
+
+def cv_squared(values_E: Tensor) -> Tensor:
+    """The squared coefficient of variation, var / mean^2 (0 for one expert or all zeros)."""
+    if values_E.numel() < 2:
+        return values_E.new_zeros(())
+    return values_E.var(unbiased=False) / (values_E.mean().square() + 1e-10)
+
+
+def importance_load_loss(probs_NE: Tensor, load_E: Tensor) -> Tensor:
+    """Shazeer et al. (2017), Eq. 6-11: CV^2(importance) + CV^2(load), importance_i = sum_n p_ni.
+
+    ``load_E`` is the router's smooth load estimate (noisy top-k), or the row counts.
+    """
+    return cv_squared(probs_NE.sum(0)) + cv_squared(load_E)
+
+
+def router_z_loss(logits_NE: Tensor) -> Tensor:
+    """ST-MoE (Zoph et al. 2022, Eq. 5): mean over rows of logsumexp(logits)^2; keeps logits small."""
+    return torch.logsumexp(logits_NE, dim=-1).square().mean()
+
+
 def resolve_loss_name(name: str) -> str:
     """Map a loss name or alias ('eq1', 'eq2', 'eq3') to its canonical name."""
     if name not in LOSS_NAMES:
