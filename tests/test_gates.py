@@ -49,3 +49,96 @@ def test_bad_arguments_name_the_parameter():
         SoftmaxGate(2, 0)
     with pytest.raises(ValueError, match=r"GateConfig: kind must be one of 'softmax'; got kind='topk'"):
         GateConfig(kind="topk")
+
+
+# --- sparse routers ------------------------------------------------------------------------------
+from moekit.gates import ExpertChoiceRouter, RouterConfig, SigmoidBiasRouter, TopKRouter  # noqa: E402
+
+
+def _router(gen, **kwargs):
+    return RouterConfig(**kwargs).build(6, 5, generator=gen)
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_topk_chooses_the_highest_logits(gen, renormalize):
+    router = _router(gen, kind="topk", top_k=2, renormalize=renormalize)
+    routing = router(torch.randn(9, 6, generator=gen))
+    order = routing.logits_NE.argsort(-1, descending=True)[:, :2]
+    assert torch.equal(routing.experts_NK, order)
+    if renormalize:  # softmax over the two kept logits
+        torch.testing.assert_close(routing.weights_NK,
+                                   torch.softmax(routing.logits_NE.gather(-1, order), -1))
+    else:  # their full-softmax probabilities, summing to less than 1
+        torch.testing.assert_close(routing.weights_NK, routing.probs_NE.gather(-1, order))
+        assert (routing.weights_NK.sum(-1) < 1).all()
+
+
+def test_switch_is_top_one(gen):
+    routing = _router(gen, kind="switch", top_k=3)(torch.randn(4, 6, generator=gen))
+    assert routing.top_k == 1 and torch.equal(routing.experts_NK[:, 0], routing.logits_NE.argmax(-1))
+    torch.testing.assert_close(routing.weights_NK, torch.ones(4, 1))
+
+
+def test_noisy_topk_is_reproducible_and_only_in_training(gen):
+    router = _router(gen, kind="topk", top_k=2, noise="gaussian")
+    x = torch.randn(30, 6, generator=gen)
+    a = router(x, generator=torch.Generator().manual_seed(5))
+    b = router(x, generator=torch.Generator().manual_seed(5))
+    c = router(x, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a.logits_NE, b.logits_NE) and not torch.equal(a.logits_NE, c.logits_NE)
+    # Shazeer's smooth load: a differentiable expected count per expert, summing to about N * K
+    assert a.load_E.shape == (5,) and a.load_E.requires_grad
+    assert abs(a.load_E.sum().item() - 60) < 15
+    router.eval()
+    clean = router(x, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(clean.logits_NE, x @ router.w_DE)
+    assert clean.load_E is None
+
+
+def test_jitter_multiplies_inputs_in_training_only(gen):
+    router = _router(gen, kind="topk", noise="jitter", jitter_eps=0.1)
+    x = torch.randn(8, 6, generator=gen)
+    noisy = router(x, generator=torch.Generator().manual_seed(0)).logits_NE
+    assert not torch.allclose(noisy, x @ router.w_DE)
+    torch.testing.assert_close(router.eval()(x).logits_NE, x @ router.w_DE)
+
+
+def test_expert_choice_gives_each_expert_its_top_rows(gen):
+    router = _router(gen, kind="expert_choice", top_k=2, capacity_factor=1.0)
+    assert isinstance(router, ExpertChoiceRouter)
+    routing = router(torch.randn(10, 6, generator=gen))
+    capacity = 4  # ceil(1.0 * 10 rows * 2 / 5 experts)
+    assert routing.mask_NK.sum(0).tolist() == [capacity] * 5
+    for e in range(5):
+        top = set(routing.probs_NE[:, e].topk(capacity).indices.tolist())
+        assert set(routing.mask_NK[:, e].nonzero().flatten().tolist()) == top
+    torch.testing.assert_close(routing.weights_NK, routing.probs_NE * routing.mask_NK)
+
+
+def test_sigmoid_bias_moves_toward_balance(gen):
+    router = _router(gen, kind="sigmoid", top_k=1, bias_update_rate=0.5)
+    assert isinstance(router, SigmoidBiasRouter)
+    with torch.no_grad():
+        router.w_DE.zero_()
+        router.w_DE[0, 3] = 5.0  # expert 3 wins every row with positive feature 0
+    x = torch.randn(40, 6, generator=gen).abs()
+    first = router(x)
+    assert first.experts_NK.flatten().tolist() == [3] * 40
+    # Expert 3 was overloaded: its bias fell, the others' rose (by the rate, sign of the gap).
+    assert router.bias_E[3].item() == -0.5 and (router.bias_E[[0, 1, 2, 4]] == 0.5).all()
+    torch.testing.assert_close(first.weights_NK, torch.ones(40, 1))  # renormalised over k = 1
+    router.eval()
+    before = router.bias_E.clone()
+    router(x)
+    assert torch.equal(router.bias_E, before)  # no update outside training
+    assert not router.bias_E.requires_grad
+
+
+def test_router_config_errors():
+    with pytest.raises(ValueError, match=r"top_k must be in \[1, n_experts=5\]; got top_k=7"):
+        RouterConfig(top_k=7).build(6, 5)
+    with pytest.raises(ValueError, match=r"noise='gaussian' \(noisy top-k\) needs kind 'topk' or 'switch'"):
+        RouterConfig(kind="expert_choice", noise="gaussian")
+    with pytest.raises(ValueError, match=r"kind must be one of .*got kind='hash'"):
+        RouterConfig(kind="hash")
+    assert isinstance(RouterConfig().build(6, 5), TopKRouter)

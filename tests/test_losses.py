@@ -178,3 +178,34 @@ def test_mixture_loss_dispatches_on_layer_output(gen):
     out = moe(x)
     expected = mixture_nll(out.routing.logits_NE, out.expert_outputs, y)
     torch.testing.assert_close(mixture_loss("eq3", out, y), expected)
+
+
+# --- auxiliary losses of sparse routers ----------------------------------------------------------
+from moekit.losses import cv_squared, importance_load_loss, load_balancing_loss, router_z_loss  # noqa: E402
+
+
+def test_load_balancing_worked_examples():
+    # Uniform: f_i = 1/E and P_i = 1/E, so E * sum_i f_i P_i = E * E * (1/E)(1/E) = 1.
+    probs = torch.full((8, 4), 0.25)
+    experts = torch.arange(8).remainder(4).view(8, 1)
+    assert load_balancing_loss(probs, experts).item() == pytest.approx(1.0)
+    # Collapse on expert 0: f = (1, 0, 0, 0), P = (1, 0, 0, 0), so the loss is E = 4.
+    collapsed = torch.zeros(8, 4)
+    collapsed[:, 0] = 1
+    assert load_balancing_loss(collapsed, torch.zeros(8, 1, dtype=torch.long)).item() == pytest.approx(4.0)
+
+
+def test_load_balancing_gradient_flows_through_probabilities(gen):
+    logits = torch.randn(6, 3, generator=gen, dtype=F64, requires_grad=True)
+    experts = torch.randint(0, 3, (6, 2), generator=gen)
+    assert gradcheck(lambda lg: load_balancing_loss(torch.softmax(lg, -1), experts), (logits,))
+
+
+def test_z_loss_and_cv():
+    # logits 0 over E = 4: logsumexp = log 4, z-loss = (log 4)^2
+    assert router_z_loss(torch.zeros(3, 4)).item() == pytest.approx(math.log(4) ** 2)
+    assert cv_squared(torch.tensor([2.0, 2.0, 2.0])).item() == 0.0
+    # values (0, 2): mean 1, variance 1, CV^2 = 1
+    assert cv_squared(torch.tensor([0.0, 2.0])).item() == pytest.approx(1.0)
+    probs = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # importance (2, 0): CV^2 = 1
+    assert importance_load_loss(probs, torch.tensor([1.0, 1.0])).item() == pytest.approx(1.0)

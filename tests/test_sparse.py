@@ -164,3 +164,33 @@ def test_bad_arguments():
         SparseMoE(8, 4, 2)(torch.randn(3, 5))
     with pytest.raises(ValueError, match=r"capacity_factor must be a finite number > 0; got capacity_factor=0"):
         SparseMoE(8, 4, 2, capacity_factor=0)
+
+
+def test_works_under_torch_compile(gen):
+    layer = SparseMoE(16, 4, 2, hidden=32, n_shared=1, generator=gen).eval()
+    x = torch.randn(24, 16, generator=gen)
+    eager = layer(x).output
+    compiled = torch.compile(layer)(x).output
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_noise_comes_from_the_callers_generator(gen):
+    layer = SparseMoE(8, 4, 2, hidden=8, router=RouterConfig(kind="topk", noise="gaussian"),
+                      generator=gen).train()
+    x = torch.randn(16, 8, generator=gen)
+    a = layer(x, generator=torch.Generator().manual_seed(3))
+    b = layer(x, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a.output, b.output) and torch.equal(a.routing.experts_NK, b.routing.experts_NK)
+
+
+def test_aux_loss_parts_are_kept_for_logging(gen):
+    layer = SparseMoE(8, 4, 2, hidden=8, router=RouterConfig(kind="topk", noise="gaussian"),
+                      load_balance_weight=0.01, z_loss_weight=0.001, importance_weight=0.1,
+                      generator=gen).train()
+    out = layer(torch.randn(16, 8, generator=gen), generator=torch.Generator().manual_seed(0))
+    assert set(out.aux_parts) == {"load_balance", "z_loss", "importance_load"}
+    expected = (0.01 * out.aux_parts["load_balance"] + 0.001 * out.aux_parts["z_loss"]
+                + 0.1 * out.aux_parts["importance_load"])
+    torch.testing.assert_close(out.aux_loss, expected)
+    out.aux_loss.backward()
+    assert layer.router.w_noise_DE.grad is not None  # the smooth load trains the noise scale
