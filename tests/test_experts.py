@@ -67,7 +67,7 @@ def test_config_builds_the_right_bank():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"kind": "conv"}, r"ExpertConfig: kind must be one of 'linear', 'mlp'; got kind='conv'"),
+    ({"kind": "conv"}, r"ExpertConfig: kind must be one of 'linear', 'mlp', 'glu'; got kind='conv'"),
     ({"hidden": 0}, r"ExpertConfig: hidden must be an integer >= 1; got hidden=0"),
     ({"activation": "swish"}, r"ExpertConfig: activation must be one of .*got activation='swish'"),
     ({"head": "tanh"}, r"ExpertConfig: head must be one of .*got head='tanh'"),

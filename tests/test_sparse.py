@@ -125,20 +125,36 @@ def test_dropless_by_default(gen):
     assert out.dispatch.drop_rate == 0 and out.dispatch.rows_M.numel() == 40
 
 
-def test_grouped_mm_path_matches_loop_fallback(gen):
-    # float32 takes torch.nn.functional.grouped_mm on CPU; float64 the loop. Same numbers.
+@pytest.mark.parametrize("strategy", ["grouped_mm", "padded"])
+def test_fast_matmul_strategies_match_the_loop(gen, strategy):
+    # float32: grouped_mm runs on CPU; the padded bmm runs everywhere. Same numbers as the loop.
     layer = SparseMoE(16, 8, 2, hidden=24, generator=gen)
     x = torch.randn(64, 16, generator=gen)
     plan = plan_dispatch(layer.router(x), 8)
     x_MD = x[plan.rows_M]
-    w = layer.experts.w1_EDH
-    grouped = grouped_matmul(x_MD, w, plan, use_grouped=True)
+    w = layer.experts.w2_EHO.detach().transpose(1, 2).contiguous().requires_grad_(True)
+    fast = grouped_matmul(x_MD, w, plan, strategy=strategy)
     loop = grouped_matmul_loop(x_MD, w, plan.counts_E)
-    torch.testing.assert_close(grouped, loop, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(grouped)
-    (ga,) = torch.autograd.grad((grouped * g).sum(), [w])
+    torch.testing.assert_close(fast, loop, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(fast)
+    (ga,) = torch.autograd.grad((fast * g).sum(), [w])
     (gb,) = torch.autograd.grad((loop * g).sum(), [w])
     torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("strategy", ["padded", "loop"])
+def test_every_strategy_matches_the_reference_in_float64(gen, strategy, monkeypatch):
+    import moekit.dispatch as dispatch
+
+    monkeypatch.setattr(dispatch, "choose_strategy", lambda *args: strategy)
+    layer = SparseMoE(6, 4, 2, hidden=5, capacity_factor=0.75, generator=gen)
+    _compare(layer, torch.randn(13, 6, generator=gen, dtype=F64))
+
+
+def test_bad_strategy(gen):
+    plan = plan_dispatch(SparseMoE(8, 4, 2, generator=gen).router(torch.randn(3, 8)), 4)
+    with pytest.raises(ValueError, match="strategy must be one of"):
+        grouped_matmul(torch.randn(6, 8), torch.randn(4, 8, 8), plan, strategy="fast")
 
 
 def test_bf16_inputs(gen):

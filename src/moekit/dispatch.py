@@ -9,6 +9,13 @@ its block in one grouped matmul (``torch.nn.functional.grouped_mm`` where it sup
 device; a loop over experts elsewhere), and the results are added back to their rows, scaled by the
 routing weights. Dropless by default; with a capacity factor, the assignments beyond an expert's
 capacity are dropped, and the plan lists exactly which (row, expert) pairs were dropped.
+
+Three ways to run the per-expert matmuls, all exact:
+    'grouped_mm'  torch.nn.functional.grouped_mm on the jagged blocks, no padding (the default
+                  where it supports the dtype, device and alignment);
+    'padded'      scatter each block into an (E, C, D) buffer, C = the largest block, one bmm
+                  (the default elsewhere, e.g. float64 or unaligned sizes);
+    'loop'        one matmul per expert: the obviously correct reference.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from torch import Tensor
 from moekit.gates import Routing
 
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+STRATEGIES = ("auto", "padded", "grouped_mm", "loop")
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,8 @@ class DispatchPlan:
         offsets_E: int32 running totals of ``counts_E`` (the end of each expert's block).
         dropped_rows, dropped_experts: the (row, expert) pairs dropped for capacity.
         n_assignments: assignments before any drop.
+        slots_M: each kept assignment's position inside its expert's block.
+        max_count: the largest block (the padded buffer's C).
     """
 
     rows_M: Tensor
@@ -46,6 +56,12 @@ class DispatchPlan:
     dropped_rows: Tensor
     dropped_experts: Tensor
     n_assignments: int
+    slots_M: Tensor
+    max_count: int
+
+    @property
+    def n_experts(self) -> int:
+        return self.counts_E.numel()
 
     @property
     def drop_rate(self) -> float:
@@ -69,17 +85,19 @@ def plan_dispatch(routing: Routing, n_experts: int, *, capacity_factor: float | 
     n_assignments = experts_M.numel()
     empty = experts_M[:0]
     dropped_rows, dropped_experts = empty, empty
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    slots_M = torch.arange(n_assignments, device=experts_M.device) - starts_E[experts_M]
     if capacity_factor is not None:
         capacity = max(1, math.ceil(capacity_factor * n_assignments / n_experts))
-        starts_E = torch.cumsum(counts_E, 0) - counts_E
-        position_M = torch.arange(n_assignments, device=experts_M.device) - starts_E[experts_M]
-        fits_M = position_M < capacity
+        fits_M = slots_M < capacity
         dropped_rows, dropped_experts = rows_M[~fits_M], experts_M[~fits_M]
         experts_M, rows_M, weights_M = experts_M[fits_M], rows_M[fits_M], weights_M[fits_M]
+        slots_M = slots_M[fits_M]
         counts_E = counts_E.clamp(max=capacity)
     offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
+    max_count = int(counts_E.max()) if n_experts else 0
     return DispatchPlan(rows_M, experts_M, weights_M, counts_E, offsets_E, dropped_rows,
-                        dropped_experts, n_assignments)
+                        dropped_experts, n_assignments, slots_M, max_count)
 
 
 def grouped_mm_supported(x_MD: Tensor, w_EDH: Tensor) -> bool:
@@ -101,18 +119,37 @@ def grouped_mm_supported(x_MD: Tensor, w_EDH: Tensor) -> bool:
     return False
 
 
-def grouped_matmul(x_MD: Tensor, w_EDH: Tensor, plan: DispatchPlan, *, use_grouped: bool | None = None
+def choose_strategy(x_MD: Tensor, w_EDH: Tensor, plan: DispatchPlan) -> str:
+    """'grouped_mm' where it runs (measured fastest on CPU too, benchmarks/RESULTS.md), else the
+    padded bmm, which is exact for every dtype and device."""
+    return "grouped_mm" if grouped_mm_supported(x_MD, w_EDH) else "padded"
+
+
+def grouped_matmul(x_MD: Tensor, w_EDH: Tensor, plan: DispatchPlan, *, strategy: str = "auto"
                    ) -> Tensor:
     """Block e of ``x_MD`` (rows of expert e, in plan order) times ``w_EDH[e]``, shape (M, H)."""
-    if use_grouped is None:
-        use_grouped = grouped_mm_supported(x_MD, w_EDH)
-    if use_grouped:
+    if strategy == "auto":
+        strategy = choose_strategy(x_MD, w_EDH, plan)
+    if strategy == "padded":
+        return grouped_matmul_padded(x_MD, w_EDH, plan)
+    if strategy == "grouped_mm":
         y_MH = torch.nn.functional.grouped_mm(x_MD, w_EDH, offs=plan.offsets_E)
         if y_MH.requires_grad and not torch.compiler.is_compiling():
             # grouped_mm's backward rejects broadcast (stride-0) gradients; give it real ones.
             y_MH.register_hook(lambda grad: grad.contiguous())
         return y_MH
-    return grouped_matmul_loop(x_MD, w_EDH, plan.counts_E)
+    if strategy == "loop":
+        return grouped_matmul_loop(x_MD, w_EDH, plan.counts_E)
+    raise ValueError(f"grouped_matmul: strategy must be one of {STRATEGIES}; got {strategy!r}.")
+
+
+def grouped_matmul_padded(x_MD: Tensor, w_EDH: Tensor, plan: DispatchPlan) -> Tensor:
+    """Scatter the blocks into a zero-padded (E, C, D) buffer, one bmm, gather the rows back."""
+    n_experts = w_EDH.shape[0]
+    buffer_ECD = x_MD.new_zeros(n_experts, max(1, plan.max_count), x_MD.shape[-1])
+    buffer_ECD = buffer_ECD.index_put((plan.experts_M, plan.slots_M), x_MD)
+    y_ECH = torch.bmm(buffer_ECD, w_EDH)
+    return y_ECH[plan.experts_M, plan.slots_M]
 
 
 def grouped_matmul_loop(x_MD: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor:

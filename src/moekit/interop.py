@@ -47,9 +47,8 @@ def from_transformers(block: nn.Module) -> SparseMoE:
                       load_balance_weight=0.0)
     with torch.no_grad():
         layer.router.w_DE.copy_(block.gate.weight.detach().T)
-        layer.experts.w1_EDH.copy_(gate_up_EHD[:, :hidden].transpose(1, 2))
-        layer.experts.w3_EDH.copy_(gate_up_EHD[:, hidden:].transpose(1, 2))
-        layer.experts.w2_EHO.copy_(block.experts.down_proj.detach().transpose(1, 2))
+        layer.experts.w13_EFD.copy_(gate_up_EHD)  # the same layout: gate rows first, then up
+        layer.experts.w2_EOH.copy_(block.experts.down_proj.detach())
     return layer.to(gate_up_EHD.dtype)
 
 
@@ -68,9 +67,8 @@ def to_transformers(layer: SparseMoE, block: nn.Module) -> nn.Module:
                          f"this layer needs {want} with top_k={c.router.top_k}.")
     with torch.no_grad():
         block.gate.weight.copy_(layer.router.w_DE.T)
-        block.experts.gate_up_proj.copy_(torch.cat(
-            [layer.experts.w1_EDH.transpose(1, 2), layer.experts.w3_EDH.transpose(1, 2)], dim=1))
-        block.experts.down_proj.copy_(layer.experts.w2_EHO.transpose(1, 2))
+        block.experts.gate_up_proj.copy_(layer.experts.w13_EFD)
+        block.experts.down_proj.copy_(layer.experts.w2_EOH)
     return block
 
 
