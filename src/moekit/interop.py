@@ -72,8 +72,10 @@ def to_transformers(layer: SparseMoE, block: nn.Module) -> nn.Module:
     return block
 
 
-def transformers_block(layer: SparseMoE, family: str = "mixtral") -> nn.Module:
-    """A new transformers block of ``family`` with this layer's sizes and weights."""
+def transformers_block(layer: SparseMoE, family: str = "mixtral", **config_kwargs: object
+                       ) -> nn.Module:
+    """A new transformers block of ``family`` with this layer's sizes and weights; ``config_kwargs``
+    go to the transformers config (e.g. ``experts_implementation='grouped_mm'``)."""
     if family not in FAMILIES:
         raise ValueError(f"transformers_block: family must be one of {FAMILIES}; got family={family!r}.")
     c = layer.config
@@ -83,7 +85,7 @@ def transformers_block(layer: SparseMoE, family: str = "mixtral") -> nn.Module:
 
         config = MixtralConfig(hidden_size=c.d_model, intermediate_size=c.hidden,
                                num_local_experts=c.n_experts, num_experts_per_tok=c.router.top_k,
-                               hidden_act=c.activation)
+                               hidden_act=c.activation, **config_kwargs)
         block = MixtralSparseMoeBlock(config)
     else:
         from transformers import Qwen3MoeConfig
@@ -91,7 +93,8 @@ def transformers_block(layer: SparseMoE, family: str = "mixtral") -> nn.Module:
 
         config = Qwen3MoeConfig(hidden_size=c.d_model, moe_intermediate_size=c.hidden,
                                 num_experts=c.n_experts, num_experts_per_tok=c.router.top_k,
-                                norm_topk_prob=c.router.renormalize, hidden_act=c.activation)
+                                norm_topk_prob=c.router.renormalize, hidden_act=c.activation,
+                                **config_kwargs)
         block = Qwen3MoeSparseMoeBlock(config)
     return to_transformers(layer, block.to(layer.router.w_DE.dtype))
 
