@@ -59,21 +59,28 @@ def _variants(n: int, e: int, k: int, peers: set[str]) -> list[Variant]:
     swiglu = 6 * D_MODEL * HIDDEN * k
     mlp = 4 * D_MODEL * HIDDEN * k
     g = torch.Generator().manual_seed(0)
+    moekit = SparseMoE(D_MODEL, e, k, hidden=HIDDEN, load_balance_weight=0.0, generator=g)
     out = [
         Variant("dense ceiling (SwiGLU, hidden K*H)", DenseSwiGLU(D_MODEL, k * HIDDEN),
                 lambda m, x: m(x), swiglu, "same FLOPs, no routing"),
-        Variant("moekit SparseMoE SwiGLU", SparseMoE(D_MODEL, e, k, hidden=HIDDEN,
-                                                     load_balance_weight=0.0, generator=g),
-                lambda m, x: m(x).output, swiglu, "dropless top-k"),
+        Variant("moekit SparseMoE SwiGLU", moekit, lambda m, x: m(x).output, swiglu,
+                "dropless top-k"),
         Variant("moekit SparseMoE MLP", SparseMoE(D_MODEL, e, k, hidden=HIDDEN, experts="mlp",
                                                   activation="relu", load_balance_weight=0.0,
                                                   generator=g),
                 lambda m, x: m(x).output, mlp, "dropless top-k"),
     ]
     if "transformers" in peers:
+        # A block built from a config alone holds uninitialised memory (NaNs, every row routed to
+        # the same two experts); these blocks get moekit's weights, so both route identically.
+        from moekit.interop import transformers_block
+
         # The eager loop over experts takes over 10 s a step at E = 64 beyond 256 tokens.
         impls = ("grouped_mm",) if e >= 64 and n > 256 else ("eager", "grouped_mm")
-        out += [_mixtral(e, k, impl) for impl in impls]
+        out += [Variant(f"transformers Mixtral ({impl})",
+                        transformers_block(moekit, "mixtral", experts_implementation=impl),
+                        lambda m, x: m(x), swiglu, "dropless top-k, the same weights")
+                for impl in impls]
     if "st_moe" in peers:
         from st_moe_pytorch import MoE
 
@@ -95,16 +102,6 @@ def _variants(n: int, e: int, k: int, peers: set[str]) -> list[Variant]:
                            lambda m, x: m(x.reshape(-1, D_MODEL)).output.reshape(x.shape), swiglu,
                            "every expert on every row"))
     return out
-
-
-def _mixtral(e: int, k: int, impl: str) -> Variant:
-    from transformers import MixtralConfig
-    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-
-    config = MixtralConfig(hidden_size=D_MODEL, intermediate_size=HIDDEN, num_local_experts=e,
-                           num_experts_per_tok=k, experts_implementation=impl)
-    return Variant(f"transformers Mixtral ({impl})", MixtralSparseMoeBlock(config),
-                   lambda m, x: m(x), 6 * D_MODEL * HIDDEN * k, "dropless top-k")
 
 
 def _step(variant: Variant, x: torch.Tensor, grad: torch.Tensor) -> None:
