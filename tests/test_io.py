@@ -103,3 +103,17 @@ def test_unknown_config_key(tmp_path):
     (tmp_path / CONFIG_FILE).write_text(json.dumps(header))
     with pytest.raises(ValueError, match=r"ExpertConfig: unknown config keys \['dropout'\]"):
         load_model(tmp_path)
+
+
+def test_sparse_layer_round_trip(tmp_path, gen):
+    from moekit import RouterConfig, SparseMoE
+
+    layer = SparseMoE(8, 4, 2, hidden=12, router=RouterConfig(kind="sigmoid", top_k=2),
+                      n_shared=1, capacity_factor=1.5, generator=gen).train()
+    x = torch.randn(10, 8, generator=gen)
+    layer(x)  # moves the sigmoid router's load-balancing bias: a buffer that must be saved too
+    layer.eval()
+    loaded = load_model(save_model(layer, tmp_path / "sparse"))
+    assert loaded.config == layer.config
+    assert torch.equal(loaded.router.bias_E, layer.router.bias_E)
+    assert torch.equal(loaded(x).output, layer(x).output)

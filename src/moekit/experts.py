@@ -84,7 +84,24 @@ def _uniform_(tensor: Tensor, fan_in: int, generator: torch.Generator | None) ->
         tensor.uniform_(-bound, bound, generator=generator)
 
 
-class LinearExperts(nn.Module):
+class _ExpertBank(nn.Module):
+    """The checked sizes every bank has: in_features D, out_features O, n_experts E, head."""
+
+    def __init__(self, in_features: int, out_features: int, n_experts: int, head: str) -> None:
+        super().__init__()
+        owner = type(self).__name__
+        self.in_features = check_int(owner, "in_features", in_features, minimum=1)
+        self.out_features = check_int(owner, "out_features", out_features, minimum=1)
+        self.n_experts = check_int(owner, "n_experts", n_experts, minimum=1)
+        self.head = check_choice(owner, "head", head, HEADS)
+
+    def _hidden_layer(self, hidden: int, activation: str) -> None:
+        owner = type(self).__name__
+        self.hidden = check_int(owner, "hidden", hidden, minimum=1)
+        self.activation = check_choice(owner, "activation", activation, ACTIVATIONS)
+
+
+class LinearExperts(_ExpertBank):
     """E linear experts, o_i = W_i x + b_i, each forming a linear decision surface (the paper's).
 
     Example:
@@ -95,11 +112,7 @@ class LinearExperts(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, n_experts: int, *,
                  head: str = "identity", generator: torch.Generator | None = None) -> None:
-        super().__init__()
-        self.in_features = check_int("LinearExperts", "in_features", in_features, minimum=1)
-        self.out_features = check_int("LinearExperts", "out_features", out_features, minimum=1)
-        self.n_experts = check_int("LinearExperts", "n_experts", n_experts, minimum=1)
-        self.head = check_choice("LinearExperts", "head", head, HEADS)
+        super().__init__(in_features, out_features, n_experts, head)
         self.w_EDO = nn.Parameter(torch.empty(n_experts, in_features, out_features))
         self.b_EO = nn.Parameter(torch.empty(n_experts, out_features))
         self.reset_parameters(generator)
@@ -117,7 +130,7 @@ class LinearExperts(nn.Module):
         return grouped_matmul(x_MD, self.w_EDO, plan) + self.b_EO[plan.experts_M]
 
 
-class MLPExperts(nn.Module):
+class MLPExperts(_ExpertBank):
     """E experts with one hidden layer each: o_i = W2_i act(W1_i x + b1_i) + b2_i.
 
     Example:
@@ -129,13 +142,8 @@ class MLPExperts(nn.Module):
     def __init__(self, in_features: int, out_features: int, n_experts: int, *, hidden: int = 16,
                  activation: str = "tanh", head: str = "identity",
                  generator: torch.Generator | None = None) -> None:
-        super().__init__()
-        self.in_features = check_int("MLPExperts", "in_features", in_features, minimum=1)
-        self.out_features = check_int("MLPExperts", "out_features", out_features, minimum=1)
-        self.n_experts = check_int("MLPExperts", "n_experts", n_experts, minimum=1)
-        self.hidden = check_int("MLPExperts", "hidden", hidden, minimum=1)
-        self.activation = check_choice("MLPExperts", "activation", activation, ACTIVATIONS)
-        self.head = check_choice("MLPExperts", "head", head, HEADS)
+        super().__init__(in_features, out_features, n_experts, head)
+        self._hidden_layer(hidden, activation)
         self.w1_EDH = nn.Parameter(torch.empty(n_experts, in_features, hidden))
         self.b1_EH = nn.Parameter(torch.empty(n_experts, hidden))
         self.w2_EHO = nn.Parameter(torch.empty(n_experts, hidden, out_features))
@@ -161,7 +169,7 @@ class MLPExperts(nn.Module):
         return grouped_matmul(h_MH, self.w2_EHO, plan) + self.b2_EO[plan.experts_M]
 
 
-class GLUExperts(nn.Module):
+class GLUExperts(_ExpertBank):
     """E gated-linear-unit experts without biases (SwiGLU with 'silu', Shazeer 2020; Mixtral):
     o_i = W2_i (act(W1_i x) * (W3_i x)).
 
@@ -177,13 +185,8 @@ class GLUExperts(nn.Module):
     def __init__(self, in_features: int, out_features: int, n_experts: int, *, hidden: int = 16,
                  activation: str = "silu", head: str = "identity",
                  generator: torch.Generator | None = None) -> None:
-        super().__init__()
-        self.in_features = check_int("GLUExperts", "in_features", in_features, minimum=1)
-        self.out_features = check_int("GLUExperts", "out_features", out_features, minimum=1)
-        self.n_experts = check_int("GLUExperts", "n_experts", n_experts, minimum=1)
-        self.hidden = check_int("GLUExperts", "hidden", hidden, minimum=1)
-        self.activation = check_choice("GLUExperts", "activation", activation, ACTIVATIONS)
-        self.head = check_choice("GLUExperts", "head", head, HEADS)
+        super().__init__(in_features, out_features, n_experts, head)
+        self._hidden_layer(hidden, activation)
         self.w13_EFD = nn.Parameter(torch.empty(n_experts, 2 * hidden, in_features))
         self.w2_EOH = nn.Parameter(torch.empty(n_experts, out_features, hidden))
         self.reset_parameters(generator)

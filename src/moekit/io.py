@@ -28,14 +28,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from moekit._version import __version__
-from moekit.layers import MixtureOfExperts
+from moekit.layers import MixtureOfExperts, SparseMoE
 
 FORMAT = "moekit-model"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 # Classes save_model can write; each has ``config``, ``config_class`` and ``from_config``.
-MODEL_CLASSES: dict[str, type[nn.Module]] = {"MixtureOfExperts": MixtureOfExperts}
+MODEL_CLASSES: dict[str, type[nn.Module]] = {"MixtureOfExperts": MixtureOfExperts,
+                                              "SparseMoE": SparseMoE}
 
 
 @contextmanager

@@ -183,7 +183,8 @@ class SparseMoE(nn.Module):
     Args:
         d_model: D. n_experts: E. top_k: K, experts per row (1 = switch routing).
         hidden: each expert's hidden size (default 4 * d_model).
-        router: 'topk', 'switch', 'expert_choice', 'sigmoid', or a RouterConfig.
+        router: 'topk', 'switch', 'expert_choice', 'sigmoid', or a RouterConfig (whose own top_k
+            then applies, not the ``top_k`` argument).
         experts: 'swiglu' or 'mlp'. n_shared: always-on shared experts.
         capacity_factor: None (dropless, the default) or a factor that caps each expert's rows.
         generator: the random generator for the initial weights.
