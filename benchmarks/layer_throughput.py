@@ -95,6 +95,14 @@ def _variants(n: int, e: int, k: int, peers: set[str]) -> list[Variant]:
         layer = MoE(D_MODEL, num_experts=e, hidden_dim=HIDDEN, second_policy_train="all")
         out.append(Variant("lucidrains mixture-of-experts (MLP)", layer, lambda m, x: m(x)[0], mlp,
                            "top-2, capacity 1.25: drops rows"))
+    if "deepspeed" in peers:
+        from deepspeed.moe.layer import MoE
+
+        expert = nn.Sequential(nn.Linear(D_MODEL, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, D_MODEL))
+        layer = MoE(hidden_size=D_MODEL, expert=expert, num_experts=e, ep_size=1, k=k,
+                    drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=False)
+        out.append(Variant("deepspeed MoE (MLP, drop_tokens=False)", layer, lambda m, x: m(x)[0],
+                           mlp, "dropless top-k (capacity padded to the largest expert)"))
     if n * e <= 2048 * 8:  # all experts on every row: E/K times the work; only where it is affordable
         dense = MixtureOfExperts(D_MODEL, D_MODEL, e, expert=ExpertConfig(
             kind="glu", hidden=HIDDEN, activation="silu"), generator=g)
@@ -157,7 +165,7 @@ def bench(n: int, e: int, k: int, repeats: int, peers: set[str]) -> list[dict]:
 def _available_peers() -> set[str]:
     found = set()
     for name, module in (("transformers", "transformers"), ("st_moe", "st_moe_pytorch"),
-                         ("lucidrains", "mixture_of_experts")):
+                         ("lucidrains", "mixture_of_experts"), ("deepspeed", "deepspeed")):
         try:
             __import__(module)
             found.add(name)
@@ -182,8 +190,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.tokens, args.experts, args.top_k, args.repeats = [256], [8], [2], 1
-    torch.set_num_threads(args.threads)
     peers = _available_peers()
+    if "deepspeed" in peers:  # its MoE layer needs a process group: one process, gloo
+        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                           ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29533")):
+            os.environ.setdefault(key, value)
+        import deepspeed
+
+        deepspeed.init_distributed("gloo")
+    torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, fp32, D={D_MODEL}, "
           f"H={HIDDEN}; peers: {sorted(peers) or 'none installed'}; load average {load_before:.2f}")
