@@ -7,7 +7,7 @@ import torch
 
 from moekit.dispatch import grouped_matmul, grouped_matmul_loop, plan_dispatch
 from moekit.experts import ACTIVATIONS
-from moekit.gates import RouterConfig, Routing
+from moekit.gates import RouterConfig
 from moekit.layers import SparseMoE
 
 F64 = torch.float64

@@ -58,14 +58,16 @@ def _int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 4,8; got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, e.g. 4,8; got {text!r}") from None
 
 
 def _float_list(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 1,2,4; got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, e.g. 1,2,4; got {text!r}") from None
 
 
 def _add_vowels(subparsers: argparse._SubParsersAction) -> None:

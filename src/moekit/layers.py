@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from moekit._checks import check_choice, check_int, check_positive_float
-from moekit._checks import check_matrix
+from moekit._checks import check_choice, check_int, check_matrix, check_positive_float
 from moekit.dispatch import DispatchPlan, combine_rows, gather_rows, plan_dispatch
 from moekit.experts import ExpertConfig, apply_head
 from moekit.gates import GateConfig, RouterConfig, Routing

@@ -108,7 +108,7 @@ def claims(rows: list[Row], tests: list[TTest], loss_rows: list[Row],
     if mixtures:
         worst = max(max(abs(r.train - 88.0), abs(r.test - 90.0)) for r in mixtures)
         found.append(Claim(
-            f"Mixtures classify 88% of training and 90% of test tokens at the criterion.",
+            "Mixtures classify 88% of training and 90% of test tokens at the criterion.",
             "reproduced" if worst <= ACCURACY_TOLERANCE else "not reproduced",
             "; ".join(f"{r.system}: {r.train:.1f}% train, {r.test:.1f}% test" for r in mixtures)
             + f" (tolerance {ACCURACY_TOLERANCE:.0f} points)."))
