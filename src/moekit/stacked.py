@@ -13,7 +13,7 @@ metrics and gradients in float64, and the same fitted runs.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -24,9 +24,6 @@ from moekit.gates import SoftmaxGate
 from moekit.layers import MixtureOfExperts
 from moekit.losses import mixture_loss
 from moekit.training import Targets
-
-ErrorsFn = Callable[[dict[str, Tensor], dict[str, Tensor]], tuple[Tensor, Tensor]]
-
 
 class VmapEngine:
     """The reference: any model, its own forward, vmapped over the stacked parameters."""
