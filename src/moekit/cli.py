@@ -54,20 +54,21 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, e.g. 4,8; got {text!r}") from None
+def _list_of(cast: type, what: str, example: str):
+    """An argparse type for comma-separated values, e.g. ``--experts 4,8``."""
+
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(cast(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {what}, e.g. {example}; got {text!r}") from None
+
+    return parse
 
 
-def _float_list(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers, e.g. 1,2,4; got {text!r}") from None
+_int_list = _list_of(int, "integers", "4,8")
+_float_list = _list_of(float, "numbers", "1,2,4")
 
 
 def _add_vowels(subparsers: argparse._SubParsersAction) -> None:
