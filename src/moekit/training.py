@@ -196,7 +196,8 @@ def evaluate(model: nn.Module, x_ND: Tensor, targets: Targets, config: TrainConf
     return {f"{prefix}_{k}": v for k, v in metrics.items()}
 
 
-def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer ``config`` names, over the model's trainable parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=0.0)
@@ -212,8 +213,9 @@ def _batches(n_rows: int, batch_size: int | None, generator: torch.Generator) ->
     return list(order.split(batch_size))
 
 
-def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x_ND: Tensor,
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x_ND: Tensor,
                  targets: Targets, config: TrainConfig, generator: torch.Generator) -> None:
+    """One pass over the data: one update per (shuffled) minibatch, or one full-batch update."""
     model.train()
     for rows in _batches(x_ND.shape[0], config.batch_size, generator):
         x_batch = x_ND if rows is None else x_ND[rows]
@@ -289,7 +291,7 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, config: TrainConfig | None = Non
     if x_val is not None:
         val = _checked_data(model, "x_val", "y_val", x_val, y_val, config, in_features, out_features)
 
-    optimizer = _make_optimizer(model, config)
+    optimizer = make_optimizer(model, config)
     generator = torch.Generator().manual_seed(config.seed)
     state = TrainState(model, optimizer, config, History())
     if resume:
@@ -300,7 +302,7 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, config: TrainConfig | None = Non
     bar = tqdm(total=config.max_epochs, initial=state.epoch, desc="fit", unit="epoch",
                disable=not config.progress, leave=False)
     while not state.stop and state.epoch < config.max_epochs:
-        _train_epoch(model, optimizer, x_ND, targets, config, generator)
+        train_epoch(model, optimizer, x_ND, targets, config, generator)
         state.epoch += 1
         record = {"epoch": state.epoch, **evaluate(model, x_ND, targets, config, "train")}
         if val is not None:
