@@ -17,6 +17,9 @@ EPILOG = """examples:
   moekit vowels --quick            the same, debug-sized (a few seconds)
   moekit demo                      fit a 4-expert mixture to a 3-piece line, show what each expert took
   moekit demo --experts 6 --seed 3 --out runs/demo6
+  moekit fit data.csv --target label --experts auto --out runs/mine
+  moekit predict runs/mine new.csv --proba --out predictions.csv
+  moekit report runs/mine
 """
 
 
@@ -133,6 +136,110 @@ def _run_vowels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _experts(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of experts or 'auto'; got {text!r}") from None
+
+
+def _add_fit(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "fit", allow_abbrev=False, help="fit a mixture of experts to a CSV file",
+        description="Fit a mixture of experts to a CSV file (a header row, one column the target); "
+                    "save the model, summary.json and report.html in --out.",
+        epilog="example: moekit fit data.csv --target label --experts auto --out runs/mine")
+    p.add_argument("data", metavar="DATA.csv", help="the table, with a header row")
+    p.add_argument("--target", required=True, help="the column to predict")
+    p.add_argument("--task", choices=("classify", "regress"),
+                   help="default: classify text and integer targets with at most 20 values")
+    p.add_argument("--experts", type=_experts, default=4, help="number of experts, or 'auto' (BIC)")
+    p.add_argument("--expert", choices=("linear", "mlp"), default="linear", help="expert kind")
+    p.add_argument("--hidden", type=int, default=16, help="hidden units of an mlp expert")
+    p.add_argument("--loss", choices=("nll", "competitive", "cooperative"), default="nll")
+    p.add_argument("--solver", choices=("gd", "adam", "lbfgs"), default="adam")
+    p.add_argument("--lr", type=float, default=0.05, help="step size (default 0.05)")
+    p.add_argument("--max-epochs", type=int, default=500, help="epoch cap (default 500)")
+    p.add_argument("--validation-fraction", type=float, default=0.2,
+                   help="rows held out to score the model (default 0.2; 0 for none)")
+    p.add_argument("--one-hot", action="store_true", help="encode text feature columns as 0/1 columns")
+    p.add_argument("--missing", choices=("error", "drop", "impute"), default="error",
+                   help="missing values: stop with an error (default), drop the rows, or impute")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--out", default="runs/fit", help="run folder (default runs/fit)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(func=_run_fit)
+
+
+def _run_fit(args: argparse.Namespace) -> int:
+    from moekit.experiments.fit_run import FitRunConfig, run_fit
+
+    config = FitRunConfig(
+        data=args.data, target=args.target, out=args.out, task=args.task, n_experts=args.experts,
+        expert=args.expert, hidden=args.hidden, loss=args.loss, solver=args.solver, lr=args.lr,
+        max_epochs=args.max_epochs, validation_fraction=args.validation_fraction,
+        one_hot=args.one_hot, missing=args.missing, seed=args.seed, overwrite=args.overwrite,
+        progress=not args.no_progress)
+    s = run_fit(config).summary
+    plural = "s" if s["n_experts"] != 1 else ""
+    print(f"Fitted {s['n_experts']} expert{plural} ({s['task']}) to {s['rows']} rows x "
+          f"{len(s['inputs'])} inputs in {s['epochs']} epochs ({s['stop_reason']}), {s['seconds']} s.")
+    val = "-" if s["validation_score"] is None else f"{s['validation_score']:.4f}"
+    print(f"{s['score_name']}: training {s['train_score']:.4f}, validation {val} "
+          f"({s['validation_rows']} rows)")
+    print(f"\n{'expert':>6}  {'mean proportion':>15}  {'leads':>7}")
+    for r in s["expert_loads"]:
+        print(f"{r['expert']:>6}  {r['mean_proportion']:>15.3f}  {r['argmax_share']:>7.1%}")
+    print(f"\nWrote {args.out}/model, {args.out}/summary.json and {args.out}/report.html")
+    return 0
+
+
+def _add_predict(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "predict", allow_abbrev=False, help="predict a CSV file with a fitted run",
+        description="Predict every row of a CSV file (the columns the model was fitted on) with a "
+                    "`moekit fit` run; without --out the predictions go to stdout as CSV.",
+        epilog="example: moekit predict runs/mine new.csv --proba --out predictions.csv")
+    p.add_argument("run", metavar="RUN", help="the --out folder of `moekit fit`")
+    p.add_argument("data", metavar="DATA.csv", help="the rows to predict")
+    p.add_argument("--proba", action="store_true", help="add each class's probability")
+    p.add_argument("--out", help="write the predictions to this CSV file")
+    p.set_defaults(func=_run_predict)
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from moekit.experiments.fit_run import predict_run
+
+    outcome = predict_run(args.run, args.data, proba=args.proba, out=args.out)
+    if outcome.path is None:
+        sys.stdout.write(outcome.predictions.to_csv(index=False))
+    else:
+        print(f"Wrote {len(outcome.predictions)} predictions to {outcome.path}", file=sys.stderr)
+    if outcome.score is not None:
+        print(f"{outcome.score_name} against the target column: {outcome.score:.4f}", file=sys.stderr)
+    return 0
+
+
+def _add_report(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "report", allow_abbrev=False, help="rewrite the HTML report of a fitted run",
+        description="Rewrite RUN/report.html from the saved model and its data.",
+        epilog="example: moekit report runs/mine")
+    p.add_argument("run", metavar="RUN", help="the --out folder of `moekit fit`")
+    p.add_argument("--data", help="the CSV to report on (default: the one it was fitted on)")
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from moekit.experiments.fit_run import report_run
+
+    print(f"Wrote {report_run(args.run, args.data)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moekit", description="Mixtures of experts: fit, reproduce Jacobs et al. (1991), "
@@ -143,12 +250,17 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_vowels(subparsers)
     _add_demo(subparsers)
+    _add_fit(subparsers)
+    _add_predict(subparsers)
+    _add_report(subparsers)
     return parser
 
 
 def _check_positive(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for name in ("experts", "hidden", "epochs", "runs", "max_epochs", "lr", "criterion", "lr_grid"):
         value = getattr(args, name, None)
+        if value == "auto":
+            continue
         values = value if isinstance(value, tuple) else (value,)
         if value is not None and (not values or any(v <= 0 for v in values)):
             flag = "--" + name.replace("_", "-")

@@ -170,6 +170,8 @@ class _MixtureEstimator(BaseEstimator):
         config = self._train_config(0, max_epochs=1)
         if getattr(self, "_optimizer", None) is None:
             self._optimizer = make_optimizer(self.model_, config)
+        if getattr(self, "_generator", None) is None:  # a reloaded estimator
+            self._generator = torch.Generator().manual_seed(0)
         targets = prepare_targets(type(self).__name__, "y", self._target_tensor(t),
                                   out_features=self._n_outputs(), loss=config.loss, dtype=DTYPE)
         x_ND = self._to_tensor(X)

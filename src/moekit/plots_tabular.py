@@ -1,0 +1,90 @@
+"""Figures for a mixture fitted to a user's table: learning curves, expert usage, gate regions.
+
+Shape legend: N rows, E experts, G grid points.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from moekit.history import History  # noqa: E402
+
+# Okabe & Ito's colour-blind-safe palette, black last.
+OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def expert_color(e: int) -> str:
+    return OKABE_ITO[e % len(OKABE_ITO)]
+
+
+def plot_learning_curves(history: History) -> Figure:
+    """The training (and validation) loss per epoch, and the accuracy where there is one."""
+    keys = history.keys
+    panels = [m for m in ("loss", "accuracy") if f"train_{m}" in keys]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
+    epochs = history.column("epoch")
+    for ax, metric in zip(axes[0], panels):
+        for split, style in (("train", "-"), ("val", "--")):
+            name = f"{split}_{metric}"
+            if name in keys:
+                ax.plot(epochs, history.column(name), style, color="#0072B2" if split == "train"
+                        else "#D55E00", label="training" if split == "train" else "validation")
+        ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_expert_usage(mean_proportion_E: np.ndarray, argmax_share_E: np.ndarray) -> Figure:
+    """For each expert: its mean mixing proportion and the share of rows where it has the most."""
+    n = len(mean_proportion_E)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * n + 2), 3.6))
+    at = np.arange(n)
+    ax.bar(at - 0.2, mean_proportion_E, 0.4, color="#0072B2", label="mean mixing proportion")
+    ax.bar(at + 0.2, argmax_share_E, 0.4, color="#E69F00", label="share of rows it leads")
+    ax.set(xticks=at, xticklabels=[f"expert {e}" for e in range(n)], ylabel="fraction of rows",
+           ylim=(0, 1), title="How much each expert is used")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_gate_regions(gate_proba: Callable[[np.ndarray], np.ndarray], x_N2: np.ndarray,
+                      labels_N: np.ndarray, *, axis_labels: Sequence[str] = ("x1", "x2"),
+                      steps: int = 200) -> Figure:
+    """The gate's partition of the input plane: each point coloured by its leading expert, shaded by
+    how sure the gate is, with the data on top (one marker per class or target bin)."""
+    lo, hi = x_N2.min(0), x_N2.max(0)
+    pad = (hi - lo) * 0.06 + 1e-9
+    g0, g1 = np.meshgrid(np.linspace(lo[0] - pad[0], hi[0] + pad[0], steps),
+                         np.linspace(lo[1] - pad[1], hi[1] + pad[1], steps))
+    p_GE = gate_proba(np.column_stack([g0.ravel(), g1.ravel()]))
+    n_experts = p_GE.shape[1]
+    leader = p_GE.argmax(1).reshape(g0.shape)
+    confidence = p_GE.max(1).reshape(g0.shape)
+    fig, ax = plt.subplots(figsize=(6.6, 5.2))
+    cmap = ListedColormap([expert_color(e) for e in range(n_experts)])
+    ax.pcolormesh(g0, g1, leader, cmap=cmap, vmin=-0.5, vmax=n_experts - 0.5, shading="auto",
+                  alpha=0.25 + 0.35 * (confidence - confidence.min()) / (np.ptp(confidence) + 1e-12))
+    ax.contour(g0, g1, leader, levels=np.arange(n_experts) + 0.5, colors="k", linewidths=1.2)
+    for i, label in enumerate(np.unique(labels_N)):
+        rows = labels_N == label
+        ax.scatter(x_N2[rows, 0], x_N2[rows, 1], s=14, marker=MARKERS[i % len(MARKERS)],
+                   facecolor="white", edgecolor="k", linewidths=0.6, label=str(label))
+    for e in range(n_experts):
+        ax.scatter([], [], marker="s", s=60, color=expert_color(e), label=f"expert {e} region")
+    ax.set(xlabel=axis_labels[0], ylabel=axis_labels[1],
+           title="The gate's partition (colour: leading expert; black: its boundaries)")
+    ax.legend(fontsize=7, loc="best", framealpha=0.85, ncol=2)
+    fig.tight_layout()
+    return fig
