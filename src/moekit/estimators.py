@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from numbers import Integral, Real
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -32,8 +32,16 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_dat
 from moekit.experts import ExpertConfig
 from moekit.history import History
 from moekit.layers import MixtureOfExperts
-from moekit.training import (Callback, TrainConfig, TrainState, evaluate, fit, make_optimizer,
-                             prepare_targets, train_epoch)
+from moekit.training import (
+    Callback,
+    TrainConfig,
+    TrainState,
+    evaluate,
+    fit,
+    make_optimizer,
+    prepare_targets,
+    train_epoch,
+)
 
 DTYPE = torch.float64  # exact enough that predictions do not depend on how rows are batched
 LOSSES = {"nll", "competitive", "cooperative"}
@@ -61,7 +69,7 @@ class _KeepBest(Callback):
 class _MixtureEstimator(BaseEstimator):
     """What the classifier and the regressor share: parameters, training, the gate's view."""
 
-    _parameter_constraints: dict[str, list[Any]] = {
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
         "n_experts": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "expert": [StrOptions({"linear", "mlp"})],
         "expert_hidden": [Interval(Integral, 1, None, closed="left")],
