@@ -52,7 +52,7 @@ def test_string_labels_and_feature_names_come_back(iris):
 
 def test_regressor_splits_a_two_piece_line():
     X, y = piecewise()
-    reg = MixtureOfExpertsRegressor(n_experts=2, max_epochs=600, lr=0.05, random_state=0).fit(X, y)
+    reg = MixtureOfExpertsRegressor(n_experts=2, max_epochs=600, alpha=0.0, random_state=0).fit(X, y)
     assert reg.score(X, y) > 0.99
     # each side of the break is taken by one expert
     gate_NE = reg.gate_proba(X)

@@ -231,3 +231,17 @@ class TestBadInput:
     def test_bad_config(self, kwargs, message):
         with pytest.raises(ValueError, match=message):
             TrainConfig(**kwargs)
+
+
+def test_weight_decay_shrinks_the_weights_and_rejects_negative_values():
+    x = torch.randn(64, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y = x @ torch.tensor([[3.0], [-2.0], [1.0]], dtype=torch.float64)
+    norms = []
+    for decay in (0.0, 1.0):
+        model = MixtureOfExperts(3, 1, 2, generator=torch.Generator().manual_seed(0)).double()
+        fit(model, x, y, TrainConfig(optimizer="adam", lr=0.05, max_epochs=200, weight_decay=decay,
+                                     progress=False))
+        norms.append(sum(p.square().sum().item() for p in model.parameters()))
+    assert norms[1] < 0.5 * norms[0]
+    with pytest.raises(ValueError, match="weight_decay must be a number >= 0; got weight_decay=-1"):
+        TrainConfig(weight_decay=-1)

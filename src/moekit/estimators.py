@@ -79,6 +79,7 @@ class _MixtureEstimator(BaseEstimator):
         "max_epochs": [Interval(Integral, 1, None, closed="left")],
         "lr": [Interval(Real, 0, None, closed="neither")],
         "batch_size": [Interval(Integral, 1, None, closed="left"), None],
+        "alpha": [Interval(Real, 0, None, closed="left")],
         "tol": [Interval(Real, 0, None, closed="left")],
         "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
         "early_stopping": ["boolean"],
@@ -92,7 +93,7 @@ class _MixtureEstimator(BaseEstimator):
     def __init__(self, *, n_experts: int | str = 4, expert: str = "linear", expert_hidden: int = 16,
                  gate: str = "softmax", loss: str = "nll", solver: str = "adam",
                  max_epochs: int = 500, lr: float = 0.05, batch_size: int | None = None,
-                 tol: float = 1e-4, n_iter_no_change: int = 10, early_stopping: bool = False,
+                 alpha: float = 1e-2, tol: float = 1e-4, n_iter_no_change: int = 10, early_stopping: bool = False,
                  validation_fraction: float = 0.1, auto_candidates: tuple[int, ...] = (1, 2, 3, 4, 6, 8),
                  auto_criterion: str = "bic", random_state: int | np.random.RandomState | None = None,
                  verbose: int = 0) -> None:
@@ -105,6 +106,7 @@ class _MixtureEstimator(BaseEstimator):
         self.max_epochs = max_epochs
         self.lr = lr
         self.batch_size = batch_size
+        self.alpha = alpha
         self.tol = tol
         self.n_iter_no_change = n_iter_no_change
         self.early_stopping = early_stopping
@@ -212,7 +214,8 @@ class _MixtureEstimator(BaseEstimator):
                       validation: bool = False) -> TrainConfig:
         return TrainConfig(loss=self._loss_name(), optimizer=SOLVERS[self.solver], lr=self.lr,
                            max_epochs=max_epochs or self.max_epochs, batch_size=self.batch_size,
-                           patience=self.n_iter_no_change, min_delta=self.tol,
+                           weight_decay=self.alpha, patience=self.n_iter_no_change,
+                           min_delta=self.tol,
                            monitor="val_loss" if validation else "train_loss", seed=seed,
                            progress=bool(self.verbose))
 
@@ -293,6 +296,7 @@ class MixtureOfExpertsClassifier(ClassifierMixin, _MixtureEstimator):
         loss: 'nll', 'competitive' or 'cooperative'.
         solver: 'gd' (plain gradient descent, the paper's), 'adam' or 'lbfgs'.
         max_epochs, lr, batch_size: passes over the data, step size, rows per step (None: all).
+        alpha: L2 penalty on the weights, alpha / 2 * sum of squares, added to the objective.
         tol, n_iter_no_change: stop when the monitored loss has not improved by ``tol`` for
             ``n_iter_no_change`` epochs.
         early_stopping: hold out ``validation_fraction`` of the rows, monitor their loss and keep the

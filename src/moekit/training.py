@@ -55,6 +55,8 @@ class TrainConfig:
             or at or above it for an accuracy), e.g. ('train_sse', 0.08).
         patience: stop after this many epochs without an improvement of ``monitor`` by more than
             ``min_delta``; None disables it.
+        weight_decay: an L2 penalty, weight_decay / 2 * (sum of squared weights), added to the
+            objective that is minimised (the ``loss`` metrics do not include it); 0 disables it.
         seed: seeds the generator that shuffles minibatches (model weights come from the caller).
         progress: show a progress bar (on stderr).
         checkpoint_path: if set, a checkpoint is written there every ``checkpoint_every`` epochs and at
@@ -72,6 +74,7 @@ class TrainConfig:
     patience: int | None = None
     monitor: str = "train_loss"
     min_delta: float = 0.0
+    weight_decay: float = 0.0
     seed: int = 0
     progress: bool = True
     checkpoint_path: str | None = None
@@ -96,6 +99,9 @@ class TrainConfig:
         if self.patience is not None:
             check_int(owner, "patience", self.patience, minimum=1)
         check_int(owner, "checkpoint_every", self.checkpoint_every, minimum=1)
+        if not isinstance(self.weight_decay, (int, float)) or not self.weight_decay >= 0:
+            raise ValueError(f"{owner}: weight_decay must be a number >= 0; "
+                             f"got weight_decay={self.weight_decay!r}.")
 
 
 def _check_metric_name(owner: str, name: str, value: str) -> None:
@@ -217,6 +223,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x_ND: Tensor
                  targets: Targets, config: TrainConfig, generator: torch.Generator) -> None:
     """One pass over the data: one update per (shuffled) minibatch, or one full-batch update."""
     model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
     for rows in _batches(x_ND.shape[0], config.batch_size, generator):
         x_batch = x_ND if rows is None else x_ND[rows]
         y_batch = targets.for_loss if rows is None else targets.for_loss[rows]
@@ -225,6 +232,8 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x_ND: Tensor
             optimizer.zero_grad()
             out = model(x_batch)
             loss = mixture_loss(config.loss, out, y_batch, variance=config.variance) + out.aux_loss
+            if config.weight_decay:
+                loss = loss + 0.5 * config.weight_decay * sum(p.square().sum() for p in params)
             loss.backward()
             return loss
 

@@ -1,0 +1,153 @@
+"""moekit's estimators against scikit-learn's on its bundled data sets (nothing is downloaded).
+
+    .venv/bin/python benchmarks/tabular.py [--folds 5] [--threads 2] [--out benchmarks/tabular.json]
+
+5-fold cross-validation (stratified for classifiers), the same folds for every model: mean and spread
+of the test score (accuracy, or R^2 for diabetes) and the mean fit time. The scikit-learn models get a
+StandardScaler in front (moekit standardises inside); every model uses its default settings except
+max_iter, raised so that the MLP converges. The mixtures use one configuration for every data set.
+
+A second block of rows tunes the mixture and the MLP alike, each over a grid of 4 settings by 3-fold
+cross-validation inside each training fold (nested, so the test folds never choose a setting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import warnings
+
+import sklearn
+import torch
+from sklearn.datasets import load_breast_cancer, load_diabetes, load_digits, load_iris, load_wine
+from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LinearRegression, LogisticRegression
+from sklearn.model_selection import GridSearchCV, KFold, StratifiedKFold, cross_validate
+from sklearn.neural_network import MLPClassifier, MLPRegressor
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from moekit.estimators import MixtureOfExpertsClassifier, MixtureOfExpertsRegressor
+
+CLASSIFICATION = {"iris": load_iris, "wine": load_wine, "breast_cancer": load_breast_cancer,
+                  "digits": load_digits}
+REGRESSION = {"diabetes": load_diabetes}
+
+
+def classifiers(seed: int) -> dict[str, object]:
+    return {
+        "moekit MoE, 4 linear experts": MixtureOfExpertsClassifier(n_experts=4, random_state=seed),
+        "moekit MoE, 4 MLP experts": MixtureOfExpertsClassifier(n_experts=4, expert="mlp",
+                                                               random_state=seed),
+        "LogisticRegression": make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)),
+        "MLPClassifier": make_pipeline(StandardScaler(),
+                                       MLPClassifier(max_iter=2000, random_state=seed)),
+        "HistGradientBoosting": HistGradientBoostingClassifier(random_state=seed),
+    }
+
+
+def regressors(seed: int) -> dict[str, object]:
+    return {
+        "moekit MoE, 4 linear experts": MixtureOfExpertsRegressor(n_experts=4, random_state=seed),
+        "moekit MoE, 4 MLP experts": MixtureOfExpertsRegressor(n_experts=4, expert="mlp",
+                                                              random_state=seed),
+        "LinearRegression": make_pipeline(StandardScaler(), LinearRegression()),
+        "MLPRegressor": make_pipeline(StandardScaler(),
+                                      MLPRegressor(max_iter=2000, random_state=seed)),
+        "HistGradientBoosting": HistGradientBoostingRegressor(random_state=seed),
+    }
+
+
+MOEKIT_GRID = {"expert": ["linear", "mlp"], "alpha": [1e-3, 1e-2]}
+MLP_GRID = {"alpha": [1e-4, 1e-3, 1e-2, 1e-1]}
+
+
+def tuned(models: dict[str, object], seed: int) -> dict[str, object]:
+    """The default mixture and MLP, each tuned over its 4-setting grid by inner 3-fold CV."""
+    mixture = next(m for n, m in models.items() if n.startswith("moekit")).set_params(expert_hidden=32)
+    mlp = models[next(n for n in models if n.startswith("MLP"))]
+    mlp_step = mlp.steps[-1][0]
+    return {
+        "moekit MoE, tuned (expert, alpha)": GridSearchCV(mixture, MOEKIT_GRID, cv=3),
+        "MLP, tuned (alpha)": GridSearchCV(mlp, {f"{mlp_step}__{k}": v for k, v in MLP_GRID.items()},
+                                           cv=3),
+    }
+
+
+def run(folds: int, seed: int) -> list[dict[str, object]]:
+    rows = []
+    tasks = [(name, loader, True) for name, loader in CLASSIFICATION.items()]
+    tasks += [(name, loader, False) for name, loader in REGRESSION.items()]
+    for data_name, loader, is_classification in tasks:
+        X, y = loader(return_X_y=True)
+        cv = (StratifiedKFold if is_classification else KFold)(folds, shuffle=True, random_state=seed)
+        models = classifiers(seed) if is_classification else regressors(seed)
+        models.update(tuned(classifiers(seed) if is_classification else regressors(seed), seed))
+        for model_name, model in models.items():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                result = cross_validate(model, X, y, cv=cv, n_jobs=1)
+            scores = result["test_score"]
+            rows.append({"data": data_name, "rows": len(y), "features": X.shape[1],
+                         "model": model_name, "metric": "accuracy" if is_classification else "R^2",
+                         "mean": float(scores.mean()), "std": float(scores.std()),
+                         "fit_seconds": float(result["fit_time"].mean())})
+            print(f"{data_name:<14} {model_name:<30} {rows[-1]['mean']:.4f} ± {rows[-1]['std']:.4f}"
+                  f"  fit {rows[-1]['fit_seconds']:.3f} s", flush=True)
+    return rows
+
+
+def markdown(rows: list[dict[str, object]]) -> str:
+    lines = ["| data (rows × features) | model | score (mean ± sd over folds) | fit time (s) |",
+             "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['data']} ({r['rows']} × {r['features']}) | {r['model']} | "
+                     f"{r['metric']} {r['mean']:.3f} ± {r['std']:.3f} | {r['fit_seconds']:.3f} |")
+    return "\n".join(lines)
+
+
+def verdicts(rows: list[dict[str, object]]) -> list[str]:
+    """Does the mixture match the MLP on each data set (mean score at least the MLP's)?"""
+    out = []
+    for data in dict.fromkeys(r["data"] for r in rows):
+        mine = [r for r in rows if r["data"] == data]
+        for kind in ("default", "tuned"):
+            is_tuned = kind == "tuned"
+            mlp = next(r for r in mine if r["model"].startswith("MLP") and ("tuned" in r["model"]) == is_tuned)
+            moe = [r for r in mine if r["model"].startswith("moekit") and ("tuned" in r["model"]) == is_tuned]
+            best = max(moe, key=lambda r: r["mean"])
+            verdict = "matches or beats" if best["mean"] >= mlp["mean"] - 5e-4 else "is below"
+            out.append(f"{data} ({kind}): {best['model']} {best['mean']:.3f} {verdict} "
+                       f"{mlp['model']} {mlp['mean']:.3f}")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/tabular.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
+    print(f"torch threads {torch.get_num_threads()}, scikit-learn {sklearn.__version__}, "
+          f"load average {load_before:.2f}")
+    rows = run(args.folds, args.seed)
+    load_after = os.getloadavg()[0]
+    print("\n" + markdown(rows) + "\n")
+    for line in verdicts(rows):
+        print(line)
+    print(f"\nload average before {load_before:.2f}, after {load_after:.2f}")
+    record = {"rows": rows, "folds": args.folds, "threads": args.threads, "seed": args.seed,
+              "load_before": load_before, "load_after": load_after,
+              "machine": platform.processor() or platform.machine(), "verdicts": verdicts(rows)}
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
