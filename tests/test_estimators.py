@@ -166,3 +166,13 @@ def test_every_solver_and_paper_loss_trains(iris, solver, loss):
     clf = MixtureOfExpertsClassifier(n_experts=2, solver=solver, loss=loss, lr=lr, max_epochs=60,
                                      random_state=0).fit(X, y)
     assert clf.score(X, y) > 0.8
+
+
+def test_import_moekit_does_not_import_sklearn_until_an_estimator_is_asked_for():
+    import subprocess
+    import sys
+
+    code = ("import sys, moekit; assert 'sklearn' not in sys.modules; "
+            "assert moekit.MixtureOfExpertsRegressor.__name__ == 'MixtureOfExpertsRegressor'; "
+            "assert 'sklearn' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)

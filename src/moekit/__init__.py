@@ -18,5 +18,19 @@ __all__ = [
     "SoftmaxGate", "RouterConfig", "SparseMoE", "SparseMoEConfig", "History", "load_model", "save_model", "MixtureOfExperts", "MoEConfig",
     "MoEOutput", "categorical_mixture_nll", "competitive_loss", "cooperative_loss", "mixture_loss",
     "mixture_nll", "responsibilities", "Callback", "TrainConfig", "TrainResult", "TrainState",
-    "evaluate", "fit",
+    "evaluate", "fit", "MixtureOfExpertsClassifier", "MixtureOfExpertsRegressor", "save_estimator",
+    "load_estimator",
 ]
+
+# scikit-learn is imported only when an estimator is first asked for, so `import moekit` stays light.
+_LAZY = {"MixtureOfExpertsClassifier": "moekit.estimators",
+         "MixtureOfExpertsRegressor": "moekit.estimators",
+         "save_estimator": "moekit.estimator_io", "load_estimator": "moekit.estimator_io"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'moekit' has no attribute {name!r}")
