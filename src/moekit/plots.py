@@ -23,7 +23,24 @@ from moekit.io import atomic_path  # noqa: E402
 from moekit.layers import MixtureOfExperts  # noqa: E402
 
 CLASS_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
-EXPERT_COLORS = plt.get_cmap("tab10").colors
+# Okabe & Ito (2008), the colour-blind-safe qualitative palette, strongest colours first; its black
+# is replaced by grey so that an expert's colour never hides the black data markers and lines.
+OKABE_ITO = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442",
+             "#999999")
+EXPERT_COLORS = OKABE_ITO
+
+
+def expert_colors(n: int) -> list[str]:
+    """One colour per expert: Okabe-Ito up to 8; beyond that tab20 (not colour-blind safe, so
+    figures with more than 8 experts also label experts by number)."""
+    if n <= len(OKABE_ITO):
+        return list(OKABE_ITO[:n])
+    cmap = plt.get_cmap("tab20")
+    return [matplotlib.colors.to_hex(cmap(i % 20)) for i in range(n)]
+
+
+def _color(i: int) -> str:
+    return EXPERT_COLORS[i % len(EXPERT_COLORS)]
 
 
 def save_figure(fig: Figure, path: Path | str) -> Path:
@@ -113,7 +130,7 @@ def plot_partition(model: MixtureOfExperts, x_N2: np.ndarray, y_N: np.ndarray,
         if not is_active:
             continue
         normal, offset = expert_line(model, e, pair)
-        _draw_line(ax, normal, offset, xlim, ylim, color=EXPERT_COLORS[e % 10], lw=1.6, ls="--",
+        _draw_line(ax, normal, offset, xlim, ylim, color=_color(e), lw=1.6, ls="--",
                    label=f"expert {e}: {labels[pair[0]]} | {labels[pair[1]]}")
     inactive = [str(e) for e, a in enumerate(active) if not a]
     ax.plot([], [], color="k", lw=2.2, label="gate boundary")
@@ -177,10 +194,10 @@ def plot_lines_over_time(model: MixtureOfExperts, snapshots: Sequence[tuple[int,
         mean_E = _gate_probs(frame, x_N2).mean(0)
         for e, pair in enumerate(final_pairs):
             normal, offset = expert_line(frame, e, pair)
-            _draw_line(ax, normal, offset, xlim, ylim, color=EXPERT_COLORS[e % 10],
+            _draw_line(ax, normal, offset, xlim, ylim, color=_color(e),
                        lw=0.4 + 3.0 * mean_E[e], alpha=0.9 if mean_E[e] >= 0.01 else 0.35)
         ax.set(xlim=xlim, ylim=ylim, title=f"epoch {epoch}")
-    handles = [plt.Line2D([], [], color=EXPERT_COLORS[e % 10], lw=2,
+    handles = [plt.Line2D([], [], color=_color(e), lw=2,
                           label=f"expert {e}: {labels[a]} | {labels[b]}")
                for e, (a, b) in enumerate(final_pairs)]
     fig.legend(handles=handles, loc="outside right center", fontsize=8)
@@ -203,9 +220,9 @@ def plot_training_curves(curves: dict[str, np.ndarray], criterion: float, *,
         # A run that stopped holds its last value, so the band shows every run to the end.
         filled = _hold_last(c_RT)
         epochs = np.arange(last)
-        ax.plot(epochs, np.median(filled, 0), color=EXPERT_COLORS[i % 10], label=name)
+        ax.plot(epochs, np.median(filled, 0), color=_color(i), label=name)
         ax.fill_between(epochs, np.percentile(filled, 10, 0), np.percentile(filled, 90, 0),
-                        color=EXPERT_COLORS[i % 10], alpha=0.2)
+                        color=_color(i), alpha=0.2)
     ax.axhline(criterion, color="k", ls=":", lw=1, label=f"criterion {criterion}")
     ax.set(xlabel="epoch", ylabel=ylabel, yscale="log")
     ax.legend(fontsize=8)

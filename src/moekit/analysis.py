@@ -1,0 +1,425 @@
+"""The routing recorder: run a mixture over a data set and collect what its gate did to every row.
+
+Shape legend: N rows, D input features, O outputs, E experts, K experts chosen per row,
+A and B the experts of two models being compared.
+
+Works on any module whose forward returns a :class:`~moekit.layers.MoEOutput`: the dense
+:class:`~moekit.layers.MixtureOfExperts`, the routed :class:`~moekit.layers.SparseMoE`, and
+hierarchical mixtures (their ``probs_NE`` are over the leaves). Memory stays bounded: the statistics
+are running sums (:class:`~moekit.routing_stats.RoutingStats`), and the per-row routing, when asked
+for, streams to disk batch by batch (:class:`RoutingStore`).
+
+    >>> rec = record_routing(model, x, y)                             # doctest: +SKIP
+    >>> rec.stats.load_E, rec.stats.nmi, rec.stats.dead_experts()     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from moekit._checks import check_choice, check_int, check_positive_float
+from moekit.dispatch import gather_rows
+from moekit.experts import apply_head
+from moekit.layers import MoEOutput
+from moekit.losses import responsibilities
+from moekit.routing_stats import BatchRouting, RoutingStats, match_experts, nmi_from_contingency
+from moekit.routing_store import RoutingStore, StoreWriter
+from moekit.training import Callback, TrainState
+
+logger = logging.getLogger(__name__)
+
+LIKELIHOODS = ("gaussian", "categorical")
+
+
+# --- reading batches ---------------------------------------------------------------------------
+
+def iter_batches(data: Tensor | Iterable, y: Tensor | None = None, *, batch_size: int = 4096
+                 ) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """Yield ``(x, y)`` batches from a tensor (sliced into ``batch_size`` rows, with ``y`` sliced
+    alike) or from an iterable / DataLoader whose items are ``x`` or ``(x, y, ...)``."""
+    if isinstance(data, Tensor):
+        if y is not None and y.shape[0] != data.shape[0]:
+            raise ValueError(f"record_routing: row counts must match; x has {data.shape[0]}, "
+                             f"y has {y.shape[0]}.")
+        for start in range(0, data.shape[0], batch_size):
+            stop = start + batch_size
+            yield data[start:stop], None if y is None else y[start:stop]
+        return
+    if y is not None:
+        raise ValueError("record_routing: pass y only with a tensor x; an iterable yields "
+                         "(x, y) batches itself.")
+    for item in data:
+        if isinstance(item, Tensor):
+            yield item, None
+        elif isinstance(item, (tuple, list)) and item and isinstance(item[0], Tensor):
+            yield item[0], item[1] if len(item) > 1 else None
+        else:
+            raise TypeError(f"record_routing: each batch must be a tensor x or a pair (x, y); "
+                            f"got {type(item).__name__}.")
+
+
+def moe_output(result: Any, owner: str) -> MoEOutput:
+    """Check that a forward returned a MoEOutput, with a message that says what to pass instead."""
+    if not isinstance(result, MoEOutput):
+        raise TypeError(f"{owner}: the model must return a MoEOutput; got {type(result).__name__}. "
+                        "Pass the mixture-of-experts layer itself (e.g. model.moe).")
+    return result
+
+
+# --- one batch to the common form --------------------------------------------------------------
+
+def _dropped_NK(out: MoEOutput) -> Tensor:
+    routing = out.routing
+    dropped = torch.zeros_like(routing.experts_NK, dtype=torch.bool)
+    plan = out.dispatch
+    if plan is None or plan.dropped_rows.numel() == 0:
+        return dropped
+    n_experts = routing.n_experts
+    rows_NK = torch.arange(routing.experts_NK.shape[0], device=dropped.device).unsqueeze(1)
+    key_NK = rows_NK * n_experts + routing.experts_NK
+    return torch.isin(key_NK, plan.dropped_rows * n_experts + plan.dropped_experts)
+
+
+def _labels(y: Tensor, edges: np.ndarray | None) -> Tensor:
+    """Class indices as they are; float targets binned on their first column."""
+    if not y.is_floating_point():
+        return y.reshape(-1).long()
+    value_N = (y.reshape(y.shape[0], -1)[:, 0]).double().numpy()
+    return torch.from_numpy(np.searchsorted(edges[1:-1], value_N, side="right")).long()
+
+
+def _dense_targets(y: Tensor, out_features: int, dtype: torch.dtype) -> Tensor:
+    if not y.is_floating_point():
+        return nn.functional.one_hot(y.reshape(-1).long(), out_features).to(dtype)
+    return y.reshape(y.shape[0], -1).to(dtype)
+
+
+def _posterior(out: MoEOutput, y: Tensor, likelihood: str, variance: float) -> Tensor | None:
+    """h = p_e P_e(y | x) / sum_j p_j P_j(y | x), where every expert's output is available and
+    the targets fit it (class indices below O, or O float columns); None otherwise."""
+    if out.expert_outputs is None:
+        return None
+    n_outputs = out.expert_outputs.shape[-1]
+    fits = int(y.max()) < n_outputs if not y.is_floating_point() else \
+        y.reshape(y.shape[0], -1).shape[1] == n_outputs
+    if not fits:
+        return None
+    log_prior_NE = out.routing.probs_NE.clamp_min(1e-300).log()
+    if likelihood == "categorical":
+        if y.is_floating_point() or out.expert_logits is None:
+            raise ValueError("record_routing: likelihood='categorical' needs class-index targets "
+                             "and expert logits; use likelihood='gaussian'.")
+        log_expert_NEC = torch.log_softmax(out.expert_logits, dim=-1)
+        index_NE1 = y.reshape(-1, 1, 1).long().expand(-1, log_expert_NEC.shape[1], 1)
+        return torch.softmax(log_prior_NE + log_expert_NEC.gather(-1, index_NE1).squeeze(-1), -1)
+    target_NO = _dense_targets(y, out.expert_outputs.shape[-1], out.expert_outputs.dtype)
+    return responsibilities(log_prior_NE, out.expert_outputs, target_NO, variance=variance)
+
+
+def _routed_contributions(model: nn.Module, x: Tensor, out: MoEOutput) -> Tensor | None:
+    """||w o|| of each kept assignment of a routed layer, recomputed from its grouped experts."""
+    plan, experts = out.dispatch, getattr(model, "experts", None)
+    if plan is None or not hasattr(experts, "forward_grouped"):
+        return None
+    x_ND = x.reshape(-1, x.shape[-1])
+    y_MO = apply_head(getattr(experts, "head", "identity"),
+                      experts.forward_grouped(gather_rows(x_ND, plan), plan))
+    size_M = (plan.weights_M.unsqueeze(-1) * y_MO).norm(dim=-1).double()
+    flat_NE = torch.zeros(x_ND.shape[0] * out.routing.n_experts, dtype=torch.float64)
+    flat_NE.index_add_(0, plan.rows_M * out.routing.n_experts + plan.experts_M, size_M)
+    return flat_NE.view(x_ND.shape[0], -1)
+
+
+def batch_routing(model: nn.Module, x: Tensor, out: MoEOutput, y: Tensor | None = None, *,
+                  edges: np.ndarray | None = None, likelihood: str = "gaussian",
+                  variance: float = 1.0) -> BatchRouting:
+    """Reduce a layer's :class:`MoEOutput` on one batch to a :class:`BatchRouting`."""
+    routing = out.routing
+    probs_NE = routing.probs_NE.detach()
+    n_rows, n_experts = probs_NE.shape
+    if routing.dense:
+        weights_NE = routing.weights_NK.detach()
+        kept_NE = torch.ones_like(weights_NE, dtype=torch.bool)
+        dropped_NE = torch.zeros_like(kept_NE)
+    else:
+        mask_NK = routing.mask_NK if routing.mask_NK is not None else \
+            torch.ones_like(routing.experts_NK, dtype=torch.bool)
+        dropped_NK = _dropped_NK(out) & mask_NK
+        keep_NK = mask_NK & ~dropped_NK
+        chosen_weights_NK = routing.weights_NK.detach() * keep_NK
+        weights_NE = chosen_weights_NK.new_zeros(n_rows, n_experts)
+        weights_NE.scatter_add_(1, routing.experts_NK, chosen_weights_NK)
+        counts_NE = torch.zeros(n_rows, n_experts, dtype=torch.long)
+        kept_NE = counts_NE.scatter_add(1, routing.experts_NK, keep_NK.long()) > 0
+        dropped_NE = counts_NE.scatter_add(1, routing.experts_NK, dropped_NK.long()) > 0
+    best_N = weights_NE.argmax(1)
+    primary_N = torch.where(weights_NE.amax(1) > 0, best_N, torch.full_like(best_N, -1))
+    labels_N = posterior_NE = contribution_NE = None
+    if y is not None:
+        labels_N = _labels(y, edges)
+        posterior_NE = _posterior(out, y, likelihood, variance)
+        if posterior_NE is not None:
+            posterior_NE = posterior_NE.detach()
+    if out.expert_outputs is not None:
+        contribution_NE = (weights_NE.unsqueeze(-1) * out.expert_outputs.detach()).norm(dim=-1)
+    else:
+        contribution_NE = _routed_contributions(model, x, out)
+    return BatchRouting(probs_NE.double(), weights_NE.double(), kept_NE, dropped_NE, primary_N,
+                        bool(routing.dense), labels_N, posterior_NE, contribution_NE)
+
+
+def _store_arrays(out: MoEOutput, batch: BatchRouting) -> dict[str, np.ndarray]:
+    arrays = {"probs": batch.probs_NE.float().numpy(),
+              "primary": batch.primary_N.to(torch.int32).numpy()}
+    if not batch.dense:
+        routing = out.routing
+        mask_NK = routing.mask_NK if routing.mask_NK is not None else \
+            torch.ones_like(routing.experts_NK, dtype=torch.bool)
+        dropped_NK = _dropped_NK(out) & mask_NK
+        arrays.update(experts=routing.experts_NK.to(torch.int32).numpy(),
+                      weights=routing.weights_NK.detach().float().numpy(),
+                      kept=(mask_NK & ~dropped_NK).numpy(), dropped=dropped_NK.numpy())
+    if batch.labels_N is not None:
+        arrays["labels"] = batch.labels_N.to(torch.int32).numpy()
+    if batch.posterior_NE is not None:
+        arrays["posterior"] = batch.posterior_NE.float().numpy()
+    return arrays
+
+
+# --- the recorder ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Recording:
+    """What :func:`record_routing` collected: the statistics, and the per-row store if asked."""
+
+    stats: RoutingStats
+    store: RoutingStore | None
+    target_edges: tuple[float, ...] | None
+
+
+def target_bin_edges(y: Tensor, n_bins: int = 5) -> tuple[float, ...]:
+    """Quantile edges that cut a regression target (its first column) into ``n_bins`` bins."""
+    check_int("target_bin_edges", "n_bins", n_bins, minimum=1)
+    value_N = y.reshape(y.shape[0], -1)[:, 0].double().numpy()
+    edges = np.unique(np.quantile(value_N, np.linspace(0, 1, n_bins + 1)))
+    return tuple(float(e) for e in edges) if edges.size > 1 else (float(edges[0]),) * 2
+
+
+def bin_names(edges: tuple[float, ...], name: str = "y", *,
+              unscale: tuple[float, float] = (0.0, 1.0)) -> list[str]:
+    """Names of the bins between ``edges``, as ``name in [a, b)``; ``unscale`` = (mean, scale)
+    writes them in the original units of a standardised target (value * scale + mean)."""
+    mean, scale = unscale
+    return [f"{name} in [{a * scale + mean:.3g}, {b * scale + mean:.3g}"
+            f"{']' if i == len(edges) - 2 else ')'}"
+            for i, (a, b) in enumerate(itertools.pairwise(edges))]
+
+
+@torch.no_grad()
+def record_routing(model: nn.Module, data: Tensor | Iterable, y: Tensor | None = None, *,
+                   batch_size: int = 4096, store: Path | str | None = None,
+                   class_names: list[str] | tuple[str, ...] | None = None,
+                   target_edges: tuple[float, ...] | None = None, n_target_bins: int = 5,
+                   target_name: str = "y", target_unscale: tuple[float, float] = (0.0, 1.0),
+                   likelihood: str = "gaussian", variance: float = 1.0,
+                   progress: bool = False) -> Recording:
+    """Run ``model`` over ``data`` in evaluation mode and record its routing of every row.
+
+    Args:
+        model: a module whose forward returns a :class:`~moekit.layers.MoEOutput`.
+        data: inputs (N, D) (a SparseMoE also takes (..., D)), or an iterable / DataLoader of
+            batches ``x`` or ``(x, y)``.
+        y: targets for a tensor ``data``: class indices (N,) or floats (N,) / (N, O).
+        batch_size: rows per forward pass for a tensor ``data``.
+        store: a folder to stream per-row routing into (see :class:`RoutingStore`); None keeps
+            only the running sums.
+        class_names: names of the classes, for the expert-by-class table.
+        target_edges, n_target_bins, target_name: for float targets, the bins of the
+            expert-by-target table (default: quantiles of the first batch).
+        target_unscale: (mean, scale) to name the bins in the original units of a standardised
+            target.
+        likelihood, variance: the posterior h for KL(h || p): 'gaussian' (Eq. 3's, one-hot targets
+            for classes) or 'categorical' (p_e P_e(y) from the experts' class logits).
+        progress: show a progress bar.
+
+    Returns:
+        a :class:`Recording` (``.stats``: :class:`~moekit.routing_stats.RoutingStats`).
+
+    Example:
+        >>> from moekit import MixtureOfExperts
+        >>> moe = MixtureOfExperts(2, 3, 4)
+        >>> rec = record_routing(moe, torch.randn(100, 2), torch.randint(0, 3, (100,)))
+        >>> rec.stats.n_rows, rec.stats.load_E.shape
+        (100, (4,))
+    """
+    check_int("record_routing", "batch_size", batch_size, minimum=1)
+    check_choice("record_routing", "likelihood", likelihood, LIKELIHOODS)
+    check_positive_float("record_routing", "variance", variance)
+    was_training = model.training
+    model.eval()
+    writer = StoreWriter(Path(store)) if store is not None else None
+    stats: RoutingStats | None = None
+    edges = None if target_edges is None else np.asarray(target_edges, dtype=np.float64)
+    ok = False
+    try:
+        for x_batch, y_batch in tqdm(iter_batches(data, y, batch_size=batch_size),
+                                     desc="routing", unit="batch", disable=not progress,
+                                     leave=False):
+            out = moe_output(model(x_batch), "record_routing")
+            if y_batch is not None and y_batch.is_floating_point() and edges is None:
+                edges = np.asarray(target_bin_edges(y_batch, n_target_bins))
+                logger.info("record_routing: target bins from the first batch: %s", edges)
+            batch = batch_routing(model, x_batch, out, y_batch, edges=edges,
+                                  likelihood=likelihood, variance=variance)
+            if stats is None:
+                stats = _new_stats(out.routing.n_experts, y_batch, class_names, edges,
+                                   target_name, target_unscale)
+            stats.update(batch)
+            if writer is not None:
+                writer.write(_store_arrays(out, batch))
+        ok = True
+    finally:
+        model.train(was_training)
+        opened = writer.close(ok) if writer is not None else None
+    if stats is None:
+        raise ValueError("record_routing: the data had no batches; pass at least one row.")
+    return Recording(stats, opened, None if edges is None else tuple(float(e) for e in edges))
+
+
+def _new_stats(n_experts: int, y: Tensor | None, class_names, edges, target_name: str,
+               unscale: tuple[float, float]) -> RoutingStats:
+    if y is None:
+        return RoutingStats(n_experts)
+    if y.is_floating_point():
+        return RoutingStats(n_experts, bin_names(tuple(edges), target_name, unscale=unscale),
+                            "target bin")
+    return RoutingStats(n_experts, [str(c) for c in class_names or []], "class")
+
+
+# --- agreement between two models --------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Agreement:
+    """How alike two models route the same rows, after matching experts one to one.
+
+    Attributes:
+        match_A: the B expert matched to each A expert (Hungarian assignment on the primary-expert
+            confusion), -1 where unmatched.
+        agreement: fraction of rows whose primary experts correspond under the matching.
+        agreement_unmatched: the same without matching (expert e of A against expert e of B).
+        nmi: NMI between the two models' primary experts (matching-free).
+        tv_distance: mean over rows of half the L1 distance between p_A and the matched p_B.
+        selection_overlap: fraction of A's kept assignments whose matched B expert is also kept
+            (routed layers; nan when both models are dense, where every expert always runs).
+        confusion_AB: rows with primary expert a under A and b under B.
+    """
+
+    match_A: list[int]
+    agreement: float
+    agreement_unmatched: float
+    nmi: float
+    tv_distance: float
+    selection_overlap: float
+    confusion_AB: list[list[int]]
+    n_rows: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                for k, v in self.__dict__.items()}
+
+
+@torch.no_grad()
+def routing_agreement(model_a: nn.Module, model_b: nn.Module, data: Tensor | Iterable, *,
+                      batch_size: int = 4096) -> Agreement:
+    """Compare the routing of two models (two runs, two checkpoints) on the same rows.
+
+    Example:
+        >>> from moekit import MixtureOfExperts
+        >>> a = MixtureOfExperts(2, 1, 3)
+        >>> routing_agreement(a, a, torch.randn(50, 2)).agreement
+        1.0
+    """
+    check_int("routing_agreement", "batch_size", batch_size, minimum=1)
+    sums: dict[str, np.ndarray] = {}
+    n_rows, both_dense = 0, True
+    modes = (model_a.training, model_b.training)
+    model_a.eval()
+    model_b.eval()
+    try:
+        for x, _ in iter_batches(data, batch_size=batch_size):
+            a = batch_routing(model_a, x, moe_output(model_a(x), "routing_agreement"))
+            b = batch_routing(model_b, x, moe_output(model_b(x), "routing_agreement"))
+            e_a, e_b = a.probs_NE.shape[1], b.probs_NE.shape[1]
+            both_dense = both_dense and a.dense and b.dense
+            routed = (a.primary_N >= 0) & (b.primary_N >= 0)
+            confusion = np.zeros((e_a, e_b))
+            np.add.at(confusion, (a.primary_N[routed].numpy(), b.primary_N[routed].numpy()), 1)
+            abs_diff = np.stack([(a.probs_NE[:, i:i + 1] - b.probs_NE).abs().sum(0).numpy()
+                                 for i in range(e_a)])
+            both = (a.kept_NE.double().T @ b.kept_NE.double()).numpy()
+            for key, value in (("confusion", confusion), ("abs_diff", abs_diff), ("both", both),
+                               ("kept_a", a.kept_NE.double().sum(0).numpy())):
+                sums[key] = sums.get(key, 0) + value
+            n_rows += x.reshape(-1, x.shape[-1]).shape[0]
+    finally:
+        model_a.train(modes[0])
+        model_b.train(modes[1])
+    if not n_rows:
+        raise ValueError("routing_agreement: the data had no rows.")
+    confusion = sums["confusion"]
+    match_A = match_experts(confusion)
+    pairs = [(i, j) for i, j in enumerate(match_A) if j >= 0]
+    total = max(confusion.sum(), 1.0)
+    diagonal = sum(confusion[i, i] for i in range(min(confusion.shape)))
+    return Agreement(
+        match_A=[int(j) for j in match_A],
+        agreement=float(sum(confusion[i, j] for i, j in pairs) / total),
+        agreement_unmatched=float(diagonal / total),
+        nmi=nmi_from_contingency(confusion),
+        tv_distance=float(0.5 * sum(sums["abs_diff"][i, j] for i, j in pairs) / n_rows),
+        selection_overlap=math.nan if both_dense else float(
+            sum(sums["both"][i, j] for i, j in pairs) / max(sums["kept_a"].sum(), 1.0)),
+        confusion_AB=confusion.astype(int).tolist(), n_rows=n_rows)
+
+
+# --- routing over training ---------------------------------------------------------------------
+
+def routing_summary(model: nn.Module, x: Tensor, *, batch_size: int = 4096) -> dict[str, float]:
+    """A flat record of the routing on ``x``: ``load_<e>`` per expert, ``entropy_ratio``, ``cv``,
+    ``dead`` (count). Keys are what :func:`moekit.plots_analysis.plot_routing_over_training` reads
+    (with the ``routing_`` prefix that :class:`RoutingHistory` adds)."""
+    stats = record_routing(model, x, batch_size=batch_size).stats
+    record = {f"load_{e}": float(v) for e, v in enumerate(stats.load_E)}
+    record.update(entropy_ratio=stats.entropy_ratio, cv=stats.cv,
+                  dead=float(len(stats.dead_experts())))
+    return record
+
+
+class RoutingHistory(Callback):
+    """A :func:`moekit.training.fit` callback that adds the routing on ``x`` to each epoch's record
+    of the history, as ``routing_load_<e>``, ``routing_entropy_ratio``, ``routing_cv`` and
+    ``routing_dead``; plot them with :func:`moekit.plots_analysis.plot_routing_over_training`.
+
+    Example:
+        >>> fit(moe, x, y, config, callbacks=[RoutingHistory(x)])  # doctest: +SKIP
+    """
+
+    def __init__(self, x: Tensor, *, every: int = 1) -> None:
+        self.x = x
+        self.every = check_int("RoutingHistory", "every", every, minimum=1)
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        if state.epoch % self.every == 0 or state.stop:
+            summary = routing_summary(state.model, self.x)
+            state.history.records[-1].update({f"routing_{k}": v for k, v in summary.items()})
