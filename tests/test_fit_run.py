@@ -32,10 +32,14 @@ def test_fit_writes_model_summary_and_report(class_run, capsys):
     loads = summary["expert_loads"]
     assert len(loads) == 3 and abs(sum(r["mean_proportion"] for r in loads) - 1) < 1e-9
     html = (class_run / "report.html").read_text()
-    for heading in ("Learning curves", "Expert usage", "Expert by class", "The gate&#x27;s partition"):
+    for heading in ("Learning curves", "The gate&#x27;s partition", "Routing summary",
+                    "Experts and interventions", "Experts by class"):
         assert heading in html
     figures = {p.name for p in (class_run / "figures").iterdir()}
-    assert figures == {"learning_curves.png", "expert_usage.png", "gate_partition.png"}
+    assert figures == {"learning_curves.png", "gate_partition.png"}
+    # the report carries the same routing analysis `moekit analyze` writes
+    stats = json.loads((class_run / "analysis" / "model" / "analysis.json").read_text())
+    assert stats["n_experts"] == 3 and stats["expert_by_label"]["labels"] == ["left", "middle", "right"]
     estimator = load_estimator(class_run / "model")
     assert estimator.feature_names_in_.tolist() == ["x1", "x2"]
     assert estimator.metadata_["preprocessing"]["target"] == "label"
@@ -72,7 +76,7 @@ def test_regression_with_auto_experts(tmp_path):
     assert summary["task"] == "regress" and summary["score_name"] == "R^2"
     assert summary["n_experts_curve"]["n_experts"] == [1, 2, 3, 4, 6, 8]
     assert summary["n_experts"] >= 2 and summary["validation_score"] > 0.9
-    assert "Expert by target range" in (out / "report.html").read_text()
+    assert "Experts by target bin" in (out / "report.html").read_text()
 
 
 def test_one_hot_encodes_text_columns(tmp_path):
@@ -188,3 +192,21 @@ def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", str(CLASSES), "--target", "label", "--experts", "many"])
     assert exit_info.value.code == 2
+
+
+def test_analyze_a_fit_run_on_its_own_data_and_on_other_data(class_run, tmp_path, capsys):
+    assert main(["analyze", str(class_run)]) == 0
+    printed = capsys.readouterr().out
+    assert "NMI" in printed and "analysis.html" in printed
+    stats = json.loads((class_run / "analysis" / "model" / "analysis.json").read_text())
+    assert stats["rows"] == 90 and stats["expert_by_label"]["kind"] == "class"
+    half = tmp_path / "half.csv"
+    pd.read_csv(CLASSES).iloc[::2].to_csv(half, index=False)
+    assert main(["analyze", str(class_run), "--data", str(half)]) == 0
+    stats = json.loads((class_run / "analysis" / "model" / "analysis.json").read_text())
+    assert stats["rows"] == 45
+
+
+def test_analyze_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert main(["analyze", str(tmp_path)]) == 1
+    assert "is not a moekit run folder" in capsys.readouterr().err

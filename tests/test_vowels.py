@@ -39,7 +39,16 @@ def test_quick_run_end_to_end(tmp_path, capsys):
         assert png.startswith(b"\x89PNG") and len(png) > 10_000, name
     report = (out / "report.html").read_text()
     assert "What this run reproduces" in report and "Step-size exploration" in report
-    assert report.count("data:image/png;base64,") == 5
+    # the 5 figures above, then the routing analysis of each saved mixture, all embedded
+    assert report.count("data:image/png;base64,") > 5 and "What the experts do" in report
+    assert "<img src=\"analysis/" not in report
+    # `moekit analyze` on the run folder re-analyses each saved mixture
+    assert main(["analyze", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "4_experts:" in printed and "8_experts:" in printed
+    stats = json.loads((out / "analysis" / "4_experts" / "analysis.json").read_text())
+    assert stats["rows"] == 400 and stats["expert_by_label"]["kind"] == "class"
+    assert stats["agreement"] is not None  # compared with the run's second saved mixture
     assert "Eq. 1, Eq. 2, Eq. 3" in report
 
 

@@ -19,13 +19,19 @@ __all__ = [
     "MoEOutput", "categorical_mixture_nll", "competitive_loss", "cooperative_loss", "mixture_loss",
     "mixture_nll", "responsibilities", "Callback", "TrainConfig", "TrainResult", "TrainState",
     "evaluate", "fit", "MixtureOfExpertsClassifier", "MixtureOfExpertsRegressor", "save_estimator",
-    "load_estimator",
+    "load_estimator", "record_routing", "routing_agreement", "RoutingHistory", "ablate_expert",
+    "force_expert", "scale_temperature", "expert_importance",
 ]
 
-# scikit-learn is imported only when an estimator is first asked for, so `import moekit` stays light.
+# scikit-learn is imported only when an estimator or the analysis is first asked for, so that
+# `import moekit` stays light.
 _LAZY = {"MixtureOfExpertsClassifier": "moekit.estimators",
          "MixtureOfExpertsRegressor": "moekit.estimators",
-         "save_estimator": "moekit.estimator_io", "load_estimator": "moekit.estimator_io"}
+         "save_estimator": "moekit.estimator_io", "load_estimator": "moekit.estimator_io",
+         "record_routing": "moekit.analysis", "routing_agreement": "moekit.analysis",
+         "RoutingHistory": "moekit.analysis", "ablate_expert": "moekit.interventions",
+         "force_expert": "moekit.interventions", "scale_temperature": "moekit.interventions",
+         "expert_importance": "moekit.interventions"}
 
 
 def __getattr__(name: str):

@@ -20,6 +20,7 @@ EPILOG = """examples:
   moekit fit data.csv --target label --experts auto --out runs/mine
   moekit predict runs/mine new.csv --proba --out predictions.csv
   moekit report runs/mine
+  moekit analyze runs/vowels       routing statistics, interventions and figures for each saved model
 """
 
 
@@ -240,6 +241,33 @@ def _run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_analyze(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "analyze", allow_abbrev=False, help="what each expert does: routing statistics, interventions",
+        description="Analyse the routing of every model in a `moekit vowels` or `moekit fit` run "
+                    "folder: loads, entropy, dead experts, expert by class, KL(h || p), agreement "
+                    "between runs, and the effect of removing or forcing each expert. Writes "
+                    "RUN/analysis/<model>/analysis.json and analysis.html.",
+        epilog="examples:\n  moekit analyze runs/vowels\n  moekit analyze runs/mine --data new.csv",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", metavar="RUN", help="the --out folder of `moekit vowels` or `moekit fit`")
+    p.add_argument("--data", help="for a `moekit fit` run: the CSV to analyse on (default: the "
+                                  "one it was fitted on)")
+    p.set_defaults(func=_run_analyze)
+
+
+def _run_analyze(args: argparse.Namespace) -> int:
+    from moekit.experiments.analyze import summary_sentences
+    from moekit.experiments.analyze_run import analyze_run
+
+    for model in analyze_run(args.run, args.data):
+        print(f"{model.name}:")
+        for sentence in summary_sentences(model.stats):
+            print(f"  {sentence}")
+        print(f"  Wrote {model.directory}/analysis.json and {model.directory}/analysis.html\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moekit", description="Mixtures of experts: fit, reproduce Jacobs et al. (1991), "
@@ -253,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit(subparsers)
     _add_predict(subparsers)
     _add_report(subparsers)
+    _add_analyze(subparsers)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""Figures for a mixture fitted to a user's table: learning curves, expert usage, gate regions.
+"""Figures for a mixture fitted to a user's table: learning curves and the gate's regions.
 
 Shape legend: N rows, E experts, G grid points.
 """
@@ -41,20 +41,6 @@ def plot_learning_curves(history: History) -> Figure:
         ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
-def plot_expert_usage(mean_proportion_E: np.ndarray, argmax_share_E: np.ndarray) -> Figure:
-    """For each expert: its mean mixing proportion and the share of rows where it has the most."""
-    n = len(mean_proportion_E)
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.8 * n + 2), 3.6))
-    at = np.arange(n)
-    ax.bar(at - 0.2, mean_proportion_E, 0.4, color="#0072B2", label="mean mixing proportion")
-    ax.bar(at + 0.2, argmax_share_E, 0.4, color="#E69F00", label="share of rows it leads")
-    ax.set(xticks=at, xticklabels=[f"expert {e}" for e in range(n)], ylabel="fraction of rows",
-           ylim=(0, 1), title="How much each expert is used")
-    ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -5,8 +5,10 @@ A run folder holds:
     model/          the fitted estimator (safetensors + config.json with feature names, classes,
                     scalers and the table's encoding)
     summary.json    the options, the data's shape, training and validation scores, expert loads
-    report.html     learning curves, expert usage, the gate's partition (2 features), expert by class
-    figures/        the report's figures as PNG files
+    report.html     learning curves, the gate's partition (2 features), and the routing analysis
+                    (expert loads, expert by class, interventions; moekit.experiments.analyze)
+    figures/        the report's own figures as PNG files
+    analysis/model/ the routing analysis: analysis.json, analysis.html and its figures
 """
 
 from __future__ import annotations
@@ -115,7 +117,7 @@ def run_fit(config: FitRunConfig) -> FitOutcome:
                                                "validation_rows": val.tolist()})}
     files["summary"] = out / SUMMARY_FILE
     write_text_atomic(files["summary"], json.dumps(summary, indent=2))
-    files["report"] = write_fit_report(out / REPORT_FILE, estimator, inputs, y, train, val, summary)
+    files["report"] = write_fit_report(out / REPORT_FILE, estimator, inputs, y, summary)
     return FitOutcome(summary, files)
 
 
@@ -185,7 +187,7 @@ def predict_run(run: Path | str, data: Path | str, *, proba: bool = False,
         known = ~pd.isna(y)
         if known.any():
             if prep.task == "classify":
-                y = _as_class_labels(y, estimator.classes_)
+                y = as_class_labels(y, estimator.classes_)
             score = float(estimator.score(inputs[known], y[known]))
     path = None
     if out is not None:
@@ -194,7 +196,7 @@ def predict_run(run: Path | str, data: Path | str, *, proba: bool = False,
     return PredictOutcome(predictions, score, score_name, path)
 
 
-def _as_class_labels(y: np.ndarray, classes: np.ndarray) -> np.ndarray:
+def as_class_labels(y: np.ndarray, classes: np.ndarray) -> np.ndarray:
     """Targets read back from a CSV in the dtype of the fitted classes (1 and 1.0 are one class)."""
     try:
         return y.astype(classes.dtype)
@@ -214,10 +216,10 @@ def report_run(run: Path | str, data: Path | str | None = None) -> Path:
         raise DataError(f"{str(data)!r} has no target column {prep.target!r}; the report needs it.")
     y = frame[prep.target].to_numpy()[kept]
     if prep.task == "classify":
-        y = _as_class_labels(y, estimator.classes_)
+        y = as_class_labels(y, estimator.classes_)
     inputs = pd.DataFrame(X, columns=prep.input_names)
     val = np.asarray(estimator.metadata_.get("validation_rows", []), dtype=int)
     val = val[val < len(y)]
     train = np.setdiff1d(np.arange(len(y)), val)
     summary = {**summary, **summarize(estimator, inputs, y, train, val, prep), "data": str(data)}
-    return write_fit_report(Path(run) / REPORT_FILE, estimator, inputs, y, train, val, summary)
+    return write_fit_report(Path(run) / REPORT_FILE, estimator, inputs, y, summary)

@@ -271,9 +271,7 @@ def _write_html(outcome: VowelsOutcome, results: list[SystemResult], path: Path)
     figures = "".join(figure(p, _caption(k)) for k, p in outcome.files.items() if p.suffix == ".png")
     sections.append(Section("Figures", figures))
     for name, stats in outcome.analyses.items():
-        # Linked, not embedded: each model's analysis.html is the self-contained copy.
         sections += analysis_sections(stats, path.parent / ANALYSIS_DIR / name,
-                                      heading=f"What the experts do ({name.replace('_', ' ')})",
-                                      embed_figures=False, link_from=path.parent)
+                                      heading=f"What the experts do ({name.replace('_', ' ')})")
     return write_report(path, "moekit vowels: Jacobs et al. (1991), Table 1 and Figures 2-3",
                         sections)

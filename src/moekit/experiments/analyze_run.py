@@ -1,0 +1,79 @@
+"""`moekit analyze RUN`: the routing analysis of a run folder, whichever command made it.
+
+A `moekit vowels` folder lists its saved mixtures in results.json; a `moekit fit` folder holds one
+fitted estimator and names the CSV it was fitted on. Either way each model is analysed with
+:func:`moekit.experiments.analyze.analyze_input` into ``RUN/analysis/<name>/`` (analysis.json,
+analysis.html and the figures).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from moekit.experiments.analyze import AnalysisInput, analyze_input, estimator_input
+from moekit.experiments.fit_report import ANALYSIS_DIR
+from moekit.experiments.fit_run import SUMMARY_FILE, as_class_labels, load_run
+from moekit.experiments.vowels_run import load_vowels_run
+from moekit.tabular import DataError, read_csv
+
+
+@dataclass(frozen=True)
+class AnalyzedModel:
+    name: str
+    stats: dict[str, Any]
+    directory: Path
+
+
+def run_kind(run: Path) -> str:
+    """'vowels' or 'fit', from the files the folder holds."""
+    if not run.is_dir():
+        raise DataError(f"no run folder at {str(run)!r}; give the --out folder of `moekit vowels` "
+                        "or `moekit fit`.")
+    results = run / "results.json"
+    if results.is_file() and "analysis" in json.loads(results.read_text(encoding="utf-8")):
+        return "vowels"
+    if (run / "model").is_dir() and (run / SUMMARY_FILE).is_file():
+        return "fit"
+    raise DataError(f"{str(run)!r} is not a moekit run folder: it has neither a results.json "
+                    "listing saved models (`moekit vowels`) nor model/ and summary.json "
+                    "(`moekit fit`).")
+
+
+def fit_run_input(run: Path, data: Path | str | None = None) -> AnalysisInput:
+    """The fitted estimator of a `moekit fit` run and its data (the CSV it was fitted on, or
+    ``data``), as an :class:`AnalysisInput`."""
+    estimator, prep, summary = load_run(run)
+    source = data or summary.get("data")
+    if source is None:
+        raise DataError(f"{str(run)!r} does not record its data file; pass --data DATA.csv.")
+    frame = read_csv(source)
+    X, kept = prep.transform(frame)
+    y = None
+    if prep.target in frame.columns:
+        y = frame[prep.target].to_numpy()[kept]
+        if prep.task == "classify":
+            y = as_class_labels(y, estimator.classes_)
+    return estimator_input(estimator, pd.DataFrame(X, columns=prep.input_names), y, name="model",
+                           feature_names=prep.input_names, target_name=prep.target,
+                           description=f"The mixture of `moekit fit` on {Path(str(source)).name}"
+                                       f" ({len(kept)} rows; inputs standardised as in fitting).")
+
+
+def analyze_run(run: Path | str, data: Path | str | None = None) -> list[AnalyzedModel]:
+    """Analyse every model of a run folder into ``RUN/analysis/``; returns their statistics."""
+    run = Path(run)
+    kind = run_kind(run)
+    if kind == "vowels":
+        if data is not None:
+            raise DataError("--data applies to `moekit fit` runs; a vowels run is analysed on the "
+                            "vowel data it was trained on.")
+        items = load_vowels_run(run)
+    else:
+        items = [fit_run_input(run, data)]
+    out = run / ANALYSIS_DIR
+    return [AnalyzedModel(item.name, analyze_input(item, out), out / item.name) for item in items]
