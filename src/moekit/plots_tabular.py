@@ -16,14 +16,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from moekit.history import History
-
-# Okabe & Ito's colour-blind-safe palette, black last.
-OKABE_ITO = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000")
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
-
-
-def expert_color(e: int) -> str:
-    return OKABE_ITO[e % len(OKABE_ITO)]
+from moekit.plots import CLASS_MARKERS, expert_colors
 
 
 def plot_learning_curves(history: History) -> Figure:
@@ -59,16 +52,17 @@ def plot_gate_regions(gate_proba: Callable[[np.ndarray], np.ndarray], x_N2: np.n
     leader = p_GE.argmax(1).reshape(g0.shape)
     confidence = p_GE.max(1).reshape(g0.shape)
     fig, ax = plt.subplots(figsize=(6.6, 5.2))
-    cmap = ListedColormap([expert_color(e) for e in range(n_experts)])
+    colors = expert_colors(n_experts)  # the same colour per expert as every other moekit figure
+    cmap = ListedColormap(colors)
     ax.pcolormesh(g0, g1, leader, cmap=cmap, vmin=-0.5, vmax=n_experts - 0.5, shading="auto",
                   alpha=0.25 + 0.35 * (confidence - confidence.min()) / (np.ptp(confidence) + 1e-12))
     ax.contour(g0, g1, leader, levels=np.arange(n_experts) + 0.5, colors="k", linewidths=1.2)
     for i, label in enumerate(np.unique(labels_N)):
         rows = labels_N == label
-        ax.scatter(x_N2[rows, 0], x_N2[rows, 1], s=14, marker=MARKERS[i % len(MARKERS)],
+        ax.scatter(x_N2[rows, 0], x_N2[rows, 1], s=14, marker=CLASS_MARKERS[i % len(CLASS_MARKERS)],
                    facecolor="white", edgecolor="k", linewidths=0.6, label=str(label))
     for e in range(n_experts):
-        ax.scatter([], [], marker="s", s=60, color=expert_color(e), label=f"expert {e} region")
+        ax.scatter([], [], marker="s", s=60, color=colors[e], label=f"expert {e} region")
     ax.set(xlabel=axis_labels[0], ylabel=axis_labels[1],
            title="The gate's partition (colour: leading expert; black: its boundaries)")
     ax.legend(fontsize=7, loc="best", framealpha=0.85, ncol=2)
