@@ -1,5 +1,6 @@
 """The estimators against scikit-learn's own conformance checks."""
 
+import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from moekit.estimators import MixtureOfExpertsClassifier, MixtureOfExpertsRegressor
@@ -14,4 +15,13 @@ EXPECTED_FAILED_CHECKS: dict[str, dict[str, str]] = {}
     expected_failed_checks=lambda est: EXPECTED_FAILED_CHECKS.get(type(est).__name__, {}),
 )
 def test_sklearn_contract(estimator, check):
+    check(estimator)
+
+
+@pytest.mark.slow
+@parametrize_with_checks(
+    [MixtureOfExpertsClassifier(random_state=0), MixtureOfExpertsRegressor(random_state=0)],
+    expected_failed_checks=lambda est: EXPECTED_FAILED_CHECKS.get(type(est).__name__, {}),
+)
+def test_sklearn_contract_with_default_parameters(estimator, check):
     check(estimator)
