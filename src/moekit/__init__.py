@@ -6,6 +6,9 @@
 from moekit._version import __version__
 from moekit.experts import ExpertConfig, LinearExperts, MLPExperts
 from moekit.gates import GateConfig, RouterConfig, Routing, SoftmaxGate
+from moekit.em import EMConfig, EMResult, fit_em
+from moekit.gaussian_gate import GaussianGate, LocalizedMixtureOfExperts
+from moekit.hme import HierarchicalMixtureOfExperts, HMEConfig
 from moekit.history import History
 from moekit.io import load_model, save_model
 from moekit.layers import MixtureOfExperts, MoEConfig, MoEOutput, SparseMoE, SparseMoEConfig
@@ -18,7 +21,9 @@ __all__ = [
     "SoftmaxGate", "RouterConfig", "SparseMoE", "SparseMoEConfig", "History", "load_model", "save_model", "MixtureOfExperts", "MoEConfig",
     "MoEOutput", "categorical_mixture_nll", "competitive_loss", "cooperative_loss", "mixture_loss",
     "mixture_nll", "responsibilities", "Callback", "TrainConfig", "TrainResult", "TrainState",
-    "evaluate", "fit", "MixtureOfExpertsClassifier", "MixtureOfExpertsRegressor", "save_estimator",
+    "evaluate", "fit", "EMConfig", "EMResult", "fit_em", "GaussianGate",
+    "LocalizedMixtureOfExperts", "HierarchicalMixtureOfExperts", "HMEConfig",
+    "MixtureOfExpertsClassifier", "MixtureOfExpertsRegressor", "save_estimator",
     "load_estimator", "record_routing", "routing_agreement", "RoutingHistory", "ablate_expert",
     "force_expert", "scale_temperature", "expert_importance",
 ]

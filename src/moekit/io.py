@@ -28,6 +28,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from moekit._version import __version__
+from moekit.gaussian_gate import LocalizedMixtureOfExperts
+from moekit.hme import HierarchicalMixtureOfExperts
 from moekit.layers import MixtureOfExperts, SparseMoE
 
 FORMAT = "moekit-model"
@@ -35,8 +37,9 @@ FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 # Classes save_model can write; each has ``config``, ``config_class`` and ``from_config``.
-MODEL_CLASSES: dict[str, type[nn.Module]] = {"MixtureOfExperts": MixtureOfExperts,
-                                              "SparseMoE": SparseMoE}
+MODEL_CLASSES: dict[str, type[nn.Module]] = {
+    cls.__name__: cls for cls in (MixtureOfExperts, SparseMoE, HierarchicalMixtureOfExperts,
+                                  LocalizedMixtureOfExperts)}
 
 
 @contextmanager

@@ -1,0 +1,262 @@
+"""The localized (Gaussian) gate of Xu, Jordan & Hinton (1995), and a flat mixture that uses it.
+
+Shape legend: N rows, D input features, O outputs, E experts.
+
+    g_j(x) = a_j N(x | m_j, S_j) / sum_i a_i N(x | m_i, S_i)
+
+Each expert owns a Gaussian region of the input space: a_j is its prior share (a softmax of
+``mix_logits_E``), m_j its centre, S_j its covariance, full (stored as a Cholesky factor with a log
+diagonal, so any value of the parameters is a valid covariance) or diagonal (a log standard
+deviation per feature). The gate is the posterior of a Gaussian mixture over x; the model behind it
+is the joint p(x, y) = sum_j a_j N(x | m_j, S_j) P_j(y | x), so EM's gate M-step is analytic, with
+no step size: a_j, m_j and S_j are the h-weighted share, mean and covariance
+(:func:`gaussian_gate_m_step`).
+
+:class:`LocalizedMixtureOfExperts` is the flat mixture with this gate. It returns the same
+:class:`~moekit.layers.MoEOutput` as :class:`~moekit.layers.MixtureOfExperts`, so it trains by
+gradient with ``moekit.fit`` (on the conditional likelihood) and by EM with
+:func:`moekit.em.fit_em` (on the joint likelihood).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from moekit._checks import check_choice, check_int, check_matrix
+from moekit.experts import ExpertConfig, apply_head
+from moekit.gates import Routing
+from moekit.layers import MoEOutput, combine
+
+COVARIANCES = ("full", "diag")
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def gaussian_log_density(x_ND: Tensor, means_ED: Tensor, scale_tril_EDD: Tensor) -> Tensor:
+    """log N(x_n | m_e, L_e L_e^T) for every row and component, (N, E).
+
+    ``scale_tril_EDD`` holds lower-triangular Cholesky factors L_e with a positive diagonal.
+
+    Example:
+        >>> eye = torch.eye(2).expand(1, 2, 2)
+        >>> gaussian_log_density(torch.zeros(1, 2), torch.zeros(1, 2), eye)  # -log(2 pi)
+        tensor([[-1.8379]])
+    """
+    diff_EDN = (x_ND.unsqueeze(0) - means_ED.unsqueeze(1)).transpose(1, 2)
+    z_EDN = torch.linalg.solve_triangular(scale_tril_EDD, diff_EDN, upper=False)
+    log_det_E = 2.0 * scale_tril_EDD.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    maha_NE = z_EDN.square().sum(1).T
+    return -0.5 * (x_ND.shape[1] * LOG_2PI + log_det_E + maha_NE)
+
+
+@dataclass(frozen=True)
+class GaussianGateParams:
+    """The gate's parameters in closed form: shares a_E, means m_ED and covariances (E, D, D)."""
+
+    log_shares_E: Tensor
+    means_ED: Tensor
+    covariances_EDD: Tensor
+
+
+def gaussian_gate_m_step(x_ND: Tensor, h_NE: Tensor, old: GaussianGateParams, *,
+                         covariance: str = "full", floor: float = 0.0) -> GaussianGateParams:
+    """The gate's exact M-step (Xu, Jordan & Hinton 1995): maximise sum_n sum_j h_nj
+    log(a_j N(x_n | m_j, S_j)) over a, m, S, with every eigenvalue of S_j at least ``floor``.
+
+    a_j = mean_n h_nj; m_j = the h-weighted mean of x; S_j = the h-weighted covariance, its
+    eigenvalues clipped at ``floor`` (the exact maximiser under that constraint; for 'diag' the
+    weighted variances clipped). A component whose posterior mass is zero keeps its old m_j and S_j.
+
+    Example:
+        >>> x = torch.tensor([[0.0], [2.0], [10.0]], dtype=torch.float64)
+        >>> h = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+        >>> old = GaussianGateParams(torch.zeros(2), torch.zeros(2, 1), torch.ones(2, 1, 1))
+        >>> new = gaussian_gate_m_step(x, h, old, floor=1e-3)
+        >>> new.log_shares_E.exp().tolist(), new.means_ED.flatten().tolist()
+        ([0.6666666666666666, 0.3333333333333333], [1.0, 10.0])
+        >>> new.covariances_EDD.flatten().tolist()  # (0 - 1)^2 and (2 - 1)^2 averaged; one point
+        [1.0, 0.001]
+    """
+    check_choice("gaussian_gate_m_step", "covariance", covariance, COVARIANCES)
+    mass_E = h_NE.sum(0)
+    alive_E = mass_E > 1e-12 * max(float(mass_E.sum()), 1e-300)
+    safe_E = torch.where(alive_E, mass_E, torch.ones_like(mass_E))
+    log_shares_E = (mass_E.clamp_min(1e-300) / mass_E.sum()).log()
+    means_ED = torch.where(alive_E[:, None], (h_NE.T @ x_ND) / safe_E[:, None], old.means_ED)
+    diff_END = x_ND.unsqueeze(0) - means_ED.unsqueeze(1)
+    weighted_END = diff_END * (h_NE.T / safe_E[:, None]).unsqueeze(-1)
+    if covariance == "diag":
+        var_ED = (weighted_END * diff_END).sum(1).clamp_min(floor)
+        cov_EDD = torch.diag_embed(var_ED)
+    else:
+        cov_EDD = weighted_END.transpose(1, 2) @ diff_END
+        cov_EDD = 0.5 * (cov_EDD + cov_EDD.transpose(1, 2))
+        eigvals_ED, eigvecs_EDD = torch.linalg.eigh(cov_EDD)
+        clipped_EDD = eigvecs_EDD * eigvals_ED.clamp_min(floor).unsqueeze(1)
+        cov_EDD = clipped_EDD @ eigvecs_EDD.transpose(1, 2)
+        cov_EDD = 0.5 * (cov_EDD + cov_EDD.transpose(1, 2))
+    cov_EDD = torch.where(alive_E[:, None, None], cov_EDD, old.covariances_EDD)
+    return GaussianGateParams(log_shares_E, means_ED, cov_EDD)
+
+
+class GaussianGate(nn.Module):
+    """The localized gate of Xu, Jordan & Hinton (1995): g_j(x) = a_j N(x|m_j,S_j) / sum_i (...).
+
+    Returns a dense :class:`~moekit.gates.Routing` whose ``logits_NE`` are log(a_j N(x|m_j,S_j))
+    (a softmax of them is the gate); :meth:`input_log_density` is log p(x), their logsumexp.
+
+    Args:
+        in_features: D. n_experts: E.
+        covariance: 'full' or 'diag'.
+        generator: draws the initial means, N(0, 1) per feature; the covariances start at the
+            identity and the shares equal. :meth:`reset_from_data` places them on the data instead.
+
+    Example:
+        >>> gate = GaussianGate(2, 3, generator=torch.Generator().manual_seed(0))
+        >>> gate(torch.zeros(4, 2)).probs_NE.sum(-1)
+        tensor([1., 1., 1., 1.], grad_fn=<SumBackward1>)
+    """
+
+    def __init__(self, in_features: int, n_experts: int, *, covariance: str = "full",
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.in_features = check_int("GaussianGate", "in_features", in_features, minimum=1)
+        self.n_experts = check_int("GaussianGate", "n_experts", n_experts, minimum=1)
+        self.covariance = check_choice("GaussianGate", "covariance", covariance, COVARIANCES)
+        self.mix_logits_E = nn.Parameter(torch.zeros(n_experts))
+        self.means_ED = nn.Parameter(torch.empty(n_experts, in_features))
+        self.log_diag_ED = nn.Parameter(torch.zeros(n_experts, in_features))
+        if covariance == "full":
+            self.tril_EDD = nn.Parameter(torch.zeros(n_experts, in_features, in_features))
+        with torch.no_grad():
+            self.means_ED.normal_(generator=generator)
+
+    def scale_tril(self) -> Tensor:
+        """The Cholesky factors L_j of S_j = L_j L_j^T, (E, D, D)."""
+        diag_EDD = torch.diag_embed(self.log_diag_ED.exp())
+        if self.covariance == "diag":
+            return diag_EDD
+        return torch.tril(self.tril_EDD, diagonal=-1) + diag_EDD
+
+    def covariances(self) -> Tensor:
+        """S_j, (E, D, D)."""
+        scale_EDD = self.scale_tril()
+        return scale_EDD @ scale_EDD.transpose(1, 2)
+
+    def params(self, dtype: torch.dtype | None = None) -> GaussianGateParams:
+        """The current log shares, means and covariances, detached (in ``dtype`` if given)."""
+        with torch.no_grad():
+            return GaussianGateParams(*(t.to(dtype or t.dtype).clone() for t in (
+                torch.log_softmax(self.mix_logits_E, -1), self.means_ED, self.covariances())))
+
+    @torch.no_grad()
+    def set_params(self, params: GaussianGateParams) -> None:
+        """Set a, m, S (e.g. from an M-step); S is stored through its Cholesky factor."""
+        scale_EDD = torch.linalg.cholesky(params.covariances_EDD.to(self.means_ED.dtype))
+        self.mix_logits_E.copy_(params.log_shares_E)
+        self.means_ED.copy_(params.means_ED)
+        self.log_diag_ED.copy_(scale_EDD.diagonal(dim1=-2, dim2=-1).log())
+        if self.covariance == "full":
+            self.tril_EDD.copy_(torch.tril(scale_EDD, diagonal=-1))
+
+    @torch.no_grad()
+    def reset_from_data(self, x_ND: Tensor, generator: torch.Generator | None = None) -> None:
+        """Centre the components on E distinct random rows of x, each with the covariance of x (or
+        its diagonal), equal shares: the usual start of EM for a Gaussian mixture."""
+        check_matrix("GaussianGate", "x", x_ND, n_columns=self.in_features)
+        rows = torch.randperm(x_ND.shape[0], generator=generator)[: self.n_experts]
+        rows = rows.repeat(-(-self.n_experts // rows.numel()))[: self.n_experts]
+        centred_ND = x_ND - x_ND.mean(0)
+        cov_DD = centred_ND.T @ centred_ND / max(x_ND.shape[0], 1)
+        if self.covariance == "diag":
+            cov_DD = torch.diag(cov_DD.diagonal())
+        scale = float(cov_DD.diagonal().mean()) if cov_DD.numel() else 1.0
+        cov_DD = cov_DD + 1e-6 * max(scale, 1e-12) * torch.eye(self.in_features, dtype=x_ND.dtype)
+        self.set_params(GaussianGateParams(
+            torch.full((self.n_experts,), -math.log(self.n_experts), dtype=x_ND.dtype),
+            x_ND[rows], cov_DD.expand(self.n_experts, -1, -1)))
+
+    def log_joint(self, x_ND: Tensor) -> Tensor:
+        """log(a_j N(x_n | m_j, S_j)), (N, E)."""
+        log_shares_E = torch.log_softmax(self.mix_logits_E, dim=-1)
+        return log_shares_E + gaussian_log_density(x_ND, self.means_ED, self.scale_tril())
+
+    def input_log_density(self, x_ND: Tensor) -> Tensor:
+        """log p(x_n) under the gate's Gaussian mixture, (N,)."""
+        return torch.logsumexp(self.log_joint(x_ND), dim=-1)
+
+    def forward(self, x_ND: Tensor) -> Routing:
+        logits_NE = self.log_joint(x_ND)
+        probs_NE = torch.softmax(logits_NE, dim=-1)
+        experts_NE = torch.arange(self.n_experts, device=x_ND.device).expand(x_ND.shape[0], -1)
+        return Routing(weights_NK=probs_NE, experts_NK=experts_NE, probs_NE=probs_NE,
+                       logits_NE=logits_NE, dense=True)
+
+
+@dataclass(frozen=True)
+class LocalizedMoEConfig:
+    """Everything needed to rebuild a :class:`LocalizedMixtureOfExperts`."""
+
+    in_features: int
+    out_features: int
+    n_experts: int
+    expert: ExpertConfig = field(default_factory=ExpertConfig)
+    covariance: str = "full"
+
+    def __post_init__(self) -> None:
+        owner = "LocalizedMixtureOfExperts"
+        check_int(owner, "in_features", self.in_features, minimum=1)
+        check_int(owner, "out_features", self.out_features, minimum=1)
+        check_int(owner, "n_experts", self.n_experts, minimum=1)
+        check_choice(owner, "covariance", self.covariance, COVARIANCES)
+
+
+class LocalizedMixtureOfExperts(nn.Module):
+    """A flat mixture of experts with the localized Gaussian gate of Xu, Jordan & Hinton (1995).
+
+    Args:
+        in_features: D. out_features: O. n_experts: E.
+        expert: an :class:`ExpertConfig` (EM needs linear experts; identity or softmax head).
+        covariance: the gate's covariances, 'full' or 'diag'.
+        generator: the random generator for the initial weights.
+
+    Example:
+        >>> moe = LocalizedMixtureOfExperts(2, 1, 3, generator=torch.Generator().manual_seed(0))
+        >>> out = moe(torch.randn(5, 2))
+        >>> out.output.shape, out.routing.probs_NE.shape
+        (torch.Size([5, 1]), torch.Size([5, 3]))
+    """
+
+    config_class = LocalizedMoEConfig
+
+    def __init__(self, in_features: int, out_features: int, n_experts: int, *,
+                 expert: ExpertConfig | None = None, covariance: str = "full",
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.config = LocalizedMoEConfig(in_features, out_features, n_experts,
+                                         expert=expert or ExpertConfig(), covariance=covariance)
+        self.gate = GaussianGate(in_features, n_experts, covariance=covariance, generator=generator)
+        self.experts = self.config.expert.build(in_features, out_features, n_experts,
+                                                generator=generator)
+
+    @classmethod
+    def from_config(cls, config: LocalizedMoEConfig, *, generator: torch.Generator | None = None
+                    ) -> LocalizedMixtureOfExperts:
+        return cls(config.in_features, config.out_features, config.n_experts, expert=config.expert,
+                   covariance=config.covariance, generator=generator)
+
+    @property
+    def head(self) -> str:
+        return self.config.expert.head
+
+    def forward(self, x_ND: Tensor) -> MoEOutput:
+        check_matrix("LocalizedMixtureOfExperts", "x", x_ND, n_columns=self.config.in_features)
+        routing = self.gate(x_ND)
+        logits_NEO = self.experts(x_ND)
+        outputs_NEO = apply_head(self.head, logits_NEO)
+        return MoEOutput(output=combine(routing, outputs_NEO), routing=routing,
+                         aux_loss=x_ND.new_zeros(()), expert_outputs=outputs_NEO,
+                         expert_logits=logits_NEO)
