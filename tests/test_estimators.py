@@ -176,3 +176,47 @@ def test_import_moekit_does_not_import_sklearn_until_an_estimator_is_asked_for()
             "assert moekit.MixtureOfExpertsRegressor.__name__ == 'MixtureOfExpertsRegressor'; "
             "assert 'sklearn' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("gate", ["softmax", "gaussian"])
+def test_em_solver_fits_in_few_iterations_with_a_monotone_likelihood(iris, gate):
+    X, y = iris
+    clf = MixtureOfExpertsClassifier(n_experts=3, solver="em", gate=gate, max_epochs=60,
+                                     random_state=0).fit(X, y)
+    assert clf.score(X, y) > 0.95 and clf.n_iter_ <= 60
+    log_lik = clf.history_[:, "log_likelihood"]
+    assert all(b >= a - 1e-12 for a, b in zip(log_lik, log_lik[1:]))
+    Xr, yr = piecewise()
+    reg = MixtureOfExpertsRegressor(n_experts=2, solver="em", gate=gate, random_state=0).fit(Xr, yr)
+    assert reg.score(Xr, yr) > 0.99 and reg.expert_variance_.shape == (2,)
+
+
+def test_em_round_trips_through_a_model_folder(tmp_path):
+    from moekit.estimator_io import load_estimator, save_estimator
+
+    X, y = piecewise()
+    reg = MixtureOfExpertsRegressor(n_experts=2, solver="em", gate="gaussian", random_state=0).fit(X, y)
+    again = load_estimator(save_estimator(reg, tmp_path / "m"))
+    np.testing.assert_array_equal(again.predict(X), reg.predict(X))
+    np.testing.assert_array_equal(again.expert_variance_, reg.expert_variance_)
+
+
+@pytest.mark.parametrize("params, match", [
+    ({"gate": "gaussian"}, "gate='gaussian' .* is fitted by EM; got solver='adam'. Pass solver='em'"),
+    ({"solver": "em", "expert": "mlp"}, "solver='em' needs expert='linear'; got expert='mlp'"),
+    ({"solver": "em", "loss": "competitive"}, "solver='em' needs loss='nll'; got loss='competitive'"),
+    ({"solver": "em", "early_stopping": True}, "solver='em' needs early_stopping=False"),
+])
+def test_em_refuses_what_it_cannot_honour(iris, params, match):
+    X, y = iris
+    with pytest.raises(ValueError, match=match):
+        MixtureOfExpertsClassifier(**params).fit(X, y)
+
+
+def test_em_partial_fit_takes_one_em_iteration_per_call(iris):
+    X, y = iris
+    clf = MixtureOfExpertsClassifier(n_experts=2, solver="em", random_state=0)
+    for _ in range(4):
+        clf.partial_fit(X, y, classes=[0, 1, 2])
+    log_lik = clf.history_[:, "log_likelihood"]
+    assert clf.n_iter_ == 4 and log_lik[-1] > log_lik[0]

@@ -11,7 +11,10 @@ EXPECTED_FAILED_CHECKS: dict[str, dict[str, str]] = {}
 
 @parametrize_with_checks(
     [MixtureOfExpertsClassifier(n_experts=2, max_epochs=100, random_state=0),
-     MixtureOfExpertsRegressor(n_experts=2, max_epochs=100, random_state=0)],
+     MixtureOfExpertsRegressor(n_experts=2, max_epochs=100, random_state=0),
+     MixtureOfExpertsClassifier(n_experts=2, solver="em", max_epochs=30, random_state=0),
+     MixtureOfExpertsRegressor(n_experts=2, solver="em", gate="gaussian", max_epochs=30,
+                               random_state=0)],
     expected_failed_checks=lambda est: EXPECTED_FAILED_CHECKS.get(type(est).__name__, {}),
 )
 def test_sklearn_contract(estimator, check):

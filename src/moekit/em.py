@@ -16,7 +16,7 @@ fall, else not taken); the Gaussian gate analytically (:func:`gaussian_gate.gaus
 No M-step lowers Q, so the log-likelihood never falls (generalised EM): the conditional
 sum_n log p(y_n | x_n) with softmax gates; with the Gaussian gate, the joint log p(x_n, y_n) its EM
 maximises (the conditional one is recorded too). An iteration whose log-likelihood falls is not
-kept: within rounding that is convergence; beyond it, a warning.
+kept: within rounding (1e-9 of the mean log-likelihood) that is convergence; beyond it, a warning.
 
 ``passes`` counts sweeps over the training rows that evaluate the model: one per E-step, one per
 Newton trial (experts and gates apart); forming normal equations, a Newton system or the Gaussian
@@ -424,7 +424,7 @@ def fit_em(model: nn.Module, x: Tensor, y: Tensor, config: EMConfig | None = Non
         old_ll, new_ll = previous["log_likelihood"], new_ev.log_lik_N.mean().item()
         passes += p + 1
         if not new_ll >= old_ll:  # keep the previous parameters
-            stop_reason = ("converged" if new_ll >= old_ll - 1e-12 * (1.0 + abs(old_ll))
+            stop_reason = ("converged" if new_ll >= old_ll - 1e-9 * (1.0 + abs(old_ll))
                            else "likelihood_decreased")
             if stop_reason != "converged":
                 warnings.warn(f"fit_em: the log-likelihood fell from {old_ll:.12g} to "

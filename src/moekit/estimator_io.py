@@ -65,6 +65,8 @@ def save_estimator(estimator: Any, directory: Path | str, *,
     else:
         state.update(y_scaler=_scaler_to_dict(estimator.y_scaler_), y_1d=bool(estimator._y_1d),
                      n_outputs=int(estimator.n_outputs_))
+        if hasattr(estimator, "expert_variance_"):
+            state["expert_variance"] = estimator.expert_variance_.tolist()
     return save_model(estimator.model_, directory, metadata={**(metadata or {}), "sklearn": state})
 
 
@@ -94,6 +96,8 @@ def load_estimator(directory: Path | str) -> Any:
         else:
             estimator.y_scaler_ = _scaler_from_dict(state["y_scaler"])
             estimator._y_1d, estimator.n_outputs_ = state["y_1d"], state["n_outputs"]
+            if "expert_variance" in state:
+                estimator.expert_variance_ = np.asarray(state["expert_variance"])
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"load_estimator: the estimator record in {str(directory)!r} is "
                          f"incomplete or corrupted ({err!r}).") from err

@@ -29,7 +29,9 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
+from moekit.em import EMConfig, fit_em
 from moekit.experts import ExpertConfig
+from moekit.gaussian_gate import LocalizedMixtureOfExperts
 from moekit.history import History
 from moekit.layers import MixtureOfExperts
 from moekit.training import (
@@ -49,7 +51,7 @@ SOLVERS = {"gd": "sgd", "adam": "adam", "lbfgs": "lbfgs"}
 
 
 class _KeepBest(Callback):
-    """Remember the weights of the epoch with the best validation loss and restore them at the end."""
+    """Remember the weights of the epoch with the best validation loss; restore them at the end."""
 
     def __init__(self) -> None:
         self.best_loss = math.inf
@@ -73,9 +75,9 @@ class _MixtureEstimator(BaseEstimator):
         "n_experts": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "expert": [StrOptions({"linear", "mlp"})],
         "expert_hidden": [Interval(Integral, 1, None, closed="left")],
-        "gate": [StrOptions({"softmax"})],
+        "gate": [StrOptions({"softmax", "gaussian"})],
         "loss": [StrOptions(LOSSES)],
-        "solver": [StrOptions(set(SOLVERS))],
+        "solver": [StrOptions({*SOLVERS, "em"})],
         "max_epochs": [Interval(Integral, 1, None, closed="left")],
         "lr": [Interval(Real, 0, None, closed="neither")],
         "batch_size": [Interval(Integral, 1, None, closed="left"), None],
@@ -93,9 +95,10 @@ class _MixtureEstimator(BaseEstimator):
     def __init__(self, *, n_experts: int | str = 4, expert: str = "linear", expert_hidden: int = 16,
                  gate: str = "softmax", loss: str = "nll", solver: str = "adam",
                  max_epochs: int = 500, lr: float = 0.05, batch_size: int | None = None,
-                 alpha: float = 1e-2, tol: float = 1e-4, n_iter_no_change: int = 10, early_stopping: bool = False,
-                 validation_fraction: float = 0.1, auto_candidates: tuple[int, ...] = (1, 2, 3, 4, 6, 8),
-                 auto_criterion: str = "bic", random_state: int | np.random.RandomState | None = None,
+                 alpha: float = 1e-2, tol: float = 1e-4, n_iter_no_change: int = 10,
+                 early_stopping: bool = False, validation_fraction: float = 0.1,
+                 auto_candidates: tuple[int, ...] = (1, 2, 3, 4, 6, 8), auto_criterion: str = "bic",
+                 random_state: int | np.random.RandomState | None = None,
                  verbose: int = 0) -> None:
         self.n_experts = n_experts
         self.expert = expert
@@ -138,6 +141,7 @@ class _MixtureEstimator(BaseEstimator):
     def fit(self, X: Any, y: Any) -> _MixtureEstimator:
         """Fit the mixture to X (N, D) and y; returns self."""
         self._validate_params()
+        self._check_solver()
         X, y = self._validate_y(X, y, reset=True)
         t = self._encode_targets(y, reset=True)
         self._check_enough_rows(X.shape[0])
@@ -149,27 +153,35 @@ class _MixtureEstimator(BaseEstimator):
         else:
             self.n_experts_, self.n_experts_curve_ = self.n_experts, None
         self.model_, result = self._train(x_ND, t, self.n_experts_, seed)
-        self.history_, self.n_iter_, self.stop_reason_ = result.history, result.epochs, result.stop_reason
+        self.history_, self.stop_reason_ = result.history, result.stop_reason
+        self.n_iter_ = result.n_iter if self.solver == "em" else result.epochs
+        if self.solver == "em" and result.variance_E is not None:
+            self.expert_variance_ = result.variance_E.numpy()  # in standardised target units
         self._optimizer, self._generator = None, torch.Generator().manual_seed(seed)
         return self
 
     def partial_fit(self, X: Any, y: Any, classes: Any = None) -> _MixtureEstimator:
         """One pass over (X, y), continuing from the current weights; returns self.
 
-        The first call builds the model and fits the input scaler on its batch; a classifier's
-        first call needs ``classes``, every class that any batch will hold.
+        A pass is one epoch of the gradient solver, or one EM iteration on this batch for
+        solver='em'. The first call builds the model and fits the input scaler on its batch; a
+        classifier's first call needs ``classes``, every class that any batch will hold.
         """
         first = not hasattr(self, "model_")
         if first:
             self._validate_params()
+            self._check_solver()
             if self.n_experts == "auto":
                 raise ValueError(f"{type(self).__name__}: partial_fit needs a fixed number of "
-                                 "experts; got n_experts='auto'. Pass an integer, e.g. n_experts=4.")
+                                 "experts; got n_experts='auto'. Pass an integer, e.g. "
+                                 "n_experts=4.")
             if is_classifier(self) and classes is None:
                 raise ValueError(f"{type(self).__name__}: the first call to partial_fit needs "
-                                 "classes, every class any batch will hold; e.g. classes=[0, 1, 2].")
+                                 "classes, every class any batch will hold; e.g. "
+                                 "classes=[0, 1, 2].")
         X, y = self._validate_y(X, y, reset=first)
         t = self._encode_targets(y, reset=first, classes=classes)
+        seed = 0
         if first:
             seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
             self.scaler_ = StandardScaler().fit(X)
@@ -177,6 +189,17 @@ class _MixtureEstimator(BaseEstimator):
             self.n_experts_, self.n_experts_curve_ = self.n_experts, None
             self.history_, self.n_iter_, self.stop_reason_ = History(), 0, "partial_fit"
             self._generator = torch.Generator().manual_seed(seed)
+        x_ND = self._to_tensor(X)
+        if self.solver == "em":
+            config = self._em_config(seed, max_iter=1, init="data" if first else "model")
+            record = fit_em(self.model_, x_ND, self._target_tensor(t), config).history[-1]
+        else:
+            record = self._gradient_pass(x_ND, t)
+        self.n_iter_ += 1
+        self.history_.append({**record, "epoch": self.n_iter_})
+        return self
+
+    def _gradient_pass(self, x_ND: torch.Tensor, t: np.ndarray) -> dict[str, float]:
         config = self._train_config(0, max_epochs=1)
         if getattr(self, "_optimizer", None) is None:
             self._optimizer = make_optimizer(self.model_, config)
@@ -184,12 +207,32 @@ class _MixtureEstimator(BaseEstimator):
             self._generator = torch.Generator().manual_seed(0)
         targets = prepare_targets(type(self).__name__, "y", self._target_tensor(t),
                                   out_features=self._n_outputs(), loss=config.loss, dtype=DTYPE)
-        x_ND = self._to_tensor(X)
         train_epoch(self.model_, self._optimizer, x_ND, targets, config, self._generator)
-        self.n_iter_ += 1
-        self.history_.append({"epoch": self.n_iter_,
-                              **evaluate(self.model_, x_ND, targets, config, "train")})
-        return self
+        return evaluate(self.model_, x_ND, targets, config, "train")
+
+    def _em_config(self, seed: int, *, max_iter: int | None = None, init: str = "data"
+                   ) -> EMConfig:
+        # alpha is the ridge of every weighted least-squares and Newton system
+        return EMConfig(max_iter=max_iter or self.max_epochs, tol=max(self.tol, 1e-12),
+                        ridge=self.alpha or EMConfig.ridge, init=init, seed=seed,
+                        progress=bool(self.verbose))
+
+    def _check_solver(self) -> None:
+        """Combinations of parameters EM or the Gaussian gate cannot honour, refused before work."""
+        owner = type(self).__name__
+        if self.gate == "gaussian" and self.solver != "em":
+            raise ValueError(f"{owner}: gate='gaussian' (the localized gate) is fitted by EM; got "
+                             f"solver={self.solver!r}. Pass solver='em'.")
+        if self.solver != "em":
+            return
+        refused = {"expert": (self.expert, "linear"), "loss": (self.loss, "nll"),
+                   "early_stopping": (self.early_stopping, False)}
+        if self.n_experts == "auto":
+            refused["auto_criterion"] = (self.auto_criterion, "bic")
+        for name, (value, needed) in refused.items():
+            if value != needed:
+                raise ValueError(f"{owner}: solver='em' needs {name}={needed!r}; got "
+                                 f"{name}={value!r}.")
 
     def _check_enough_rows(self, n_rows: int) -> None:
         need = max(self.auto_candidates) if self.n_experts == "auto" else self.n_experts
@@ -204,9 +247,12 @@ class _MixtureEstimator(BaseEstimator):
     def _target_tensor(self, t: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.ascontiguousarray(t))
 
-    def _build(self, n_experts: int, seed: int) -> MixtureOfExperts:
+    def _build(self, n_experts: int, seed: int) -> MixtureOfExperts | LocalizedMixtureOfExperts:
         expert = ExpertConfig(kind=self.expert, hidden=self.expert_hidden, head=self._head)
         generator = torch.Generator().manual_seed(seed)
+        if self.gate == "gaussian":
+            return LocalizedMixtureOfExperts(self.n_features_in_, self._n_outputs(), n_experts,
+                                             expert=expert, generator=generator).to(DTYPE)
         return MixtureOfExperts(self.n_features_in_, self._n_outputs(), n_experts, expert=expert,
                                 generator=generator).to(DTYPE)
 
@@ -224,6 +270,8 @@ class _MixtureEstimator(BaseEstimator):
         """Build and fit one mixture; with early stopping, the best validation epoch is kept."""
         validation = self.early_stopping if validation is None else validation
         model = self._build(n_experts, seed)
+        if self.solver == "em":
+            return model, fit_em(model, x_ND, self._target_tensor(t), self._em_config(seed))
         config = self._train_config(seed, validation=validation)
         if not validation:
             return model, fit(model, x_ND, self._target_tensor(t), config)
@@ -283,32 +331,37 @@ class _MixtureEstimator(BaseEstimator):
 class MixtureOfExpertsClassifier(ClassifierMixin, _MixtureEstimator):
     """A mixture of experts for classification: each expert outputs a class distribution.
 
-    With ``loss='nll'`` the experts are multinomial-logit (softmax) models and the mixture is fitted by
-    its log-likelihood; 'competitive' and 'cooperative' are Eq. 2 and Eq. 1 of Jacobs et al. (1991)
-    on one-hot targets.
+    With ``loss='nll'`` the experts are multinomial-logit (softmax) models and the mixture is fitted
+    by its log-likelihood; 'competitive' and 'cooperative' are Eq. 2 and Eq. 1 of Jacobs et al.
+    (1991) on one-hot targets.
 
     Parameters:
         n_experts: E, or 'auto' to fit each of ``auto_candidates`` and keep the best by
             ``auto_criterion`` ('bic', or 'validation' loss); the curve is kept in
             ``n_experts_curve_``.
         expert: 'linear' (the paper's) or 'mlp' (one hidden layer of ``expert_hidden`` tanh units).
-        gate: 'softmax', the paper's gate.
+        gate: 'softmax', the paper's gate, or 'gaussian', the localized gate of Xu, Jordan & Hinton
+            (1995), fitted with solver='em'.
         loss: 'nll', 'competitive' or 'cooperative'.
-        solver: 'gd' (plain gradient descent, the paper's), 'adam' or 'lbfgs'.
+        solver: 'gd' (plain gradient descent, the paper's), 'adam', 'lbfgs', or 'em'
+            (Jordan & Jacobs 1994: linear experts and loss='nll' only; ``max_epochs`` caps the EM
+            iterations, ``tol`` is the relative rise of the log-likelihood below which it stops,
+            ``alpha`` the ridge of its least-squares and Newton systems).
         max_epochs, lr, batch_size: passes over the data, step size, rows per step (None: all).
         alpha: L2 penalty on the weights, alpha / 2 * sum of squares, added to the objective.
         tol, n_iter_no_change: stop when the monitored loss has not improved by ``tol`` for
             ``n_iter_no_change`` epochs.
-        early_stopping: hold out ``validation_fraction`` of the rows, monitor their loss and keep the
-            weights of the best epoch.
+        early_stopping: hold out ``validation_fraction`` of the rows, monitor their loss and keep
+            the weights of the best epoch.
         random_state: seeds the initial weights and the shuffling.
         verbose: show a progress bar when > 0.
 
     Attributes:
         classes_, n_features_in_, feature_names_in_ (when X has string column names), model_ (the
         fitted :class:`~moekit.layers.MixtureOfExperts`, on standardised inputs), scaler_,
-        history_ (per-epoch metrics), n_iter_ (epochs run), stop_reason_, n_experts_,
-        n_experts_curve_.
+        history_ (per-epoch metrics; per EM iteration, with the log-likelihood, for solver='em'),
+        n_iter_ (epochs or EM iterations), stop_reason_, n_experts_, n_experts_curve_;
+        a regressor fitted by EM also has expert_variance_ (E,), in standardised target units.
     """
 
     _head = "softmax"
@@ -324,13 +377,14 @@ class MixtureOfExpertsClassifier(ClassifierMixin, _MixtureEstimator):
             encoder = LabelEncoder().fit(y if classes is None else classes)
             if len(encoder.classes_) < 2:
                 raise ValueError(f"{type(self).__name__}: y has one class only "
-                                 f"({encoder.classes_[0]!r}); a classifier needs at least 2 classes.")
+                                 f"({encoder.classes_[0]!r}); a classifier needs at least 2 "
+                                 "classes.")
             self.classes_ = encoder.classes_
         unknown = np.setdiff1d(y, self.classes_)
         if unknown.size:
-            raise ValueError(f"{type(self).__name__}: y holds classes {unknown.tolist()} that are not "
-                             f"in classes={self.classes_.tolist()}; pass every class on the first "
-                             "call to partial_fit.")
+            raise ValueError(f"{type(self).__name__}: y holds classes {unknown.tolist()} that are "
+                             f"not in classes={self.classes_.tolist()}; pass every class on the "
+                             "first call to partial_fit.")
         return np.searchsorted(self.classes_, y).astype(np.int64)
 
     def _loss_name(self):
@@ -362,9 +416,10 @@ class MixtureOfExpertsClassifier(ClassifierMixin, _MixtureEstimator):
 class MixtureOfExpertsRegressor(RegressorMixin, _MixtureEstimator):
     """A mixture of experts for regression (one or several outputs).
 
-    With ``loss='nll'`` the mixture is fitted by the Gaussian mixture log-likelihood, Eq. 3 of Jacobs
-    et al. (1991); 'competitive' and 'cooperative' are Eq. 2 and Eq. 1. Parameters and attributes are
-    those of :class:`MixtureOfExpertsClassifier`, less ``classes_``, plus ``y_scaler_``.
+    With ``loss='nll'`` the mixture is fitted by the Gaussian mixture log-likelihood, Eq. 3 of
+    Jacobs et al. (1991); 'competitive' and 'cooperative' are Eq. 2 and Eq. 1. Parameters and
+    attributes are those of :class:`MixtureOfExpertsClassifier`, less ``classes_``, plus
+    ``y_scaler_``.
     """
 
     def _validate_y(self, X, y, *, reset):
@@ -380,8 +435,8 @@ class MixtureOfExpertsRegressor(RegressorMixin, _MixtureEstimator):
             self.y_scaler_ = StandardScaler().fit(y_NO)
             self.n_outputs_ = y_NO.shape[1]
         elif y_NO.shape[1] != self.n_outputs_:
-            raise ValueError(f"{type(self).__name__}: y has {y_NO.shape[1]} outputs but the model was "
-                             f"fitted with {self.n_outputs_}.")
+            raise ValueError(f"{type(self).__name__}: y has {y_NO.shape[1]} outputs but the model "
+                             f"was fitted with {self.n_outputs_}.")
         return self.y_scaler_.transform(y_NO)
 
     def _loss_name(self):
