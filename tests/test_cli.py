@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -52,3 +53,23 @@ def test_demo_gives_each_piece_its_own_expert(tmp_path, capsys):
     assert sorted(round(e["slope"]) for e in active) == [-3, 1, 3]
     assert all(abs(e["share"] - 1 / 3) < 0.05 for e in active)
     assert load_model(out / "model").config.n_experts == 4
+
+
+def test_compare_solvers_quick_writes_the_table(tmp_path, capsys):
+    out = tmp_path / "solvers"
+    assert main(["compare-solvers", "--quick", "--tasks", "vowels", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "gradient descent (paper)" in printed and "EM, Gaussian gate" in printed
+    record = json.loads((out / "solvers.json").read_text())
+    assert {r["solver"] for r in record["rows"]} == {"gd", "adam", "lbfgs", "em", "em_gaussian"}
+    assert record["vowels_em_pass_ratio"] >= 10  # the target, on one quick run
+    assert (out / "solvers.md").read_text().startswith("| task | solver |")
+
+
+def test_fit_with_em_and_the_gaussian_gate(tmp_path, capsys):
+    out = tmp_path / "run"
+    data = Path(__file__).parent / "data" / "classes.csv"
+    assert main(["fit", str(data), "--target", "label", "--experts", "3", "--solver", "em",
+                 "--gate", "gaussian", "--out", str(out), "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["train_score"] > 0.95 and summary["options"]["gate"] == "gaussian"

@@ -21,6 +21,7 @@ EPILOG = """examples:
   moekit predict runs/mine new.csv --proba --out predictions.csv
   moekit report runs/mine
   moekit analyze runs/vowels       routing statistics, interventions and figures for each saved model
+  moekit compare-solvers           passes to the paper's criterion: gradient descent, Adam, L-BFGS, EM
 """
 
 
@@ -160,7 +161,10 @@ def _add_fit(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--expert", choices=("linear", "mlp"), default="linear", help="expert kind")
     p.add_argument("--hidden", type=int, default=16, help="hidden units of an mlp expert")
     p.add_argument("--loss", choices=("nll", "competitive", "cooperative"), default="nll")
-    p.add_argument("--solver", choices=("gd", "adam", "lbfgs"), default="adam")
+    p.add_argument("--solver", choices=("gd", "adam", "lbfgs", "em"), default="adam",
+                   help="gd (the paper's), adam (default), lbfgs, or em (linear experts)")
+    p.add_argument("--gate", choices=("softmax", "gaussian"), default="softmax",
+                   help="softmax (the paper's) or gaussian (localized; needs --solver em)")
     p.add_argument("--lr", type=float, default=0.05, help="step size (default 0.05)")
     p.add_argument("--max-epochs", type=int, default=500, help="epoch cap (default 500)")
     p.add_argument("--validation-fraction", type=float, default=0.2,
@@ -180,7 +184,8 @@ def _run_fit(args: argparse.Namespace) -> int:
 
     config = FitRunConfig(
         data=args.data, target=args.target, out=args.out, task=args.task, n_experts=args.experts,
-        expert=args.expert, hidden=args.hidden, loss=args.loss, solver=args.solver, lr=args.lr,
+        expert=args.expert, hidden=args.hidden, loss=args.loss, solver=args.solver,
+        gate=args.gate, lr=args.lr,
         max_epochs=args.max_epochs, validation_fraction=args.validation_fraction,
         one_hot=args.one_hot, missing=args.missing, seed=args.seed, overwrite=args.overwrite,
         progress=not args.no_progress)
@@ -268,6 +273,38 @@ def _run_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_compare_solvers(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "compare-solvers", allow_abbrev=False,
+        help="gradient descent, Adam, L-BFGS, EM and EM with the Gaussian gate, to one criterion",
+        description="Passes over the data and wall time each solver needs to reach the same "
+                    "training criterion, from the same initial weights: the vowel task (the "
+                    "paper's criterion) and a 1-D regression with three straight pieces.",
+        epilog="example: moekit compare-solvers --runs 5 --out runs/solvers")
+    p.add_argument("--tasks", type=_list_of(str, "task names", "vowels,piecewise"),
+                   help="vowels and/or piecewise (default both)")
+    p.add_argument("--runs", type=int, help="initial weights per solver (default 5; 1 with --quick)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--out", default="runs/solvers", help="folder for solvers.json and solvers.md")
+    p.add_argument("--quick", action="store_true", help="a debug-sized comparison in seconds")
+    p.set_defaults(func=_run_compare_solvers)
+
+
+def _run_compare_solvers(args: argparse.Namespace) -> int:
+    from moekit.experiments.solvers import SolversConfig, quick_config, write_comparison
+
+    given = {"seed": args.seed}
+    if args.tasks:
+        given["tasks"] = args.tasks
+    if args.runs:
+        given["runs"] = args.runs
+    config = quick_config(**given) if args.quick else SolversConfig(**given)
+    table, files = write_comparison(config, args.out)
+    print(table)
+    print("\nWrote " + " and ".join(str(f) for f in files))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="moekit", description="Mixtures of experts: fit, reproduce Jacobs et al. (1991), "
@@ -282,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(subparsers)
     _add_report(subparsers)
     _add_analyze(subparsers)
+    _add_compare_solvers(subparsers)
     return parser
 
 

@@ -48,6 +48,7 @@ class FitRunConfig:
     hidden: int = 16
     loss: str = "nll"
     solver: str = "adam"
+    gate: str = "softmax"
     lr: float = 0.05
     max_epochs: int = 500
     validation_fraction: float = 0.2
@@ -67,7 +68,8 @@ class FitOutcome:
 def _estimator(config: FitRunConfig, task: str):
     cls = MixtureOfExpertsClassifier if task == "classify" else MixtureOfExpertsRegressor
     return cls(n_experts=config.n_experts, expert=config.expert, expert_hidden=config.hidden,
-               loss=config.loss, solver=config.solver, lr=config.lr, max_epochs=config.max_epochs,
+               loss=config.loss, solver=config.solver, gate=config.gate, lr=config.lr,
+               max_epochs=config.max_epochs,
                random_state=config.seed, verbose=int(config.progress))
 
 

@@ -31,11 +31,14 @@ Wall time covers the training call only (model construction and scoring excluded
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +50,7 @@ from moekit.experiments.piecewise import BREAKS, PIECES, DemoConfig
 from moekit.experiments.vowels import System, VowelsConfig, run_system
 from moekit.experts import ExpertConfig
 from moekit.gaussian_gate import LocalizedMixtureOfExperts
+from moekit.io import write_text_atomic
 from moekit.layers import MixtureOfExperts
 from moekit.replicates import ReplicateConfig, train_replicates
 from moekit.training import TrainConfig, fit
@@ -409,3 +413,18 @@ def format_table(rows: Sequence[SolverRow]) -> str:
                              f"{ratio:.1f}x fewer passes than the paper's gradient descent "
                              f"({strict:.1f}x counting every sweep over the rows).")
     return "\n".join(lines + notes)
+
+
+def write_comparison(config: SolversConfig, out: Path | str) -> tuple[str, list[Path]]:
+    """Run :func:`compare_solvers`; write ``solvers.json`` and ``solvers.md`` (the table) into
+    ``out``; return the table with its verdict lines, and the files."""
+    rows = compare_solvers(config)
+    table = format_table(rows)
+    out = Path(out)
+    record = {"config": dataclasses.asdict(config), "rows": [dataclasses.asdict(r) for r in rows],
+              "vowels_em_pass_ratio": pass_ratio(rows, "vowels") if "vowels" in config.tasks
+              else None}
+    files = [out / "solvers.json", out / "solvers.md"]
+    write_text_atomic(files[0], json.dumps(record, indent=2))
+    write_text_atomic(files[1], table + "\n")
+    return table, files
