@@ -44,12 +44,15 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     assert "<img src=\"analysis/" not in report
     # `moekit analyze` on the run folder re-analyses each saved mixture
     assert main(["analyze", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert "4_experts:" in printed and "8_experts:" in printed
+    analyzed = capsys.readouterr().out
+    assert "4_experts:" in analyzed and "8_experts:" in analyzed
     stats = json.loads((out / "analysis" / "4_experts" / "analysis.json").read_text())
     assert stats["rows"] == 400 and stats["expert_by_label"]["kind"] == "class"
     assert stats["agreement"] is not None  # compared with the run's second saved mixture
     assert "Eq. 1, Eq. 2, Eq. 3" in report
+    assert "Solvers: passes over the data to the paper&#x27;s criterion" in report
+    assert [r["solver"] for r in results["solvers"]] == ["gd", "adam", "lbfgs", "em", "em_gaussian"]
+    assert "EM reaches the criterion in" in printed
 
 
 def _golden_curve(task):

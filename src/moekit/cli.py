@@ -98,6 +98,8 @@ def _add_vowels(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--loss", choices=("eq1", "eq2", "eq3"), help="mixture error function (default eq3)")
     p.add_argument("--no-loss-comparison", action="store_true",
                    help="skip the Eq. 1 / Eq. 2 / Eq. 3 comparison")
+    p.add_argument("--no-solver-comparison", action="store_true",
+                   help="skip the comparison with Adam, L-BFGS and EM")
     p.add_argument("--include-speaker-76", action="store_true", help="add speaker 76 to the test set")
     p.add_argument("--dtype", choices=("float32", "float64"), help="precision (default float32)")
     p.add_argument("--out", help="output folder (default runs/vowels)")
@@ -119,6 +121,7 @@ def _run_vowels(args: argparse.Namespace) -> int:
     given = {field: getattr(args, arg) for arg, field in _VOWELS_OPTIONS.items()
              if getattr(args, arg) is not None}
     given.update(compare_losses=not args.no_loss_comparison,
+                 compare_solvers=not args.no_solver_comparison,
                  include_speaker_76=args.include_speaker_76, progress=not args.no_progress)
     config = quick_config(**given) if args.quick else VowelsConfig(**given)
     outcome = run_vowels(config)
@@ -129,6 +132,11 @@ def _run_vowels(args: argparse.Namespace) -> int:
             print(f"  {r.system:<18} step {r.lr:<5g} {r.reached}/{r.runs} reached  "
                   f"{r.epochs:7.0f} epochs  train {r.train:5.1f}%  test {r.test:5.1f}%  "
                   f"experts per case {r.experts_per_case:.2f}")
+    if outcome.solver_rows:
+        from moekit.experiments.solvers import format_table
+
+        print("\nSolvers to the same criterion, from the same initial weights:")
+        print(format_table(outcome.solver_rows))
     print("\nThe paper's claims on this run:")
     for c in outcome.claims:
         print(f"  [{c.verdict}] {c.claim}\n      {c.evidence}")

@@ -65,6 +65,7 @@ class VowelsConfig:
     max_epochs: int = 5000
     loss: str = "eq3"
     compare_losses: bool = True
+    compare_solvers: bool = True
     include_speaker_76: bool = False
     dtype: str = "float32"
     out: str = "runs/vowels"

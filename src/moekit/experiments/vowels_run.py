@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import time
@@ -20,6 +21,8 @@ from moekit.experiments.vowels import (SystemResult, VowelsConfig, loss_comparis
 from moekit.experiments.vowels_summary import (Claim, Row, TTest, claims, describe_runs,
                                                epoch_t_tests, format_table, rows_to_json,
                                                table_rows)
+from moekit.experiments.solvers import SolverRow, SolversConfig, compare_solvers
+from moekit.experiments.solvers import format_table as format_solver_table
 from moekit.history import History
 from moekit.io import load_model, save_model, write_text_atomic
 from moekit.layers import MixtureOfExperts
@@ -41,6 +44,38 @@ class VowelsOutcome:
     seconds: float
     files: dict[str, Path] = field(default_factory=dict)
     analyses: dict[str, dict] = field(default_factory=dict)  # model name -> routing statistics
+    solver_rows: list[SolverRow] = field(default_factory=list)  # EM and the others, to the criterion
+
+
+SOLVER_RUNS = 5  # initial weights per solver in the comparison: it shows passes, not spread
+
+
+def _solver_comparison(config: VowelsConfig, task: VowelTask) -> list[SolverRow]:
+    """The paper's gradient descent against Adam, L-BFGS and EM on this task and criterion
+    (:mod:`moekit.experiments.solvers`), on at most 5 of the runs' initial weights."""
+    if not config.compare_solvers or not config.experts or config.average != "unit":
+        return []
+    solvers = SolversConfig(tasks=("vowels",), runs=min(config.runs, SOLVER_RUNS), seed=config.seed,
+                            vowel_experts=min(config.experts), vowel_lr_grid=config.lr_grid,
+                            progress=config.progress)
+    return compare_solvers(solvers, task=task)
+
+
+def _solver_section(rows: list[SolverRow]) -> Section:
+    body = table(
+        ["solver", "setting", "reached", "passes to the criterion (median)", "iterations (median)",
+         "seconds (median)", "train %", "test %"],
+        [(r.label, r.setting, f"{r.reached}/{r.runs}",
+          "not reached" if r.passes is None else f"{r.passes:g}",
+          f"{np.median(r.iterations_R):g}", f"{r.seconds:.3f}", f"{r.train_score:.1f}",
+          f"{r.test_score:.1f}") for r in rows])
+    notes = [line[2:] for line in format_solver_table(rows).splitlines() if line.startswith("- ")]
+    return Section("Solvers: passes over the data to the paper's criterion", body + "".join(
+        text(n) for n in notes) + text(
+        "Each solver starts from the same initial weights. A pass is one sweep over the training "
+        "rows that evaluates the model: one update of the paper's full-batch descent; for EM an "
+        "E-step or a Newton trial (Jordan & Jacobs 1994). `moekit compare-solvers` runs the same "
+        "comparison, and a regression task too."))
 
 
 def _track_epochs(max_epochs: int) -> tuple[int, ...]:
@@ -59,6 +94,7 @@ def run_vowels(config: VowelsConfig, task: VowelTask | None = None) -> VowelsOut
                for s in systems_of(config)]
     loss_results = [run_system(s, task, config) for s in loss_comparison_systems(config)]
     seconds = time.perf_counter() - start
+    solver_rows = _solver_comparison(config, task)
 
     rows, loss_rows = table_rows(results), table_rows(loss_results)
     if loss_rows:  # the main error function's row of the same mixture completes the comparison
@@ -69,7 +105,7 @@ def run_vowels(config: VowelsConfig, task: VowelTask | None = None) -> VowelsOut
     tests = epoch_t_tests(results)
     found = claims(rows, tests, loss_rows, config)
     outcome = VowelsOutcome(config, rows, loss_rows, tests, found, format_table(rows, tests, config),
-                            seconds)
+                            seconds, solver_rows=solver_rows)
     out = Path(config.out)
     outcome.files.update(_figures(results, task, config, out))
     saved = save_vowels_models(results, config, out, task)
@@ -207,6 +243,7 @@ def _write_json(outcome: VowelsOutcome, results: list[SystemResult], path: Path,
         "runs": [describe_runs(r) for r in results],
         "files": {k: str(v) for k, v in outcome.files.items()},
         "analysis": saved,
+        "solvers": [dataclasses.asdict(r) for r in outcome.solver_rows],
     }
     write_text_atomic(path, json.dumps(record, indent=2))
     return path
@@ -268,6 +305,8 @@ def _write_html(outcome: VowelsOutcome, results: list[SystemResult], path: Path)
             [(r.system, r.lr, f"{r.reached}/{r.runs}", f"{r.epochs:.0f}", f"{r.train:.1f}",
               f"{r.test:.1f}", f"{r.active_experts:.1f}", f"{r.experts_per_case:.2f}")
              for r in outcome.loss_rows])))
+    if outcome.solver_rows:
+        sections.append(_solver_section(outcome.solver_rows))
     figures = "".join(figure(p, _caption(k)) for k, p in outcome.files.items() if p.suffix == ".png")
     sections.append(Section("Figures", figures))
     for name, stats in outcome.analyses.items():
