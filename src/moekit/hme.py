@@ -32,9 +32,9 @@ import torch
 from torch import Tensor, nn
 
 from moekit._checks import check_int, check_matrix
-from moekit.experts import ExpertConfig, apply_head
+from moekit.experts import ExpertConfig
 from moekit.gates import GateConfig, Routing
-from moekit.layers import MoEOutput, combine
+from moekit.layers import MoEOutput, dense_mixture
 
 # A guard against trees whose leaves could not be held in memory (B**L experts on every row).
 MAX_LEAVES = 65536
@@ -253,9 +253,4 @@ class HierarchicalMixtureOfExperts(nn.Module):
 
     def forward(self, x_ND: Tensor) -> MoEOutput:
         check_matrix("HierarchicalMixtureOfExperts", "x", x_ND, n_columns=self.config.in_features)
-        routing = self.gate(x_ND)
-        logits_NEO = self.experts(x_ND)
-        outputs_NEO = apply_head(self.head, logits_NEO)
-        return MoEOutput(output=combine(routing, outputs_NEO), routing=routing,
-                         aux_loss=x_ND.new_zeros(()), expert_outputs=outputs_NEO,
-                         expert_logits=logits_NEO)
+        return dense_mixture(self.gate, self.experts, self.head, x_ND)

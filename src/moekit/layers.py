@@ -118,16 +118,18 @@ class MixtureOfExperts(nn.Module):
 
     def forward(self, x_ND: Tensor) -> MoEOutput:
         check_matrix("MixtureOfExperts", "x", x_ND, n_columns=self.config.in_features)
-        routing = self.gate(x_ND)
-        logits_NEO = self.experts(x_ND)
-        outputs_NEO = apply_head(self.head, logits_NEO)
-        return MoEOutput(
-            output=combine(routing, outputs_NEO),
-            routing=routing,
-            aux_loss=x_ND.new_zeros(()),
-            expert_outputs=outputs_NEO,
-            expert_logits=logits_NEO,
-        )
+        return dense_mixture(self.gate, self.experts, self.head, x_ND)
+
+
+def dense_mixture(gate: nn.Module, experts: nn.Module, head: str, x_ND: Tensor) -> MoEOutput:
+    """Every expert on every row, blended by a dense gate: the forward pass of the 1991 mixture,
+    shared by the flat, hierarchical and localized mixtures (which differ only in their gate)."""
+    routing = gate(x_ND)
+    logits_NEO = experts(x_ND)
+    outputs_NEO = apply_head(head, logits_NEO)
+    return MoEOutput(output=combine(routing, outputs_NEO), routing=routing,
+                     aux_loss=x_ND.new_zeros(()), expert_outputs=outputs_NEO,
+                     expert_logits=logits_NEO)
 
 
 @dataclass(frozen=True)

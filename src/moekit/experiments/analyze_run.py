@@ -13,13 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 
 from moekit.experiments.analyze import AnalysisInput, analyze_input, estimator_input
 from moekit.experiments.fit_report import ANALYSIS_DIR
-from moekit.experiments.fit_run import SUMMARY_FILE, as_class_labels, load_run
+from moekit.experiments.fit_run import SUMMARY_FILE, load_run_data
 from moekit.experiments.vowels_run import load_vowels_run
-from moekit.tabular import DataError, read_csv
+from moekit.tabular import DataError
 
 
 @dataclass(frozen=True)
@@ -47,21 +46,12 @@ def run_kind(run: Path) -> str:
 def fit_run_input(run: Path, data: Path | str | None = None) -> AnalysisInput:
     """The fitted estimator of a `moekit fit` run and its data (the CSV it was fitted on, or
     ``data``), as an :class:`AnalysisInput`."""
-    estimator, prep, summary = load_run(run)
-    source = data or summary.get("data")
-    if source is None:
-        raise DataError(f"{str(run)!r} does not record its data file; pass --data DATA.csv.")
-    frame = read_csv(source)
-    X, kept = prep.transform(frame)
-    y = None
-    if prep.target in frame.columns:
-        y = frame[prep.target].to_numpy()[kept]
-        if prep.task == "classify":
-            y = as_class_labels(y, estimator.classes_)
-    return estimator_input(estimator, pd.DataFrame(X, columns=prep.input_names), y, name="model",
-                           feature_names=prep.input_names, target_name=prep.target,
-                           description=f"The mixture of `moekit fit` on {Path(str(source)).name}"
-                                       f" ({len(kept)} rows; inputs standardised as in fitting).")
+    d = load_run_data(run, data)
+    return estimator_input(d.estimator, d.inputs, d.y, name="model",
+                           feature_names=d.prep.input_names, target_name=d.prep.target,
+                           description=f"The mixture of `moekit fit` on {Path(d.source).name}"
+                                       f" ({len(d.inputs)} rows; inputs standardised as in "
+                                       "fitting).")
 
 
 def analyze_run(run: Path | str, data: Path | str | None = None) -> list[AnalyzedModel]:

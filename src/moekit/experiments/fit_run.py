@@ -77,11 +77,12 @@ def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {str(out)!r} is a file; give a folder.")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise DataError(f"{str(out)!r} already holds files; pass --overwrite to replace its run, or "
-                        "choose another --out.")
+        raise DataError(f"{str(out)!r} already holds files; pass --overwrite to replace its "
+                        "run, or choose another --out.")
 
 
-def split_rows(y: np.ndarray, task: str, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def split_rows(y: np.ndarray, task: str, fraction: float, seed: int
+               ) -> tuple[np.ndarray, np.ndarray]:
     """Training and validation row positions (stratified by class where every class has 2 rows)."""
     rows = np.arange(len(y))
     if fraction == 0:
@@ -89,7 +90,8 @@ def split_rows(y: np.ndarray, task: str, fraction: float, seed: int) -> tuple[np
     _, counts = np.unique(y.astype(str), return_counts=True)
     stratify = y.astype(str) if task == "classify" and counts.min() >= 2 else None
     try:
-        return tuple(train_test_split(rows, test_size=fraction, random_state=seed, stratify=stratify))
+        return tuple(train_test_split(rows, test_size=fraction, random_state=seed,
+                                      stratify=stratify))
     except ValueError:
         return tuple(train_test_split(rows, test_size=fraction, random_state=seed))
 
@@ -177,7 +179,8 @@ def predict_run(run: Path | str, data: Path | str, *, proba: bool = False,
     frame = read_csv(data)
     X, kept = prep.transform(frame)
     inputs = pd.DataFrame(X, columns=prep.input_names)
-    predictions = pd.DataFrame({"row": kept + 1, f"predicted_{prep.target}": estimator.predict(inputs)})
+    predictions = pd.DataFrame({"row": kept + 1,
+                                f"predicted_{prep.target}": estimator.predict(inputs)})
     if proba:
         if prep.task != "classify":
             raise DataError("--proba needs a classifier; this run is a regression.")
@@ -206,22 +209,44 @@ def as_class_labels(y: np.ndarray, classes: np.ndarray) -> np.ndarray:
         return y
 
 
-def report_run(run: Path | str, data: Path | str | None = None) -> Path:
-    """Rewrite a run's report.html from its model and its data (the CSV it was fitted on, or ``data``)."""
+@dataclass
+class RunData:
+    """A fitted run and the rows of a CSV file as its model sees them."""
+
+    estimator: Any
+    prep: Preprocessing
+    summary: dict[str, Any]
+    source: str
+    inputs: pd.DataFrame  # the model's input columns, (N, D)
+    y: np.ndarray | None  # the target column where the file has it (class labels as fitted)
+
+
+def load_run_data(run: Path | str, data: Path | str | None = None) -> RunData:
+    """Load a run and read ``data`` (default: the CSV it was fitted on) through its encoding."""
     estimator, prep, summary = load_run(run)
-    data = data or summary.get("data")
-    if data is None:
+    source = data or summary.get("data")
+    if source is None:
         raise DataError(f"{str(run)!r} does not record its data file; pass --data DATA.csv.")
-    frame = read_csv(data)
+    frame = read_csv(source)
     X, kept = prep.transform(frame)
-    if prep.target not in frame.columns:
-        raise DataError(f"{str(data)!r} has no target column {prep.target!r}; the report needs it.")
-    y = frame[prep.target].to_numpy()[kept]
-    if prep.task == "classify":
-        y = as_class_labels(y, estimator.classes_)
-    inputs = pd.DataFrame(X, columns=prep.input_names)
-    val = np.asarray(estimator.metadata_.get("validation_rows", []), dtype=int)
-    val = val[val < len(y)]
-    train = np.setdiff1d(np.arange(len(y)), val)
-    summary = {**summary, **summarize(estimator, inputs, y, train, val, prep), "data": str(data)}
-    return write_fit_report(Path(run) / REPORT_FILE, estimator, inputs, y, summary)
+    y = None
+    if prep.target in frame.columns:
+        y = frame[prep.target].to_numpy()[kept]
+        if prep.task == "classify":
+            y = as_class_labels(y, estimator.classes_)
+    return RunData(estimator, prep, summary, str(source),
+                   pd.DataFrame(X, columns=prep.input_names), y)
+
+
+def report_run(run: Path | str, data: Path | str | None = None) -> Path:
+    """Rewrite a run's report.html from its model and its data (default: its fitting CSV)."""
+    d = load_run_data(run, data)
+    if d.y is None:
+        raise DataError(f"{d.source!r} has no target column {d.prep.target!r}; the report "
+                        "needs it.")
+    val = np.asarray(d.estimator.metadata_.get("validation_rows", []), dtype=int)
+    val = val[val < len(d.y)]
+    train = np.setdiff1d(np.arange(len(d.y)), val)
+    summary = {**d.summary, **summarize(d.estimator, d.inputs, d.y, train, val, d.prep),
+               "data": d.source}
+    return write_fit_report(Path(run) / REPORT_FILE, d.estimator, d.inputs, d.y, summary)
