@@ -1,0 +1,321 @@
+"""The shared machinery of moekit's scikit-learn estimators: parameters, validation, training by
+gradient or EM, the choice of the number of experts, and the gate's view of a fitted mixture.
+
+Shape legend: N rows, D features, O outputs (C classes for a classifier), E experts.
+
+The public classes are in :mod:`moekit.estimators`.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, is_classifier
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from moekit.em import EMConfig, fit_em
+from moekit.experts import ExpertConfig
+from moekit.gaussian_gate import LocalizedMixtureOfExperts
+from moekit.history import History
+from moekit.layers import MixtureOfExperts
+from moekit.training import (
+    Callback,
+    TrainConfig,
+    TrainState,
+    evaluate,
+    fit,
+    make_optimizer,
+    prepare_targets,
+    train_epoch,
+)
+
+
+DTYPE = torch.float64  # exact enough that predictions do not depend on how rows are batched
+LOSSES = {"nll", "competitive", "cooperative"}
+SOLVERS = {"gd": "sgd", "adam": "adam", "lbfgs": "lbfgs"}
+
+
+class _KeepBest(Callback):
+    """Remember the weights of the epoch with the best validation loss; restore them at the end."""
+
+    def __init__(self) -> None:
+        self.best_loss = math.inf
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def on_epoch_end(self, state: TrainState) -> None:
+        loss = state.history[-1]["val_loss"]
+        if loss < self.best_loss:
+            self.best_loss = loss
+            self.best_state = {k: v.detach().clone() for k, v in state.model.state_dict().items()}
+
+    def on_train_end(self, state: TrainState) -> None:
+        if self.best_state is not None:
+            state.model.load_state_dict(self.best_state)
+
+
+class _MixtureEstimator(BaseEstimator):
+    """What the classifier and the regressor share: parameters, training, the gate's view."""
+
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
+        "n_experts": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
+        "expert": [StrOptions({"linear", "mlp"})],
+        "expert_hidden": [Interval(Integral, 1, None, closed="left")],
+        "gate": [StrOptions({"softmax", "gaussian"})],
+        "loss": [StrOptions(LOSSES)],
+        "solver": [StrOptions({*SOLVERS, "em"})],
+        "max_epochs": [Interval(Integral, 1, None, closed="left")],
+        "lr": [Interval(Real, 0, None, closed="neither")],
+        "batch_size": [Interval(Integral, 1, None, closed="left"), None],
+        "alpha": [Interval(Real, 0, None, closed="left")],
+        "tol": [Interval(Real, 0, None, closed="left")],
+        "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
+        "early_stopping": ["boolean"],
+        "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
+        "auto_candidates": ["array-like"],
+        "auto_criterion": [StrOptions({"bic", "validation"})],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+    }
+
+    def __init__(self, *, n_experts: int | str = 4, expert: str = "linear", expert_hidden: int = 16,
+                 gate: str = "softmax", loss: str = "nll", solver: str = "adam",
+                 max_epochs: int = 500, lr: float = 0.05, batch_size: int | None = None,
+                 alpha: float = 1e-2, tol: float = 1e-4, n_iter_no_change: int = 10,
+                 early_stopping: bool = False, validation_fraction: float = 0.1,
+                 auto_candidates: tuple[int, ...] = (1, 2, 3, 4, 6, 8), auto_criterion: str = "bic",
+                 random_state: int | np.random.RandomState | None = None,
+                 verbose: int = 0) -> None:
+        self.n_experts = n_experts
+        self.expert = expert
+        self.expert_hidden = expert_hidden
+        self.gate = gate
+        self.loss = loss
+        self.solver = solver
+        self.max_epochs = max_epochs
+        self.lr = lr
+        self.batch_size = batch_size
+        self.alpha = alpha
+        self.tol = tol
+        self.n_iter_no_change = n_iter_no_change
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.auto_candidates = auto_candidates
+        self.auto_criterion = auto_criterion
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # --- what subclasses define ---------------------------------------------------------------
+    _head = "identity"
+
+    def _encode_targets(self, y: np.ndarray, *, reset: bool, classes: Any = None) -> np.ndarray:
+        raise NotImplementedError
+
+    def _loss_name(self) -> str:
+        raise NotImplementedError
+
+    def _n_outputs(self) -> int:
+        raise NotImplementedError
+
+    def _log_likelihood(self, model: MixtureOfExperts, x_ND: torch.Tensor, t: np.ndarray) -> float:
+        raise NotImplementedError
+
+    def _validate_y(self, X: Any, y: Any, *, reset: bool) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    # --- fitting ------------------------------------------------------------------------------
+    def fit(self, X: Any, y: Any) -> _MixtureEstimator:
+        """Fit the mixture to X (N, D) and y; returns self."""
+        self._validate_params()
+        self._check_solver()
+        X, y = self._validate_y(X, y, reset=True)
+        t = self._encode_targets(y, reset=True)
+        self._check_enough_rows(X.shape[0])
+        seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+        self.scaler_ = StandardScaler().fit(X)
+        x_ND = self._to_tensor(X)
+        if self.n_experts == "auto":
+            self.n_experts_, self.n_experts_curve_ = self._select_n_experts(x_ND, t, seed)
+        else:
+            self.n_experts_, self.n_experts_curve_ = self.n_experts, None
+        self.model_, result = self._train(x_ND, t, self.n_experts_, seed)
+        self.history_, self.stop_reason_ = result.history, result.stop_reason
+        self.n_iter_ = result.n_iter if self.solver == "em" else result.epochs
+        if self.solver == "em" and result.variance_E is not None:
+            self.expert_variance_ = result.variance_E.numpy()  # in standardised target units
+        self._optimizer, self._generator = None, torch.Generator().manual_seed(seed)
+        return self
+
+    def partial_fit(self, X: Any, y: Any, classes: Any = None) -> _MixtureEstimator:
+        """One pass over (X, y), continuing from the current weights; returns self.
+
+        A pass is one epoch of the gradient solver, or one EM iteration on this batch for
+        solver='em'. The first call builds the model and fits the input scaler on its batch; a
+        classifier's first call needs ``classes``, every class that any batch will hold.
+        """
+        first = not hasattr(self, "model_")
+        if first:
+            self._validate_params()
+            self._check_solver()
+            if self.n_experts == "auto":
+                raise ValueError(f"{type(self).__name__}: partial_fit needs a fixed number of "
+                                 "experts; got n_experts='auto'. Pass an integer, e.g. "
+                                 "n_experts=4.")
+            if is_classifier(self) and classes is None:
+                raise ValueError(f"{type(self).__name__}: the first call to partial_fit needs "
+                                 "classes, every class any batch will hold; e.g. "
+                                 "classes=[0, 1, 2].")
+        X, y = self._validate_y(X, y, reset=first)
+        t = self._encode_targets(y, reset=first, classes=classes)
+        seed = 0
+        if first:
+            seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+            self.scaler_ = StandardScaler().fit(X)
+            self.model_ = self._build(self.n_experts, seed)
+            self.n_experts_, self.n_experts_curve_ = self.n_experts, None
+            self.history_, self.n_iter_, self.stop_reason_ = History(), 0, "partial_fit"
+            self._generator = torch.Generator().manual_seed(seed)
+        x_ND = self._to_tensor(X)
+        if self.solver == "em":
+            config = self._em_config(seed, max_iter=1, init="data" if first else "model")
+            record = fit_em(self.model_, x_ND, self._target_tensor(t), config).history[-1]
+        else:
+            record = self._gradient_pass(x_ND, t)
+        self.n_iter_ += 1
+        self.history_.append({**record, "epoch": self.n_iter_})
+        return self
+
+    def _gradient_pass(self, x_ND: torch.Tensor, t: np.ndarray) -> dict[str, float]:
+        config = self._train_config(0, max_epochs=1)
+        if getattr(self, "_optimizer", None) is None:
+            self._optimizer = make_optimizer(self.model_, config)
+        if getattr(self, "_generator", None) is None:  # a reloaded estimator
+            self._generator = torch.Generator().manual_seed(0)
+        targets = prepare_targets(type(self).__name__, "y", self._target_tensor(t),
+                                  out_features=self._n_outputs(), loss=config.loss, dtype=DTYPE)
+        train_epoch(self.model_, self._optimizer, x_ND, targets, config, self._generator)
+        return evaluate(self.model_, x_ND, targets, config, "train")
+
+    def _em_config(self, seed: int, *, max_iter: int | None = None, init: str = "data"
+                   ) -> EMConfig:
+        # alpha is the ridge of every weighted least-squares and Newton system
+        return EMConfig(max_iter=max_iter or self.max_epochs, tol=max(self.tol, 1e-12),
+                        ridge=self.alpha or EMConfig.ridge, init=init, seed=seed,
+                        progress=bool(self.verbose))
+
+    def _check_solver(self) -> None:
+        """Combinations of parameters EM or the Gaussian gate cannot honour, refused before work."""
+        owner = type(self).__name__
+        if self.gate == "gaussian" and self.solver != "em":
+            raise ValueError(f"{owner}: gate='gaussian' (the localized gate) is fitted by EM; got "
+                             f"solver={self.solver!r}. Pass solver='em'.")
+        if self.solver != "em":
+            return
+        refused = {"expert": (self.expert, "linear"), "loss": (self.loss, "nll"),
+                   "early_stopping": (self.early_stopping, False)}
+        if self.n_experts == "auto":
+            refused["auto_criterion"] = (self.auto_criterion, "bic")
+        for name, (value, needed) in refused.items():
+            if value != needed:
+                raise ValueError(f"{owner}: solver='em' needs {name}={needed!r}; got "
+                                 f"{name}={value!r}.")
+
+    def _check_enough_rows(self, n_rows: int) -> None:
+        need = max(self.auto_candidates) if self.n_experts == "auto" else self.n_experts
+        if n_rows < max(need, 2):
+            raise ValueError(f"{type(self).__name__}: n_experts={self.n_experts} needs at least "
+                             f"{max(need, 2)} rows; got n_samples={n_rows}. Use fewer experts or "
+                             "more data.")
+
+    def _to_tensor(self, X: np.ndarray) -> torch.Tensor:
+        return torch.tensor(self.scaler_.transform(X), dtype=DTYPE)
+
+    def _target_tensor(self, t: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.ascontiguousarray(t))
+
+    def _build(self, n_experts: int, seed: int) -> MixtureOfExperts | LocalizedMixtureOfExperts:
+        expert = ExpertConfig(kind=self.expert, hidden=self.expert_hidden, head=self._head)
+        generator = torch.Generator().manual_seed(seed)
+        if self.gate == "gaussian":
+            return LocalizedMixtureOfExperts(self.n_features_in_, self._n_outputs(), n_experts,
+                                             expert=expert, generator=generator).to(DTYPE)
+        return MixtureOfExperts(self.n_features_in_, self._n_outputs(), n_experts, expert=expert,
+                                generator=generator).to(DTYPE)
+
+    def _train_config(self, seed: int, *, max_epochs: int | None = None,
+                      validation: bool = False) -> TrainConfig:
+        return TrainConfig(loss=self._loss_name(), optimizer=SOLVERS[self.solver], lr=self.lr,
+                           max_epochs=max_epochs or self.max_epochs, batch_size=self.batch_size,
+                           weight_decay=self.alpha, patience=self.n_iter_no_change,
+                           min_delta=self.tol,
+                           monitor="val_loss" if validation else "train_loss", seed=seed,
+                           progress=bool(self.verbose))
+
+    def _train(self, x_ND: torch.Tensor, t: np.ndarray, n_experts: int, seed: int, *,
+               validation: bool | None = None):
+        """Build and fit one mixture; with early stopping, the best validation epoch is kept."""
+        validation = self.early_stopping if validation is None else validation
+        model = self._build(n_experts, seed)
+        if self.solver == "em":
+            return model, fit_em(model, x_ND, self._target_tensor(t), self._em_config(seed))
+        config = self._train_config(seed, validation=validation)
+        if not validation:
+            return model, fit(model, x_ND, self._target_tensor(t), config)
+        train_rows, val_rows = self._split(t, seed)
+        keep_best = _KeepBest()
+        result = fit(model, x_ND[train_rows], self._target_tensor(t[train_rows]), config,
+                     x_val=x_ND[val_rows], y_val=self._target_tensor(t[val_rows]),
+                     callbacks=[keep_best])
+        return model, result
+
+    def _split(self, t: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.arange(len(t))
+        stratify = t if t.ndim == 1 and t.dtype.kind == "i" and np.bincount(t).min() >= 2 else None
+        try:
+            return train_test_split(rows, test_size=self.validation_fraction, random_state=seed,
+                                    stratify=stratify)
+        except ValueError:  # too few rows of some class to stratify
+            return train_test_split(rows, test_size=self.validation_fraction, random_state=seed)
+
+    def _select_n_experts(self, x_ND: torch.Tensor, t: np.ndarray, seed: int
+                          ) -> tuple[int, dict[str, list[float]]]:
+        """Fit each candidate size and keep the one with the lowest BIC (or validation loss)."""
+        candidates = sorted({int(c) for c in self.auto_candidates})
+        if not candidates or candidates[0] < 1:
+            raise ValueError(f"{type(self).__name__}: auto_candidates must be positive integers; "
+                             f"got auto_candidates={self.auto_candidates!r}.")
+        by_validation = self.auto_criterion == "validation"
+        scores = []
+        for n_experts in candidates:
+            model, result = self._train(x_ND, t, n_experts, seed, validation=by_validation)
+            if by_validation:
+                scores.append(min(result.history[:, "val_loss"]))
+            else:
+                n_params = sum(p.numel() for p in model.parameters())
+                log_lik = self._log_likelihood(model, x_ND, t)
+                scores.append(-2.0 * log_lik + n_params * math.log(len(t)))
+        best = candidates[int(np.argmin(scores))]
+        return best, {"n_experts": candidates, self.auto_criterion: scores}
+
+    # --- the fitted mixture's view ------------------------------------------------------------
+    @torch.no_grad()
+    def _forward(self, X: Any):
+        check_is_fitted(self, "model_")
+        X = validate_data(self, X, reset=False, dtype=np.float64)
+        return self.model_(self._to_tensor(X))
+
+    def gate_proba(self, X: Any) -> np.ndarray:
+        """The gate's mixing proportions p_e(x), shape (N, E); rows sum to 1."""
+        return self._forward(X).routing.probs_NE.numpy()
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.non_deterministic = False
+        return tags
