@@ -220,3 +220,29 @@ def test_em_partial_fit_takes_one_em_iteration_per_call(iris):
         clf.partial_fit(X, y, classes=[0, 1, 2])
     log_lik = clf.history_[:, "log_likelihood"]
     assert clf.n_iter_ == 4 and log_lik[-1] > log_lik[0]
+
+
+def test_auto_reuses_the_chosen_candidate_instead_of_fitting_it_again(monkeypatch):
+    X, y = piecewise(100)
+    reg = MixtureOfExpertsRegressor(n_experts="auto", auto_candidates=(1, 2), max_epochs=20,
+                                    random_state=0)
+    calls = []
+    original = type(reg)._train
+    monkeypatch.setattr(type(reg), "_train",
+                        lambda self, *a, **k: calls.append(a[2]) or original(self, *a, **k))
+    reg.fit(X, y)
+    assert calls == [1, 2]  # one fit per candidate, none repeated
+
+
+def test_empty_auto_candidates_get_the_friendly_message(iris):
+    X, y = iris
+    with pytest.raises(ValueError, match="auto_candidates must be positive integers"):
+        MixtureOfExpertsClassifier(n_experts="auto", auto_candidates=()).fit(X, y)
+
+
+def test_refit_by_gradient_drops_the_em_variances():
+    X, y = piecewise(100)
+    reg = MixtureOfExpertsRegressor(n_experts=2, solver="em", random_state=0).fit(X, y)
+    assert hasattr(reg, "expert_variance_")
+    reg.set_params(solver="adam", max_epochs=5).fit(X, y)
+    assert not hasattr(reg, "expert_variance_")

@@ -210,3 +210,22 @@ def test_analyze_a_fit_run_on_its_own_data_and_on_other_data(class_run, tmp_path
 def test_analyze_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["analyze", str(tmp_path)]) == 1
     assert "is not a moekit run folder" in capsys.readouterr().err
+
+
+def test_report_and_analyze_leave_out_rows_without_a_target_as_fitting_did(tmp_path, capsys):
+    frame = pd.read_csv(CLASSES)
+    frame.loc[[3, 40], "label"] = np.nan
+    path = tmp_path / "gaps.csv"
+    frame.to_csv(path, index=False)
+    out = tmp_path / "run"
+    assert main(["fit", str(path), "--target", "label", "--missing", "drop", "--out", str(out),
+                 *QUICK]) == 0
+    fitted = json.loads((out / "summary.json").read_text())
+    assert main(["report", str(out)]) == 0
+    assert main(["analyze", str(out)]) == 0
+    stats = json.loads((out / "analysis" / "model" / "analysis.json").read_text())
+    assert fitted["rows"] == stats["rows"] == 88
+    # predict keeps every row and scores the 88 that have a target
+    assert main(["predict", str(out), str(path), "--out", str(tmp_path / "p.csv")]) == 0
+    assert len(pd.read_csv(tmp_path / "p.csv")) == 90
+    assert "accuracy against the target column" in capsys.readouterr().err

@@ -43,6 +43,21 @@ LOSSES = {"nll", "competitive", "cooperative"}
 SOLVERS = {"gd": "sgd", "adam": "adam", "lbfgs": "lbfgs"}
 
 
+def holdout_split(n_rows: int, fraction: float, seed: int, labels: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Training and held-out row positions; stratified by ``labels`` when every label has at
+    least 2 rows (and the split can honour it), else a plain shuffled split."""
+    rows = np.arange(n_rows)
+    stratify = None
+    if labels is not None:
+        _, counts = np.unique(labels, return_counts=True)
+        stratify = labels if counts.min() >= 2 else None
+    try:
+        return train_test_split(rows, test_size=fraction, random_state=seed, stratify=stratify)
+    except ValueError:  # too few rows of some class for this fraction
+        return train_test_split(rows, test_size=fraction, random_state=seed)
+
+
 class _KeepBest(Callback):
     """Remember the weights of the epoch with the best validation loss; restore them at the end."""
 
@@ -141,13 +156,20 @@ class _MixtureEstimator(BaseEstimator):
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         self.scaler_ = StandardScaler().fit(X)
         x_ND = self._to_tensor(X)
+        chosen = None
         if self.n_experts == "auto":
-            self.n_experts_, self.n_experts_curve_ = self._select_n_experts(x_ND, t, seed)
+            self.n_experts_, self.n_experts_curve_, chosen = self._select_n_experts(x_ND, t, seed)
         else:
             self.n_experts_, self.n_experts_curve_ = self.n_experts, None
-        self.model_, result = self._train(x_ND, t, self.n_experts_, seed)
+        # the chosen candidate is the final model when it was fitted the way fit fits it
+        by_validation = self.auto_criterion == "validation"
+        if chosen is None or by_validation != self.early_stopping:
+            chosen = self._train(x_ND, t, self.n_experts_, seed)
+        self.model_, result = chosen
         self.history_, self.stop_reason_ = result.history, result.stop_reason
         self.n_iter_ = result.n_iter if self.solver == "em" else result.epochs
+        if hasattr(self, "expert_variance_"):  # from an earlier fit by EM
+            del self.expert_variance_
         if self.solver == "em" and result.variance_E is not None:
             self.expert_variance_ = result.variance_E.numpy()  # in standardised target units
         self._optimizer, self._generator = None, torch.Generator().manual_seed(seed)
@@ -181,7 +203,7 @@ class _MixtureEstimator(BaseEstimator):
             self.model_ = self._build(self.n_experts, seed)
             self.n_experts_, self.n_experts_curve_ = self.n_experts, None
             self.history_, self.n_iter_, self.stop_reason_ = History(), 0, "partial_fit"
-            self._generator = torch.Generator().manual_seed(seed)
+            self._optimizer, self._generator = None, torch.Generator().manual_seed(seed)
         x_ND = self._to_tensor(X)
         if self.solver == "em":
             config = self._em_config(seed, max_iter=1, init="data" if first else "model")
@@ -194,9 +216,9 @@ class _MixtureEstimator(BaseEstimator):
 
     def _gradient_pass(self, x_ND: torch.Tensor, t: np.ndarray) -> dict[str, float]:
         config = self._train_config(0, max_epochs=1)
-        if getattr(self, "_optimizer", None) is None:
+        if self._optimizer is None:
             self._optimizer = make_optimizer(self.model_, config)
-        if getattr(self, "_generator", None) is None:  # a reloaded estimator
+        if self._generator is None:  # a reloaded estimator
             self._generator = torch.Generator().manual_seed(0)
         targets = prepare_targets(type(self).__name__, "y", self._target_tensor(t),
                                   out_features=self._n_outputs(), loss=config.loss, dtype=DTYPE)
@@ -228,7 +250,7 @@ class _MixtureEstimator(BaseEstimator):
                                  f"{name}={value!r}.")
 
     def _check_enough_rows(self, n_rows: int) -> None:
-        need = max(self.auto_candidates) if self.n_experts == "auto" else self.n_experts
+        need = max(self._candidates()) if self.n_experts == "auto" else self.n_experts
         if n_rows < max(need, 2):
             raise ValueError(f"{type(self).__name__}: n_experts={self.n_experts} needs at least "
                              f"{max(need, 2)} rows; got n_samples={n_rows}. Use fewer experts or "
@@ -268,41 +290,40 @@ class _MixtureEstimator(BaseEstimator):
         config = self._train_config(seed, validation=validation)
         if not validation:
             return model, fit(model, x_ND, self._target_tensor(t), config)
-        train_rows, val_rows = self._split(t, seed)
+        labels = t if t.ndim == 1 and t.dtype.kind == "i" else None  # class indices
+        train_rows, val_rows = holdout_split(len(t), self.validation_fraction, seed, labels)
         keep_best = _KeepBest()
         result = fit(model, x_ND[train_rows], self._target_tensor(t[train_rows]), config,
                      x_val=x_ND[val_rows], y_val=self._target_tensor(t[val_rows]),
                      callbacks=[keep_best])
         return model, result
 
-    def _split(self, t: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        rows = np.arange(len(t))
-        stratify = t if t.ndim == 1 and t.dtype.kind == "i" and np.bincount(t).min() >= 2 else None
-        try:
-            return train_test_split(rows, test_size=self.validation_fraction, random_state=seed,
-                                    stratify=stratify)
-        except ValueError:  # too few rows of some class to stratify
-            return train_test_split(rows, test_size=self.validation_fraction, random_state=seed)
-
-    def _select_n_experts(self, x_ND: torch.Tensor, t: np.ndarray, seed: int
-                          ) -> tuple[int, dict[str, list[float]]]:
-        """Fit each candidate size and keep the one with the lowest BIC (or validation loss)."""
+    def _candidates(self) -> list[int]:
         candidates = sorted({int(c) for c in self.auto_candidates})
         if not candidates or candidates[0] < 1:
             raise ValueError(f"{type(self).__name__}: auto_candidates must be positive integers; "
                              f"got auto_candidates={self.auto_candidates!r}.")
+        return candidates
+
+    def _select_n_experts(self, x_ND: torch.Tensor, t: np.ndarray, seed: int):
+        """Fit each candidate size and keep the one with the lowest BIC (or validation loss).
+
+        Returns the chosen size, the curve, and the chosen (model, result) pair.
+        """
+        candidates = self._candidates()
         by_validation = self.auto_criterion == "validation"
-        scores = []
+        scores, fits = [], []
         for n_experts in candidates:
             model, result = self._train(x_ND, t, n_experts, seed, validation=by_validation)
+            fits.append((model, result))
             if by_validation:
                 scores.append(min(result.history[:, "val_loss"]))
             else:
                 n_params = sum(p.numel() for p in model.parameters())
                 log_lik = self._log_likelihood(model, x_ND, t)
                 scores.append(-2.0 * log_lik + n_params * math.log(len(t)))
-        best = candidates[int(np.argmin(scores))]
-        return best, {"n_experts": candidates, self.auto_criterion: scores}
+        best = int(np.argmin(scores))
+        return candidates[best], {"n_experts": candidates, self.auto_criterion: scores}, fits[best]
 
     # --- the fitted mixture's view ------------------------------------------------------------
     @torch.no_grad()
@@ -314,8 +335,3 @@ class _MixtureEstimator(BaseEstimator):
     def gate_proba(self, X: Any) -> np.ndarray:
         """The gate's mixing proportions p_e(x), shape (N, E); rows sum to 1."""
         return self._forward(X).routing.probs_NE.numpy()
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.non_deterministic = False
-        return tags

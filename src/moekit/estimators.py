@@ -167,5 +167,4 @@ class MixtureOfExpertsRegressor(RegressorMixin, _MixtureEstimator):
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.target_tags.multi_output = True
-        tags.target_tags.single_output = True
         return tags

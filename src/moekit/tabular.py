@@ -41,8 +41,14 @@ def read_csv(path: Path | str) -> pd.DataFrame:
 
 
 def _rows(mask: pd.Series) -> str:
-    """'rows 3, 7 and 2 more' in the file's data-row numbering (1 = the first row under the header)."""
-    rows = (np.flatnonzero(mask.to_numpy()) + 1).tolist()
+    """'rows 3, 7 and 2 more' in the file's data-row numbering (1 = the first row under the header).
+
+    The numbers come from the frame's integer index (read_csv numbers the file's rows from 0), so
+    they stay right on a frame that some rows were already taken out of.
+    """
+    positions = np.flatnonzero(mask.to_numpy())
+    integer_index = pd.api.types.is_integer_dtype(mask.index)
+    rows = (np.asarray(mask.index[positions] if integer_index else positions) + 1).tolist()
     shown = ", ".join(map(str, rows[:5]))
     return f"row{'s' if len(rows) > 1 else ''} {shown}" + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
 
@@ -108,6 +114,14 @@ class Preprocessing:
             features = features[~incomplete]
         kept = np.flatnonzero(~incomplete.to_numpy())
         return self._encode(features), kept
+
+    def labelled(self, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The rows that have a target, as fitting saw them: inputs (N, D), targets (N,) and their
+        row positions in ``frame`` (rows without a target are left out, as ``prepare_fit`` does)."""
+        has_target_N = frame[self.target].notna().to_numpy()
+        X, kept = self.transform(frame[has_target_N])
+        rows = np.flatnonzero(has_target_N)[kept]
+        return X, frame[self.target].to_numpy()[rows], rows
 
     def _check_columns(self, frame: pd.DataFrame) -> None:
         expected = set(self.features)
@@ -185,8 +199,7 @@ def prepare_fit(frame: pd.DataFrame, target: str, *, task: str | None = None, on
     fill = _fill_values(frame[features]) if missing == "impute" else {}
     one_hot_cats = {c: sorted(frame[c].dropna().astype(str).unique().tolist()) for c in text}
     prep = Preprocessing(target, task, tuple(map(str, features)), one_hot_cats, fill, missing)
-    X, kept = prep.transform(frame)
-    y = frame[target].to_numpy()[kept]
+    X, y, _ = prep.labelled(frame)
     if task == "regress":
         if not pd.api.types.is_numeric_dtype(frame[target]):
             raise DataError(f"task 'regress' needs a numeric target; {target!r} holds "

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 
-from moekit.experiments.analyze import AnalysisInput, analyze_input, estimator_input
-from moekit.experiments.fit_report import ANALYSIS_DIR
-from moekit.experiments.fit_run import SUMMARY_FILE, load_run_data
+from moekit.experiments.analyze import AnalysisInput, analyze_input
+from moekit.experiments.fit_report import ANALYSIS_DIR, fit_analysis_input
+from moekit.experiments.fit_run import MODEL_DIR, SUMMARY_FILE, load_run_data
 from moekit.experiments.vowels_run import load_vowels_run
 from moekit.tabular import DataError
 
@@ -28,16 +28,19 @@ class AnalyzedModel:
     directory: Path
 
 
-def run_kind(run: Path) -> str:
-    """'vowels' or 'fit', from the files the folder holds."""
+def run_kind(run: Path) -> tuple[str, dict[str, Any] | None]:
+    """'vowels' or 'fit', from the files the folder holds; for a vowels run, also the record of
+    its saved models (results.json's "analysis")."""
     if not run.is_dir():
         raise DataError(f"no run folder at {str(run)!r}; give the --out folder of `moekit vowels` "
                         "or `moekit fit`.")
     results = run / "results.json"
-    if results.is_file() and "analysis" in json.loads(results.read_text(encoding="utf-8")):
-        return "vowels"
-    if (run / "model").is_dir() and (run / SUMMARY_FILE).is_file():
-        return "fit"
+    if results.is_file():
+        saved = json.loads(results.read_text(encoding="utf-8")).get("analysis")
+        if saved:
+            return "vowels", saved
+    if (run / MODEL_DIR).is_dir() and (run / SUMMARY_FILE).is_file():
+        return "fit", None
     raise DataError(f"{str(run)!r} is not a moekit run folder: it has neither a results.json "
                     "listing saved models (`moekit vowels`) nor model/ and summary.json "
                     "(`moekit fit`).")
@@ -47,22 +50,18 @@ def fit_run_input(run: Path, data: Path | str | None = None) -> AnalysisInput:
     """The fitted estimator of a `moekit fit` run and its data (the CSV it was fitted on, or
     ``data``), as an :class:`AnalysisInput`."""
     d = load_run_data(run, data)
-    return estimator_input(d.estimator, d.inputs, d.y, name="model",
-                           feature_names=d.prep.input_names, target_name=d.prep.target,
-                           description=f"The mixture of `moekit fit` on {Path(d.source).name}"
-                                       f" ({len(d.inputs)} rows; inputs standardised as in "
-                                       "fitting).")
+    return fit_analysis_input(d.estimator, d.inputs, d.y, d.prep.target, d.source)
 
 
 def analyze_run(run: Path | str, data: Path | str | None = None) -> list[AnalyzedModel]:
     """Analyse every model of a run folder into ``RUN/analysis/``; returns their statistics."""
     run = Path(run)
-    kind = run_kind(run)
+    kind, saved = run_kind(run)
     if kind == "vowels":
         if data is not None:
             raise DataError("--data applies to `moekit fit` runs; a vowels run is analysed on the "
                             "vowel data it was trained on.")
-        items = load_vowels_run(run)
+        items = load_vowels_run(run, saved=saved)
     else:
         items = [fit_run_input(run, data)]
     out = run / ANALYSIS_DIR

@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 
 from moekit import report
-from moekit.experiments.analyze import analysis_sections, analyze_input, estimator_input
+from moekit.experiments.analyze import (AnalysisInput, analysis_sections, analyze_input,
+                                        estimator_input)
 from moekit.plots import save_figure
 from moekit.plots_tabular import plot_gate_regions, plot_learning_curves
 
@@ -55,6 +56,16 @@ def _summary_section(summary: dict[str, Any]) -> report.Section:
     return report.Section("Summary", body)
 
 
+def fit_analysis_input(estimator: Any, inputs: pd.DataFrame, y: np.ndarray | None, target: str,
+                       source: str) -> AnalysisInput:
+    """What `moekit fit`'s report and `moekit analyze` analyse for a fit run: its estimator on the
+    rows of ``source`` (named ``model``, in the run's analysis folder)."""
+    return estimator_input(estimator, inputs, y, name="model", feature_names=list(inputs.columns),
+                           target_name=target,
+                           description=f"The mixture of `moekit fit` on {Path(source).name} "
+                                       f"({len(inputs)} rows; inputs standardised as in fitting).")
+
+
 def write_fit_report(path: Path, estimator: Any, inputs: pd.DataFrame, y: np.ndarray,
                      summary: dict[str, Any]) -> Path:
     """Write report.html, its figures under ``figures/`` and the routing analysis under
@@ -74,8 +85,7 @@ def write_fit_report(path: Path, estimator: Any, inputs: pd.DataFrame, y: np.nda
         sections.append(report.Section("The gate's partition", report.figure(
             partition, "Each point of the input plane coloured by the expert the gate weights most, "
                        "in the data's own units.")))
-    item = estimator_input(estimator, inputs, y, name="model", feature_names=list(inputs.columns),
-                           target_name=summary["target"])
+    item = fit_analysis_input(estimator, inputs, y, summary["target"], str(summary.get("data", "")))
     stats = analyze_input(item, path.parent / ANALYSIS_DIR)
     sections += analysis_sections(stats, path.parent / ANALYSIS_DIR / item.name)
     title = f"moekit fit: {summary['target']} from {Path(str(summary.get('data', ''))).name}"

@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
+from sklearn.metrics import accuracy_score, r2_score
 
+from moekit._estimator_base import holdout_split
 from moekit.estimator_io import load_estimator, save_estimator
 from moekit.estimators import MixtureOfExpertsClassifier, MixtureOfExpertsRegressor
 from moekit.experiments.fit_report import expert_loads, write_fit_report
@@ -84,16 +85,10 @@ def _check_out(out: Path, overwrite: bool) -> None:
 def split_rows(y: np.ndarray, task: str, fraction: float, seed: int
                ) -> tuple[np.ndarray, np.ndarray]:
     """Training and validation row positions (stratified by class where every class has 2 rows)."""
-    rows = np.arange(len(y))
     if fraction == 0:
-        return rows, rows[:0]
-    _, counts = np.unique(y.astype(str), return_counts=True)
-    stratify = y.astype(str) if task == "classify" and counts.min() >= 2 else None
-    try:
-        return tuple(train_test_split(rows, test_size=fraction, random_state=seed,
-                                      stratify=stratify))
-    except ValueError:
-        return tuple(train_test_split(rows, test_size=fraction, random_state=seed))
+        return np.arange(len(y)), np.arange(0)
+    labels = y.astype(str) if task == "classify" else None
+    return tuple(holdout_split(len(y), fraction, seed, labels))
 
 
 def run_fit(config: FitRunConfig) -> FitOutcome:
@@ -168,39 +163,6 @@ class PredictOutcome:
     path: Path | None
 
 
-def predict_run(run: Path | str, data: Path | str, *, proba: bool = False,
-                out: Path | str | None = None) -> PredictOutcome:
-    """Predict every row of ``data`` with a fitted run; with the target present, score it too.
-
-    The output has the row number (1 = the first data row), the prediction and, with ``proba``, one
-    column per class. Rows skipped under ``--missing drop`` are absent.
-    """
-    estimator, prep, _ = load_run(run)
-    frame = read_csv(data)
-    X, kept = prep.transform(frame)
-    inputs = pd.DataFrame(X, columns=prep.input_names)
-    predictions = pd.DataFrame({"row": kept + 1,
-                                f"predicted_{prep.target}": estimator.predict(inputs)})
-    if proba:
-        if prep.task != "classify":
-            raise DataError("--proba needs a classifier; this run is a regression.")
-        for c, column in zip(estimator.classes_, estimator.predict_proba(inputs).T):
-            predictions[f"p({c})"] = column
-    score, score_name = None, "accuracy" if prep.task == "classify" else "R^2"
-    if prep.target in frame.columns:
-        y = frame[prep.target].to_numpy()[kept]
-        known = ~pd.isna(y)
-        if known.any():
-            if prep.task == "classify":
-                y = as_class_labels(y, estimator.classes_)
-            score = float(estimator.score(inputs[known], y[known]))
-    path = None
-    if out is not None:
-        path = Path(out)
-        write_text_atomic(path, predictions.to_csv(index=False))
-    return PredictOutcome(predictions, score, score_name, path)
-
-
 def as_class_labels(y: np.ndarray, classes: np.ndarray) -> np.ndarray:
     """Targets read back from a CSV in the dtype of the fitted classes (1 and 1.0 are one class)."""
     try:
@@ -218,24 +180,71 @@ class RunData:
     summary: dict[str, Any]
     source: str
     inputs: pd.DataFrame  # the model's input columns, (N, D)
-    y: np.ndarray | None  # the target column where the file has it (class labels as fitted)
+    rows: np.ndarray  # each input row's position in the file (0 = the first data row)
+    y: np.ndarray | None  # the target where the file has it (as fitted when every row has one)
+    known: np.ndarray | None  # which rows have a target (all of them when ``labelled_only``)
 
 
-def load_run_data(run: Path | str, data: Path | str | None = None) -> RunData:
-    """Load a run and read ``data`` (default: the CSV it was fitted on) through its encoding."""
+def load_run_data(run: Path | str, data: Path | str | None = None, *,
+                  labelled_only: bool = True) -> RunData:
+    """Load a run and read ``data`` (default: the CSV it was fitted on) through its encoding.
+
+    With ``labelled_only`` and a target column, rows without a target are left out, as fitting left
+    them out (so the saved validation rows point at the same rows); otherwise every row is kept.
+    """
     estimator, prep, summary = load_run(run)
     source = data or summary.get("data")
     if source is None:
         raise DataError(f"{str(run)!r} does not record its data file; pass --data DATA.csv.")
     frame = read_csv(source)
-    X, kept = prep.transform(frame)
-    y = None
-    if prep.target in frame.columns:
-        y = frame[prep.target].to_numpy()[kept]
-        if prep.task == "classify":
-            y = as_class_labels(y, estimator.classes_)
+    y = known = None
+    if prep.target in frame.columns and labelled_only:
+        X, y, rows = prep.labelled(frame)
+        known = np.ones(len(y), dtype=bool)
+    else:
+        X, rows = prep.transform(frame)
+        if prep.target in frame.columns:
+            y = frame[prep.target].to_numpy()[rows]
+            known = ~pd.isna(y)
+    if y is not None and prep.task == "classify" and known.all():
+        y = as_class_labels(y, estimator.classes_)
     return RunData(estimator, prep, summary, str(source),
-                   pd.DataFrame(X, columns=prep.input_names), y)
+                   pd.DataFrame(X, columns=prep.input_names), rows, y, known)
+
+
+def predict_run(run: Path | str, data: Path | str, *, proba: bool = False,
+                out: Path | str | None = None) -> PredictOutcome:
+    """Predict every row of ``data`` with a fitted run; with the target present, score it too.
+
+    The output has the row number (1 = the first data row), the prediction and, with ``proba``, one
+    column per class. Rows skipped under ``--missing drop`` are absent.
+    """
+    d = load_run_data(run, data, labelled_only=False)
+    estimator, prep = d.estimator, d.prep
+    if proba and prep.task != "classify":
+        raise DataError("--proba needs a classifier; this run is a regression.")
+    if proba:  # one forward pass gives both the probabilities and the predicted class
+        proba_NC = estimator.predict_proba(d.inputs)
+        predicted = estimator.classes_[proba_NC.argmax(1)]
+    else:
+        predicted = estimator.predict(d.inputs)
+    predictions = pd.DataFrame({"row": d.rows + 1, f"predicted_{prep.target}": predicted})
+    if proba:
+        for c, column in zip(estimator.classes_, proba_NC.T):
+            predictions[f"p({c})"] = column
+    score, score_name = None, "accuracy" if prep.task == "classify" else "R^2"
+    if d.known is not None and d.known.any():
+        truth = d.y[d.known]
+        if prep.task == "classify":
+            truth, metric = as_class_labels(truth, estimator.classes_), accuracy_score
+        else:
+            truth, metric = truth.astype(np.float64), r2_score
+        score = float(metric(truth, predicted[d.known]))
+    path = None
+    if out is not None:
+        path = Path(out)
+        write_text_atomic(path, predictions.to_csv(index=False))
+    return PredictOutcome(predictions, score, score_name, path)
 
 
 def report_run(run: Path | str, data: Path | str | None = None) -> Path:
