@@ -135,3 +135,15 @@ def test_full_default_run_is_near_the_papers_accuracies(tmp_path):
     assert all(r.reached == r.runs == 25 for r in outcome.rows)
     assert all(abs(r.train - 88) <= 4 and abs(r.test - 90) <= 4 for r in mixtures)
     assert (tmp_path / "report.html").stat().st_size > 100_000
+
+
+def test_runs_that_missed_the_criterion_are_counted_by_why_they_stopped():
+    from moekit.experiments.vowels_summary import describe_runs
+
+    config = quick_config(progress=False, runs=2, lr_grid=(4.0,), max_epochs=20)
+    result = run_system(System("mixture", 4, "eq3"), vowel_task(), config)
+    described = describe_runs(result)
+    trial = result.trials[0]
+    assert (described["hit_cap"], described["diverged"], described["pruned"]) == \
+        (trial.hit_cap, trial.diverged, trial.pruned)
+    assert trial.hit_cap + trial.diverged + trial.pruned == 2 - trial.reached

@@ -103,7 +103,7 @@ def run_vowels(config: VowelsConfig, task: VowelTask | None = None) -> VowelsOut
                      if r.system.kind == "mixture" and r.system.size in sizes]
         loss_rows = sorted(loss_rows + main_rows, key=lambda r: r.system)
     tests = epoch_t_tests(results)
-    found = claims(rows, tests, loss_rows, config)
+    found = claims(rows, tests, loss_rows)
     outcome = VowelsOutcome(config, rows, loss_rows, tests, found, format_table(rows, tests, config),
                             seconds, solver_rows=solver_rows)
     out = Path(config.out)
