@@ -13,18 +13,17 @@ pass counts do not depend on it).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from moekit.experiments.solvers import (SolversConfig, compare_solvers, format_table, pass_ratio,
-                                        quick_config)
+from moekit.experiments.solvers import (SolversConfig, compare_solvers, comparison_record,
+                                        format_table, pass_ratio, quick_config)
+from moekit.io import write_text_atomic
 
 
 def main() -> None:
@@ -56,10 +55,8 @@ def main() -> None:
 
     record = {"torch": torch.__version__, "threads": args.threads, "python": sys.version.split()[0],
               "machine": platform.platform(), "seconds": seconds, "load_before": load_before,
-              "load_after": load_after, "config": dataclasses.asdict(config),
-              "rows": [dataclasses.asdict(row) for row in rows],
-              "vowels_em_pass_ratio": ratio}
-    Path(args.json).write_text(json.dumps(record, indent=2))
+              "load_after": load_after, **comparison_record(config, rows)}
+    write_text_atomic(args.json, json.dumps(record, indent=2))
     print(f"wrote {args.json}")
 
 

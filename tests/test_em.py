@@ -312,3 +312,42 @@ def test_unknown_gate_is_rejected():
 def test_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         EMConfig(**kwargs)
+
+
+def test_log_likelihood_stop_metric_reads_the_recorded_log_likelihood():
+    x, y = piecewise_1d(seed=0)
+    model = MixtureOfExperts(1, 1, 2, generator=_gen(1)).double()
+    result = fit_em(model, x, y, EMConfig(stop_metric="train_log_likelihood",
+                                          stop_threshold=-1e9, **QUIET))
+    assert result.stop_reason == "threshold" and result.n_iter == 1
+    high = fit_em(MixtureOfExperts(1, 1, 2, generator=_gen(1)).double(), x, y,
+                  EMConfig(stop_metric="train_log_likelihood", stop_threshold=1e9, max_iter=3,
+                           **QUIET))
+    assert high.stop_reason in ("max_iter", "converged")
+
+
+def test_accuracy_stop_metric_needs_class_indices_and_is_checked_first():
+    x, y = piecewise_1d(seed=0)
+    model = LocalizedMixtureOfExperts(1, 1, 2, generator=_gen(1)).double()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"fit_em: stop_metric='train_accuracy' needs class-index "
+                                         r"targets; .*stop_metric='train_mse'"):
+        fit_em(model, x, y, EMConfig(stop_metric="train_accuracy", stop_threshold=0.9, **QUIET))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    # With class indices it is recorded and can stop the fit.
+    xb, yb = blobs(seed=0)
+    clf = MixtureOfExperts(2, 3, 2, expert=ExpertConfig(head="softmax"),
+                           generator=_gen(1)).double()
+    result = fit_em(clf, xb, yb, EMConfig(stop_metric="train_accuracy", stop_threshold=0.0,
+                                          **QUIET))
+    assert result.stop_reason == "threshold" and result.n_iter == 1
+
+
+@pytest.mark.parametrize("build", [
+    lambda: MixtureOfExperts(1, 1, 2).double(),
+    lambda: LocalizedMixtureOfExperts(1, 1, 2).double(),
+])
+def test_zero_rows_are_rejected(build):
+    with pytest.raises(ValueError, match=r"fit_em: x has no rows; pass at least one row\."):
+        fit_em(build(), torch.zeros(0, 1, dtype=F64), torch.zeros(0, 1, dtype=F64),
+               EMConfig(**QUIET))

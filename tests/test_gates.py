@@ -142,3 +142,35 @@ def test_router_config_errors():
     with pytest.raises(ValueError, match=r"kind must be one of .*got kind='hash'"):
         RouterConfig(kind="hash")
     assert isinstance(RouterConfig().build(6, 5), TopKRouter)
+
+
+# --- shared helpers ------------------------------------------------------------------------------
+from moekit.gates import uniform_fan_in_  # noqa: E402
+
+
+def test_make_dense_is_every_expert_weighted_by_its_probability():
+    logits = torch.tensor([[0.0, 1.0, 2.0], [2.0, 0.0, -1.0]])
+    probs = torch.softmax(logits, -1)
+    routing = Routing.make_dense(logits, probs)
+    assert routing.dense and routing.mask_NK is None and routing.load_E is None
+    assert routing.experts_NK.tolist() == [[0, 1, 2], [0, 1, 2]]
+    assert routing.weights_NK is probs and routing.probs_NE is probs and routing.logits_NE is logits
+    # The dataclass field keeps its default: a Routing built directly is not dense.
+    assert Routing(probs, routing.experts_NK, probs, logits).dense is False
+
+
+def test_uniform_fan_in_draws_as_nn_linear_does_from_the_generator():
+    w = torch.empty(5, 3)
+    uniform_fan_in_(w, 4, torch.Generator().manual_seed(3))
+    expected = torch.empty(5, 3).uniform_(-0.5, 0.5, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(w, expected)
+    # The gates draw their weights, then their biases, from one generator in that order.
+    gate = SoftmaxGate(4, 3, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    assert torch.equal(gate.w_DE.detach(), torch.empty(4, 3).uniform_(-0.5, 0.5, generator=g))
+    assert torch.equal(gate.b_E.detach(), torch.empty(3).uniform_(-0.5, 0.5, generator=g))
+
+
+def test_expert_choice_router_builds_without_a_generator():
+    router = ExpertChoiceRouter(6, 5, RouterConfig(kind="expert_choice"))
+    assert router.w_DE.shape == (6, 5)

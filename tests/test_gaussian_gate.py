@@ -131,6 +131,12 @@ def test_reset_from_data_places_the_components_on_rows(gen):
     torch.testing.assert_close(gate.params().log_shares_E.exp(), torch.full((4,), 0.25, dtype=F64))
 
 
+def test_reset_from_data_rejects_zero_rows():
+    gate = GaussianGate(2, 3).double()
+    with pytest.raises(ValueError, match=r"GaussianGate: x has no rows; pass at least one row\."):
+        gate.reset_from_data(torch.zeros(0, 2, dtype=F64))
+
+
 def test_mixture_output_is_gate_weighted_experts(gen):
     moe = LocalizedMixtureOfExperts(2, 3, 4, expert=ExpertConfig(head="softmax"), generator=gen)
     out = moe(torch.randn(5, 2, generator=gen))

@@ -88,3 +88,10 @@ def test_bad_arguments(gen):
         train_replicates([], x, y, [])
     with pytest.raises(ValueError, match=r"stop_metric must be one of 'sse', 'mse'"):
         ReplicateConfig(stop_metric="acc")
+
+
+def test_rows_of_x_and_y_must_match(gen):
+    x, y = _task(gen)
+    with pytest.raises(ValueError, match=r"train_replicates: row counts must match; x has \d+, "
+                                         r"y has 5"):
+        train_replicates(_models([0]), x, y[:5], [0.1], ReplicateConfig(progress=False))

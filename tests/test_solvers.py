@@ -1,11 +1,15 @@
 """The solver comparison: every solver runs on the same starts, passes are counted as documented,
 the table reads right, and on the vowels EM beats the paper's descent by 10x in passes."""
 
+import dataclasses
+import json
+
 import pytest
 
 from moekit.datasets import vowel_task
 from moekit.experiments.solvers import (SOLVERS, SolverRow, SolversConfig, compare_solvers,
-                                        format_table, pass_ratio, quick_config)
+                                        comparison_record, format_table, pass_ratio, quick_config,
+                                        write_comparison)
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +83,16 @@ def test_pass_ratio_worked_example():
 def test_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SolversConfig(**kwargs)
+
+
+def test_comparison_record_is_what_write_comparison_writes(piecewise_rows, tmp_path, monkeypatch):
+    config = quick_config(tasks=("piecewise",))
+    record = comparison_record(config, piecewise_rows)
+    assert list(record) == ["config", "rows", "vowels_em_pass_ratio"]
+    assert record["config"] == dataclasses.asdict(config)
+    assert record["rows"] == [dataclasses.asdict(row) for row in piecewise_rows]
+    assert record["vowels_em_pass_ratio"] is None  # the vowels were not run
+    monkeypatch.setattr("moekit.experiments.solvers.compare_solvers", lambda _: piecewise_rows)
+    _, files = write_comparison(config, tmp_path)
+    assert json.loads(files[0].read_text()) == json.loads(json.dumps(record))
+    assert not list(tmp_path.glob(".*.tmp"))  # written atomically: no temporary file left

@@ -245,3 +245,38 @@ def test_weight_decay_shrinks_the_weights_and_rejects_negative_values():
     assert norms[1] < 0.5 * norms[0]
     with pytest.raises(ValueError, match="weight_decay must be a number >= 0; got weight_decay=-1"):
         TrainConfig(weight_decay=-1)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"stop_metric": "val_mse", "stop_threshold": 0.1},
+     r"fit: stop_metric='val_mse' needs a validation set; pass x_val and y_val, or use "
+     r"stop_metric='train_mse'"),
+    ({"patience": 3, "monitor": "val_loss"},
+     r"fit: monitor='val_loss' needs a validation set"),
+    ({"stop_metric": "train_accuracy", "stop_threshold": 0.9},
+     r"fit: stop_metric='train_accuracy' needs class-index targets .*y holds floats.*"
+     r"stop_metric='train_mse'"),
+    ({"patience": 3, "monitor": "train_accuracy"},
+     r"fit: monitor='train_accuracy' needs class-index targets"),
+])
+def test_metrics_no_epoch_records_are_rejected_before_training(kwargs, message):
+    x, y = _piecewise(seed=0, n=40)
+    moe = MixtureOfExperts(1, 1, 2, generator=torch.Generator().manual_seed(0)).double()
+    before = {k: v.clone() for k, v in moe.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        fit(moe, x, y, TrainConfig(max_epochs=3, progress=False, **kwargs))
+    assert all(torch.equal(v, moe.state_dict()[k]) for k, v in before.items())
+
+
+def test_val_accuracy_needs_class_indices_in_y_val_and_unused_monitor_is_not_checked():
+    x = torch.randn(30, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    y = (x[:, 0] > 0).long()
+    moe = MixtureOfExperts(2, 2, 2, expert=ExpertConfig(head="softmax")).double()
+    config = TrainConfig(max_epochs=2, stop_metric="val_accuracy", stop_threshold=1.1,
+                         progress=False)
+    with pytest.raises(ValueError, match=r"stop_metric='val_accuracy' needs class-index targets"
+                                         r".*y_val holds floats"):
+        fit(moe, x, y, config, x_val=x, y_val=y.double().reshape(-1, 1).repeat(1, 2))
+    assert fit(moe, x, y, config, x_val=x, y_val=y).epochs == 2
+    # monitor only matters with patience: without it, a 'val_*' monitor is never read.
+    assert fit(moe, x, y, TrainConfig(max_epochs=2, monitor="val_loss", progress=False)).epochs == 2

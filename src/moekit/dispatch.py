@@ -45,7 +45,8 @@ class DispatchPlan:
         dropped_rows, dropped_experts: the (row, expert) pairs dropped for capacity.
         n_assignments: assignments before any drop.
         slots_M: each kept assignment's position inside its expert's block.
-        max_count: the largest block (the padded buffer's C).
+        max_count: the largest block (the padded buffer's C); computed when asked, since reading
+            it waits for the device.
     """
 
     rows_M: Tensor
@@ -57,11 +58,14 @@ class DispatchPlan:
     dropped_experts: Tensor
     n_assignments: int
     slots_M: Tensor
-    max_count: int
 
     @property
     def n_experts(self) -> int:
         return self.counts_E.numel()
+
+    @property
+    def max_count(self) -> int:
+        return int(self.counts_E.max()) if self.n_experts else 0
 
     @property
     def drop_rate(self) -> float:
@@ -95,9 +99,8 @@ def plan_dispatch(routing: Routing, n_experts: int, *, capacity_factor: float | 
         slots_M = slots_M[fits_M]
         counts_E = counts_E.clamp(max=capacity)
     offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
-    max_count = int(counts_E.max()) if n_experts else 0
     return DispatchPlan(rows_M, experts_M, weights_M, counts_E, offsets_E, dropped_rows,
-                        dropped_experts, n_assignments, slots_M, max_count)
+                        dropped_experts, n_assignments, slots_M)
 
 
 def grouped_mm_supported(x_MD: Tensor, w_EDH: Tensor) -> bool:
@@ -119,7 +122,7 @@ def grouped_mm_supported(x_MD: Tensor, w_EDH: Tensor) -> bool:
     return False
 
 
-def choose_strategy(x_MD: Tensor, w_EDH: Tensor, plan: DispatchPlan) -> str:
+def choose_strategy(x_MD: Tensor, w_EDH: Tensor) -> str:
     """'grouped_mm' where it runs (measured fastest on CPU too, benchmarks/RESULTS.md), else the
     padded bmm, which is exact for every dtype and device."""
     return "grouped_mm" if grouped_mm_supported(x_MD, w_EDH) else "padded"
@@ -129,7 +132,7 @@ def grouped_matmul(x_MD: Tensor, w_EDH: Tensor, plan: DispatchPlan, *, strategy:
                    ) -> Tensor:
     """Block e of ``x_MD`` (rows of expert e, in plan order) times ``w_EDH[e]``, shape (M, H)."""
     if strategy == "auto":
-        strategy = choose_strategy(x_MD, w_EDH, plan)
+        strategy = choose_strategy(x_MD, w_EDH)
     if strategy == "padded":
         return grouped_matmul_padded(x_MD, w_EDH, plan)
     if strategy == "grouped_mm":

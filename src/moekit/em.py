@@ -67,7 +67,8 @@ class EMConfig:
         variance_floor: the least expert variance, as a fraction of the mean variance of y, and the
             least eigenvalue of a Gaussian gate covariance, as a fraction of the mean variance of x.
         stop_metric, stop_threshold: also stop once e.g. 'train_mse' <= 0.08 (>= for accuracy and
-            log_likelihood); the metrics are EM_METRICS prefixed 'train_'.
+            log_likelihood); the metrics are EM_METRICS prefixed 'train_' ('train_accuracy'
+            needs class-index targets).
         init: 'data' places a Gaussian gate on the data first (means on random rows drawn with
             ``seed``, the only randomness); 'model' starts from the model's weights as they are.
         progress: show a progress bar (on stderr).
@@ -180,6 +181,8 @@ class _Problem:
         check_matrix("fit_em", "x", x_ND, n_columns=experts.in_features)
         check_finite("fit_em", "x", x_ND)
         check_same_rows("fit_em", x=x_ND, y=y)
+        if x_ND.shape[0] == 0:
+            raise ValueError("fit_em: x has no rows; pass at least one row.")
         if self.classify and y.is_floating_point():
             raise ValueError("fit_em: softmax-head experts need integer class indices in y; got "
                              f"dtype={y.dtype}. Pass y.long().")
@@ -209,7 +212,8 @@ class _Problem:
         if self.classify:
             return params
         if self.config.fixed_variance is not None:
-            params.variance_E = torch.full((len(w_EPO),), self.config.fixed_variance, dtype=F64)
+            params.variance_E = torch.full((len(w_EPO),), self.config.fixed_variance, dtype=F64,
+                                           device=w_EPO.device)
         else:  # each expert's mean squared residual over all rows
             out_NEO = torch.einsum("np,epo->neo", self.x1_NP, w_EPO)
             sq_E = (self.y_NO.unsqueeze(1) - out_NEO).square().mean((0, 2))
@@ -278,7 +282,7 @@ def _irls(xq_NQ: Tensor, t_NGB: Tensor, v_GQB: Tensor, logp_NGB: Tensor, config:
     active_G = w_NG.sum(0) > 1e-12 * max(float(w_NG.sum()), 1e-300)
     q_G = (t_NGB * logp_NGB).sum((0, 2))
     xx_NQR = xq_NQ.unsqueeze(2) * xq_NQ.unsqueeze(1)
-    eye, passes = torch.eye(n_q * n_b, dtype=F64), 0
+    eye, passes = torch.eye(n_q * n_b, dtype=F64, device=v_GQB.device), 0
     for _ in range(config.irls_steps):
         p_NGB = logp_NGB.exp()
         wp_NGB = w_NG.unsqueeze(-1) * p_NGB
@@ -290,7 +294,7 @@ def _irls(xq_NQ: Tensor, t_NGB: Tensor, v_GQB: Tensor, logp_NGB: Tensor, config:
         step_GQB = torch.linalg.solve(hess_GKK + damp_G[:, None, None] * eye,
                                       grad_GQB.reshape(n_groups, -1)).reshape(v_GQB.shape)
         step_GQB[~active_G] = 0.0
-        alpha_G = torch.ones(n_groups, dtype=F64)
+        alpha_G = torch.ones(n_groups, dtype=F64, device=v_GQB.device)
         pending_G = active_G & torch.isfinite(step_GQB).flatten(1).all(1)
         v_GQB, logp_NGB = v_GQB.clone(), logp_NGB.clone()
         for _ in range(config.max_halvings + 1):
@@ -331,7 +335,7 @@ def _wls_experts(problem: _Problem, params: _Params, h_NE: Tensor, warned: set[i
             f"solved with ridge={config.ridge} x the mean diagonal. Remove collinear features "
             "or use fewer experts.", RuntimeWarning, stacklevel=5)
     damp_E = torch.where(singular_E, config.ridge * a_EPP.diagonal(dim1=1, dim2=2).mean(-1), 0.0)
-    eye = torch.eye(n_p, dtype=F64)
+    eye = torch.eye(n_p, dtype=F64, device=a_EPP.device)
     safe_EPP = torch.where(alive_E[:, None, None], a_EPP + damp_E[:, None, None] * eye, eye)
     new_EPO = torch.where(alive_E[:, None, None], torch.linalg.solve(safe_EPP, b_EPO), old_EPO)
 
@@ -371,6 +375,11 @@ def _m_step(problem: _Problem, params: _Params, ev: _Eval, warned: set[int]
     return new, passes
 
 
+def _stop_key(config: EMConfig) -> str:
+    """The history key of ``config.stop_metric``: the log-likelihood is recorded unprefixed."""
+    return "log_likelihood" if config.stop_metric == "train_log_likelihood" else config.stop_metric
+
+
 def _reached(config: EMConfig, value: float) -> bool:
     higher = config.stop_metric.endswith(("accuracy", "log_likelihood"))  # higher is better
     return value >= config.stop_threshold if higher else value <= config.stop_threshold
@@ -396,6 +405,11 @@ def fit_em(model: nn.Module, x: Tensor, y: Tensor, config: EMConfig | None = Non
     """
     config = config or EMConfig()
     problem = _Problem(model, x, y, config)
+    if config.stop_metric == "train_accuracy" and problem.classes_N is None:
+        raise ValueError("fit_em: stop_metric='train_accuracy' needs class-index targets; got y of "
+                         f"dtype={y.dtype} (a regression). Pass integer class indices in y, or use "
+                         "stop_metric='train_mse' (or 'train_sse', 'train_nll', "
+                         "'train_log_likelihood').")
     if problem.gate_kind == "gaussian" and config.init == "data":
         model.gate.reset_from_data(x.detach(), torch.Generator().manual_seed(config.seed))
     params = problem.read()
@@ -435,7 +449,7 @@ def fit_em(model: nn.Module, x: Tensor, y: Tensor, config: EMConfig | None = Non
         params, ev, n_iter = new, new_ev, iteration
         rec = record(iteration)
         bar.update(1)
-        if config.stop_metric is not None and _reached(config, rec[config.stop_metric]):
+        if config.stop_metric is not None and _reached(config, rec[_stop_key(config)]):
             stop_reason = "threshold"
             break
         if (new_ll - old_ll) / max(abs(old_ll), 1e-12) < config.tol:

@@ -23,6 +23,27 @@ ROUTER_KINDS = ("topk", "switch", "expert_choice", "sigmoid")
 NOISE_KINDS = ("none", "gaussian", "jitter")
 
 
+def uniform_fan_in_(tensor: Tensor, fan_in: int, generator: torch.Generator | None) -> None:
+    """Fill ``tensor`` in place from nn.Linear's default range U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+    drawn from the caller's generator so runs are reproducible.
+
+    Example:
+        >>> w = torch.empty(4, 3)
+        >>> uniform_fan_in_(w, 4, torch.Generator().manual_seed(0))
+        >>> bool(w.abs().max() <= 0.5)
+        True
+    """
+    bound = 1.0 / math.sqrt(fan_in)
+    with torch.no_grad():
+        tensor.uniform_(-bound, bound, generator=generator)
+
+
+def _every_expert(probs_NE: Tensor) -> Tensor:
+    """Experts 0..E-1 on every row, (N, E) long: the choices of a gate that uses every expert."""
+    n_rows, n_experts = probs_NE.shape
+    return torch.arange(n_experts, device=probs_NE.device).expand(n_rows, -1)
+
+
 @dataclass(frozen=True)
 class Routing:
     """What a gate decided for a batch of rows.
@@ -47,6 +68,19 @@ class Routing:
     dense: bool = False
     mask_NK: Tensor | None = None
     load_E: Tensor | None = None
+
+    @classmethod
+    def make_dense(cls, logits_NE: Tensor, probs_NE: Tensor) -> Routing:
+        """The dense routing of a gate that mixes every expert (K = E): expert k is every row's
+        k-th choice, weighted by its probability.
+
+        Example:
+            >>> logits = torch.zeros(2, 3)
+            >>> Routing.make_dense(logits, torch.softmax(logits, -1)).experts_NK.tolist()
+            [[0, 1, 2], [0, 1, 2]]
+        """
+        return cls(weights_NK=probs_NE, experts_NK=_every_expert(probs_NE), probs_NE=probs_NE,
+                   logits_NE=logits_NE, dense=True)
 
     @property
     def n_experts(self) -> int:
@@ -91,22 +125,17 @@ class SoftmaxGate(nn.Module):
         self.b_E = nn.Parameter(torch.empty(n_experts)) if bias else None
         self.reset_parameters(generator)
 
-    @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         # nn.Linear's default range, drawn from the caller's generator so runs are reproducible.
-        bound = 1.0 / math.sqrt(self.in_features)
-        self.w_DE.uniform_(-bound, bound, generator=generator)
+        uniform_fan_in_(self.w_DE, self.in_features, generator)
         if self.b_E is not None:
-            self.b_E.uniform_(-bound, bound, generator=generator)
+            uniform_fan_in_(self.b_E, self.in_features, generator)
 
     def forward(self, x_ND: Tensor) -> Routing:
         logits_NE = x_ND @ self.w_DE
         if self.b_E is not None:
             logits_NE = logits_NE + self.b_E
-        probs_NE = torch.softmax(logits_NE, dim=-1)
-        experts_NE = torch.arange(self.n_experts, device=x_ND.device).expand(x_ND.shape[0], -1)
-        return Routing(weights_NK=probs_NE, experts_NK=experts_NE, probs_NE=probs_NE,
-                       logits_NE=logits_NE, dense=True)
+        return Routing.make_dense(logits_NE, torch.softmax(logits_NE, dim=-1))
 
 
 @dataclass(frozen=True)
@@ -160,16 +189,14 @@ class RouterConfig:
 class _LinearScores(nn.Module):
     """A router's linear projection to one logit per expert (no bias, as in most MoE layers)."""
 
-    def __init__(self, d_model: int, n_experts: int, config: RouterConfig,
-                 generator: torch.Generator | None) -> None:
+    def __init__(self, d_model: int, n_experts: int, config: RouterConfig, *,
+                 generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.d_model = check_int(type(self).__name__, "d_model", d_model, minimum=1)
         self.n_experts = check_int(type(self).__name__, "n_experts", n_experts, minimum=1)
         self.config = config
         self.w_DE = nn.Parameter(torch.empty(d_model, n_experts))
-        bound = 1.0 / math.sqrt(d_model)
-        with torch.no_grad():
-            self.w_DE.uniform_(-bound, bound, generator=generator)
+        uniform_fan_in_(self.w_DE, d_model, generator)
 
     def _inputs(self, x_ND: Tensor, generator: torch.Generator | None) -> Tensor:
         if self.training and self.config.noise == "jitter":
@@ -189,7 +216,7 @@ class TopKRouter(_LinearScores):
 
     def __init__(self, d_model: int, n_experts: int, config: RouterConfig, *,
                  generator: torch.Generator | None = None) -> None:
-        super().__init__(d_model, n_experts, config, generator)
+        super().__init__(d_model, n_experts, config, generator=generator)
         self.top_k = config.top_k
         if config.noise == "gaussian":
             # Zero init: noise starts at softplus(0) = 0.69 and is learned from there.
@@ -233,10 +260,6 @@ class ExpertChoiceRouter(_LinearScores):
     its highest scores, C = capacity_factor * N * top_k / E. A row may get any number of experts,
     including none; ``Routing.mask_NK`` marks the real choices (K = E, weight 0 where unchosen)."""
 
-    def __init__(self, d_model: int, n_experts: int, config: RouterConfig, *,
-                 generator: torch.Generator | None = None) -> None:
-        super().__init__(d_model, n_experts, config, generator)
-
     def capacity(self, n_rows: int) -> int:
         c = int(math.ceil(self.config.capacity_factor * n_rows * self.config.top_k / self.n_experts))
         return max(1, min(n_rows, c))
@@ -247,9 +270,8 @@ class ExpertChoiceRouter(_LinearScores):
         rows_CE = probs_NE.topk(self.capacity(x_ND.shape[0]), dim=0).indices
         chosen_NE = torch.zeros_like(probs_NE, dtype=torch.bool)
         chosen_NE.scatter_(0, rows_CE, True)
-        experts_NE = torch.arange(self.n_experts, device=x_ND.device).expand(x_ND.shape[0], -1)
         weights_NE = probs_NE * chosen_NE
-        return Routing(weights_NE, experts_NE, probs_NE, logits_NE, mask_NK=chosen_NE)
+        return Routing(weights_NE, _every_expert(probs_NE), probs_NE, logits_NE, mask_NK=chosen_NE)
 
 
 class SigmoidBiasRouter(_LinearScores):
@@ -260,7 +282,7 @@ class SigmoidBiasRouter(_LinearScores):
 
     def __init__(self, d_model: int, n_experts: int, config: RouterConfig, *,
                  generator: torch.Generator | None = None) -> None:
-        super().__init__(d_model, n_experts, config, generator)
+        super().__init__(d_model, n_experts, config, generator=generator)
         self.top_k = config.top_k
         self.register_buffer("bias_E", torch.zeros(n_experts))
 

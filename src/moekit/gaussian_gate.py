@@ -167,16 +167,22 @@ class GaussianGate(nn.Module):
         """Centre the components on E distinct random rows of x, each with the covariance of x (or
         its diagonal), equal shares: the usual start of EM for a Gaussian mixture."""
         check_matrix("GaussianGate", "x", x_ND, n_columns=self.in_features)
+        if x_ND.shape[0] == 0:
+            raise ValueError("GaussianGate: x has no rows; pass at least one row.")
+        # Drawn on the CPU from the caller's generator, so a seed picks the same rows on any device.
         rows = torch.randperm(x_ND.shape[0], generator=generator)[: self.n_experts]
+        rows = rows.to(x_ND.device)
         rows = rows.repeat(-(-self.n_experts // rows.numel()))[: self.n_experts]
         centred_ND = x_ND - x_ND.mean(0)
         cov_DD = centred_ND.T @ centred_ND / max(x_ND.shape[0], 1)
         if self.covariance == "diag":
             cov_DD = torch.diag(cov_DD.diagonal())
         scale = float(cov_DD.diagonal().mean()) if cov_DD.numel() else 1.0
-        cov_DD = cov_DD + 1e-6 * max(scale, 1e-12) * torch.eye(self.in_features, dtype=x_ND.dtype)
+        cov_DD = cov_DD + 1e-6 * max(scale, 1e-12) * torch.eye(self.in_features, dtype=x_ND.dtype,
+                                                                device=x_ND.device)
         self.set_params(GaussianGateParams(
-            torch.full((self.n_experts,), -math.log(self.n_experts), dtype=x_ND.dtype),
+            torch.full((self.n_experts,), -math.log(self.n_experts), dtype=x_ND.dtype,
+                       device=x_ND.device),
             x_ND[rows], cov_DD.expand(self.n_experts, -1, -1)))
 
     def log_joint(self, x_ND: Tensor) -> Tensor:
@@ -190,10 +196,7 @@ class GaussianGate(nn.Module):
 
     def forward(self, x_ND: Tensor) -> Routing:
         logits_NE = self.log_joint(x_ND)
-        probs_NE = torch.softmax(logits_NE, dim=-1)
-        experts_NE = torch.arange(self.n_experts, device=x_ND.device).expand(x_ND.shape[0], -1)
-        return Routing(weights_NK=probs_NE, experts_NK=experts_NE, probs_NE=probs_NE,
-                       logits_NE=logits_NE, dense=True)
+        return Routing.make_dense(logits_NE, torch.softmax(logits_NE, dim=-1))
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from moekit._checks import check_int, check_matrix
 from moekit.experts import ExpertConfig
-from moekit.gates import GateConfig, Routing
+from moekit.gates import GateConfig, Routing, uniform_fan_in_
 from moekit.layers import MoEOutput, dense_mixture
 
 # A guard against trees whose leaves could not be held in memory (B**L experts on every row).
@@ -169,13 +169,11 @@ class TreeGate(nn.Module):
         self.b_GB = nn.Parameter(torch.empty(n_gates, branching)) if bias else None
         self.reset_parameters(generator)
 
-    @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         # nn.Linear's default range, as the flat SoftmaxGate, from the caller's generator.
-        bound = 1.0 / math.sqrt(self.in_features)
-        self.w_GDB.uniform_(-bound, bound, generator=generator)
+        uniform_fan_in_(self.w_GDB, self.in_features, generator)
         if self.b_GB is not None:
-            self.b_GB.uniform_(-bound, bound, generator=generator)
+            uniform_fan_in_(self.b_GB, self.in_features, generator)
 
     @property
     def n_experts(self) -> int:
@@ -194,10 +192,7 @@ class TreeGate(nn.Module):
 
     def forward(self, x_ND: Tensor) -> Routing:
         log_probs_NE = path_log_probs(self.node_log_probs(x_ND), self.depth, self.branching)
-        probs_NE = log_probs_NE.exp()
-        experts_NE = torch.arange(self.n_experts, device=x_ND.device).expand(x_ND.shape[0], -1)
-        return Routing(weights_NK=probs_NE, experts_NK=experts_NE, probs_NE=probs_NE,
-                       logits_NE=log_probs_NE, dense=True)
+        return Routing.make_dense(log_probs_NE, log_probs_NE.exp())
 
 
 class HierarchicalMixtureOfExperts(nn.Module):

@@ -69,10 +69,6 @@ def write_text_atomic(path: Path | str, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def config_to_dict(config: Any) -> dict[str, Any]:
-    return dataclasses.asdict(config)
-
-
 def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
     """Rebuild a (possibly nested) config dataclass from a dict, rejecting unknown keys."""
     if not isinstance(data, dict):
@@ -110,7 +106,7 @@ def save_model(model: nn.Module, directory: Path | str, *,
         "format_version": FORMAT_VERSION,
         "moekit_version": __version__,
         "class": name,
-        "config": config_to_dict(model.config),
+        "config": dataclasses.asdict(model.config),
         "metadata": metadata or {},
     }
     text = json.dumps(header, indent=2, sort_keys=True)  # fails here, before anything is written
@@ -151,11 +147,10 @@ def load_model(directory: Path | str, *, map_location: str | torch.device = "cpu
     """
     directory = Path(directory)
     header = read_header(directory)
-    classes = MODEL_CLASSES
-    cls = classes.get(header.get("class"))
+    cls = MODEL_CLASSES.get(header.get("class"))
     if cls is None:
         raise ValueError(f"load_model: unknown model class {header.get('class')!r}; "
-                         f"known: {sorted(classes)}.")
+                         f"known: {sorted(MODEL_CLASSES)}.")
     try:
         config = config_from_dict(cls.config_class, header["config"])
     except (TypeError, KeyError) as err:

@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from moekit._checks import check_choice, check_finite, check_int, check_matrix, check_positive_float
+from moekit._checks import (check_choice, check_finite, check_int, check_matrix,
+                            check_positive_float, check_same_rows)
 from moekit.losses import resolve_loss_name
 from moekit.stacked import StackedMixtureEngine, VmapEngine, supports_stacked
 from moekit.training import prepare_targets
@@ -139,6 +140,7 @@ def train_replicates(models: Sequence[nn.Module], x: Tensor, y: Tensor, lrs: Seq
     first = models[0]
     check_matrix("train_replicates", "x", x, n_columns=first.config.in_features)
     check_finite("train_replicates", "x", x)
+    check_same_rows("train_replicates", x=x, y=y)
     targets = prepare_targets("train_replicates", "y", y, out_features=first.config.out_features,
                               loss=config.loss, dtype=x.dtype)
 

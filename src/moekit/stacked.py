@@ -25,6 +25,7 @@ from moekit.layers import MixtureOfExperts
 from moekit.losses import mixture_loss
 from moekit.training import Targets
 
+
 class VmapEngine:
     """The reference: any model, its own forward, vmapped over the stacked parameters."""
 
@@ -72,8 +73,7 @@ class StackedMixtureEngine:
         self.target_ON = targets.dense_NO.T.contiguous()
         self.classes_N = targets.classes_N
         stacked, _ = stack_module_state(list(models))
-        self.params = {k: v for k, v in self._to_rows_last(stacked).items()}
-        self.has_bias = "gate.b_E" in stacked
+        self.params = self._to_rows_last(stacked)
 
     # Layout conversions between the modules' state dicts and the rows-last stacked tensors.
     def _to_rows_last(self, s: dict[str, Tensor]) -> dict[str, Tensor]:

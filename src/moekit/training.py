@@ -299,6 +299,7 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, config: TrainConfig | None = Non
         raise ValueError("fit: pass x_val and y_val together, or neither.")
     if x_val is not None:
         val = _checked_data(model, "x_val", "y_val", x_val, y_val, config, in_features, out_features)
+    _check_metrics_produced(config, targets, None if val is None else val[1])
 
     optimizer = make_optimizer(model, config)
     generator = torch.Generator().manual_seed(config.seed)
@@ -335,6 +336,28 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, config: TrainConfig | None = Non
         callback.on_train_end(state)
     logger.info("fit stopped after %d epochs (%s)", state.epoch, state.stop_reason)
     return TrainResult(state.history, state.epoch, state.stop_reason, config)
+
+
+def _check_metrics_produced(config: TrainConfig, targets: Targets, val_targets: Targets | None
+                            ) -> None:
+    """Raise a ValueError, before any training, for a requested metric no epoch will record: a
+    'val_*' metric without a validation set, or an accuracy without class-index targets."""
+    names = ["stop_metric"] + (["monitor"] if config.patience is not None else [])
+    for name in names:
+        value = getattr(config, name)
+        if value is None:
+            continue
+        prefix, _, metric = value.partition("_")
+        if prefix == "val" and val_targets is None:
+            raise ValueError(f"fit: {name}={value!r} needs a validation set; pass x_val and y_val, "
+                             f"or use {name}='train_{metric}'.")
+        used = targets if prefix == "train" else val_targets
+        if metric == "accuracy" and used.classes_N is None:
+            data = "y" if prefix == "train" else "y_val"
+            raise ValueError(f"fit: {name}={value!r} needs class-index targets (classification); "
+                             f"{data} holds floats (a regression). Pass integer class indices in "
+                             f"{data}, or use {name}='{prefix}_mse' (or '{prefix}_sse', "
+                             f"'{prefix}_loss').")
 
 
 def _checked_data(model: nn.Module, x_name: str, y_name: str, x: Tensor, y: Tensor,

@@ -158,7 +158,11 @@ class _Run:
     reached: bool
     seconds: float
     model: nn.Module
-    sweeps: int | None = None
+    sweeps: int | None = None  # None: the same as passes (set so at construction)
+
+    def __post_init__(self) -> None:
+        if self.sweeps is None:
+            self.sweeps = self.passes
 
 
 @dataclass
@@ -176,9 +180,14 @@ class _Task:
     extras: dict[str, object] = field(default_factory=dict)
 
 
+def _run_seed(config: SolversConfig, run: int) -> int:
+    """Run r's seed: the vowels module's formula for its runs (moekit.experiments.vowels)."""
+    return config.seed * 100_003 + run
+
+
 def _generator(config: SolversConfig, run: int) -> torch.Generator:
     """Run r's initial weights: the seeds of the vowels module's runs, for every solver."""
-    return torch.Generator().manual_seed(config.seed * 100_003 + run)
+    return torch.Generator().manual_seed(_run_seed(config, run))
 
 
 def _vowels(config: SolversConfig, task: VowelTask | None) -> _Task:
@@ -312,7 +321,7 @@ def _em_runs(t: _Task, gaussian: bool, config: SolversConfig) -> list[_Run]:
     for r in range(config.runs):
         model = (t.build_gaussian if gaussian else t.build)(r)
         em = EMConfig(max_iter=config.em_max_iter, stop_metric="train_mse",
-                      stop_threshold=t.criterion, seed=config.seed * 100_003 + r, progress=False)
+                      stop_threshold=t.criterion, seed=_run_seed(config, r), progress=False)
         start = time.perf_counter()
         result = fit_em(model, t.x_train, t.y_train, em)
         seconds = time.perf_counter() - start
@@ -324,7 +333,7 @@ def _em_runs(t: _Task, gaussian: bool, config: SolversConfig) -> list[_Run]:
 def _row(t: _Task, solver: str, setting: str, runs: Sequence[_Run]) -> SolverRow:
     scores = [_scores(run.model, t) for run in runs]
     reached = [run.passes for run in runs if run.reached]
-    swept = [run.sweeps if run.sweeps is not None else run.passes for run in runs if run.reached]
+    swept = [run.sweeps for run in runs if run.reached]
     return SolverRow(
         task=t.name, solver=solver, setting=setting, runs=len(runs), reached=len(reached),
         passes=float(statistics.median(reached)) if reached else None,
@@ -333,7 +342,7 @@ def _row(t: _Task, solver: str, setting: str, runs: Sequence[_Run]) -> SolverRow
         train_score=statistics.median(s[0] for s in scores),
         test_score=statistics.median(s[1] for s in scores), score=t.score,
         passes_R=tuple(run.passes for run in runs),
-        sweeps_R=tuple(run.sweeps if run.sweeps is not None else run.passes for run in runs),
+        sweeps_R=tuple(run.sweeps for run in runs),
         iterations_R=tuple(run.iterations for run in runs),
         reached_R=tuple(run.reached for run in runs), criterion=f"train mse <= {t.criterion:g}")
 
@@ -415,16 +424,21 @@ def format_table(rows: Sequence[SolverRow]) -> str:
     return "\n".join(lines + notes)
 
 
+def comparison_record(config: SolversConfig, rows: Sequence[SolverRow]) -> dict[str, object]:
+    """The JSON record of a comparison: the config, every row, and EM's pass ratio on the vowels
+    (None when the vowels were not run or a solver never reached the criterion)."""
+    return {"config": dataclasses.asdict(config), "rows": [dataclasses.asdict(r) for r in rows],
+            "vowels_em_pass_ratio": pass_ratio(rows, "vowels") if "vowels" in config.tasks
+            else None}
+
+
 def write_comparison(config: SolversConfig, out: Path | str) -> tuple[str, list[Path]]:
     """Run :func:`compare_solvers`; write ``solvers.json`` and ``solvers.md`` (the table) into
     ``out``; return the table with its verdict lines, and the files."""
     rows = compare_solvers(config)
     table = format_table(rows)
     out = Path(out)
-    record = {"config": dataclasses.asdict(config), "rows": [dataclasses.asdict(r) for r in rows],
-              "vowels_em_pass_ratio": pass_ratio(rows, "vowels") if "vowels" in config.tasks
-              else None}
     files = [out / "solvers.json", out / "solvers.md"]
-    write_text_atomic(files[0], json.dumps(record, indent=2))
+    write_text_atomic(files[0], json.dumps(comparison_record(config, rows), indent=2))
     write_text_atomic(files[1], table + "\n")
     return table, files
