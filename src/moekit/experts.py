@@ -9,7 +9,6 @@ work on log-probabilities straight from the logits of a softmax head.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +16,7 @@ from torch import Tensor, nn
 
 from moekit._checks import check_choice, check_int
 from moekit.dispatch import DispatchPlan, grouped_matmul
+from moekit.gates import uniform_fan_in_
 
 EXPERT_KINDS = ("linear", "mlp", "glu")
 HEADS = ("identity", "sigmoid", "softmax")
@@ -77,13 +77,6 @@ class ExpertConfig:
                           activation=self.activation, head=self.head, generator=generator)
 
 
-def _uniform_(tensor: Tensor, fan_in: int, generator: torch.Generator | None) -> None:
-    # nn.Linear's default range U(-1/sqrt(fan_in), 1/sqrt(fan_in)), from the caller's generator.
-    bound = 1.0 / math.sqrt(fan_in)
-    with torch.no_grad():
-        tensor.uniform_(-bound, bound, generator=generator)
-
-
 class _ExpertBank(nn.Module):
     """The checked sizes every bank has: in_features D, out_features O, n_experts E, head."""
 
@@ -118,8 +111,8 @@ class LinearExperts(_ExpertBank):
         self.reset_parameters(generator)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        _uniform_(self.w_EDO, self.in_features, generator)
-        _uniform_(self.b_EO, self.in_features, generator)
+        uniform_fan_in_(self.w_EDO, self.in_features, generator)
+        uniform_fan_in_(self.b_EO, self.in_features, generator)
 
     def forward(self, x_ND: Tensor) -> Tensor:
         """Pre-head activations of every expert on every row, shape (N, E, O)."""
@@ -151,10 +144,10 @@ class MLPExperts(_ExpertBank):
         self.reset_parameters(generator)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        _uniform_(self.w1_EDH, self.in_features, generator)
-        _uniform_(self.b1_EH, self.in_features, generator)
-        _uniform_(self.w2_EHO, self.hidden, generator)
-        _uniform_(self.b2_EO, self.hidden, generator)
+        uniform_fan_in_(self.w1_EDH, self.in_features, generator)
+        uniform_fan_in_(self.b1_EH, self.in_features, generator)
+        uniform_fan_in_(self.w2_EHO, self.hidden, generator)
+        uniform_fan_in_(self.b2_EO, self.hidden, generator)
 
     def forward(self, x_ND: Tensor) -> Tensor:
         """Pre-head activations of every expert on every row, shape (N, E, O)."""
@@ -192,8 +185,8 @@ class GLUExperts(_ExpertBank):
         self.reset_parameters(generator)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        _uniform_(self.w13_EFD, self.in_features, generator)
-        _uniform_(self.w2_EOH, self.hidden, generator)
+        uniform_fan_in_(self.w13_EFD, self.in_features, generator)
+        uniform_fan_in_(self.w2_EOH, self.hidden, generator)
 
     @property
     def w1_EDH(self) -> Tensor:

@@ -47,7 +47,7 @@ from moekit._checks import check_choice, check_int, check_positive_float
 from moekit.datasets import VowelTask, piecewise_linear, vowel_task
 from moekit.em import EMConfig, fit_em
 from moekit.experiments.piecewise import BREAKS, PIECES, DemoConfig
-from moekit.experiments.vowels import System, VowelsConfig, run_system
+from moekit.experiments.vowels import System, VowelsConfig, run_seed, run_system
 from moekit.experts import ExpertConfig
 from moekit.gaussian_gate import LocalizedMixtureOfExperts
 from moekit.io import write_text_atomic
@@ -181,8 +181,8 @@ class _Task:
 
 
 def _run_seed(config: SolversConfig, run: int) -> int:
-    """Run r's seed: the vowels module's formula for its runs (moekit.experiments.vowels)."""
-    return config.seed * 100_003 + run
+    """Run r's seed: the vowels module's, so both compare the same initial weights."""
+    return run_seed(config.seed, run)
 
 
 def _generator(config: SolversConfig, run: int) -> torch.Generator:

@@ -198,6 +198,11 @@ def _lower_bound_rule(n_steps: int, n_runs: int):
     return prune
 
 
+def run_seed(seed: int, run: int) -> int:
+    """The seed of run ``run``'s initial weights: the same for every step and every comparison."""
+    return seed * 100_003 + run
+
+
 def run_system(system: System, task: VowelTask, config: VowelsConfig, *,
                track_epochs: tuple[int, ...] = ()) -> SystemResult:
     """Explore the step grid for one system (runs x steps batched) and keep the best step's runs."""
@@ -205,7 +210,7 @@ def run_system(system: System, task: VowelTask, config: VowelsConfig, *,
     dtype = config.torch_dtype
     x_train, x_test = task.x_train.to(dtype), task.x_test.to(dtype)
     # The same initial weights for every step: run r of every step starts from seed (seed, r).
-    models = [system.build(torch.Generator().manual_seed(config.seed * 100_003 + r), dtype)
+    models = [system.build(torch.Generator().manual_seed(run_seed(config.seed, r)), dtype)
               for _ in steps for r in range(config.runs)]
     lrs = [lr for lr in steps for _ in range(config.runs)]
     replicate = ReplicateConfig(loss=system.loss, max_epochs=config.max_epochs,
