@@ -10,12 +10,12 @@ from sklearn.metrics import normalized_mutual_info_score
 from torch import nn
 
 from moekit import MixtureOfExperts, SparseMoE
-from moekit.analysis import (RoutingHistory, RoutingStore, record_routing, routing_agreement,
-                             routing_summary)
+from moekit.analysis import (RoutingHistory, RoutingStore, batch_routing, record_routing,
+                             routing_agreement, routing_summary)
 from moekit.gates import Routing
 from moekit.layers import MoEOutput
-from moekit.routing_stats import (RoutingStats, coefficient_of_variation, match_experts,
-                                  max_over_mean, nmi_from_contingency)
+from moekit.routing_stats import (RoutingStats, coefficient_of_variation, jsonable,
+                                  match_experts, max_over_mean, nmi_from_contingency)
 from moekit.training import TrainConfig, fit
 
 F64 = torch.float64
@@ -329,3 +329,42 @@ def test_a_hierarchical_mixture_is_recorded_over_its_leaves(gen):
     stats = record_routing(tree, x, torch.randint(0, 3, (100,), generator=gen)).stats
     assert stats.n_experts == 4 and stats.dense
     assert stats.load_E.sum() == pytest.approx(1.0) and stats.n_posterior_rows == 100
+
+
+@pytest.mark.parametrize("layer", ["dense", "routed"])
+def test_contributions_can_be_left_out_without_changing_the_rest(layer, gen):
+    moe = MixtureOfExperts(6, 2, 4, generator=gen) if layer == "dense" else \
+        SparseMoE(6, 4, 2, hidden=8, capacity_factor=0.5, generator=gen)
+    x = torch.randn(64, 6, generator=gen)
+    full = record_routing(moe, x, batch_size=16).stats
+    lean = record_routing(moe, x, batch_size=16, contributions=False).stats
+    assert full.contribution_share_E is not None and lean.contribution_share_E is None
+    assert {k: v for k, v in full.to_dict().items() if k != "contribution_share"} == \
+        {k: v for k, v in lean.to_dict().items() if k != "contribution_share"}
+    with torch.no_grad():
+        batch = batch_routing(moe, x, moe(x), contributions=False)
+    assert batch.contribution_NE is None and batch.kept_NE.shape == (64, 4)
+
+
+def test_jsonable_turns_arrays_and_non_finite_numbers_into_json():
+    value = {"a": np.array([1.0, np.nan]), "b": (np.int64(2), math.inf), "c": "x", "d": None}
+    assert jsonable(value) == {"a": [1.0, None], "b": [2, None], "c": "x", "d": None}
+    agreement = routing_agreement(MixtureOfExperts(2, 1, 3), MixtureOfExperts(2, 1, 3),
+                                  torch.randn(20, 2)).to_dict()
+    assert agreement["selection_overlap"] is None  # both dense: nan becomes None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_model_on_the_gpu_is_recorded_on_the_cpu(gen, tmp_path):
+    for i, (moe, y) in enumerate((
+            (MixtureOfExperts(6, 3, 4, generator=gen), torch.randint(0, 3, (64,))),
+            (MixtureOfExperts(6, 3, 4, generator=gen), torch.randn(64, 3)),
+            (SparseMoE(6, 4, 2, hidden=8, capacity_factor=0.5, generator=gen), None))):
+        x = torch.randn(64, 6, generator=gen)
+        on_cpu = record_routing(moe, x, y, batch_size=16).stats
+        on_gpu = record_routing(moe.cuda(), x.cuda(), None if y is None else y.cuda(),
+                                batch_size=16, store=tmp_path / str(i)).stats
+        np.testing.assert_allclose(on_gpu.load_E, on_cpu.load_E, atol=1e-5)
+        np.testing.assert_allclose(on_gpu.label_count_EC, on_cpu.label_count_EC)
+        np.testing.assert_allclose(on_gpu.contribution_share_E, on_cpu.contribution_share_E,
+                                   atol=1e-4)

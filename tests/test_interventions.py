@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from moekit import ExpertConfig, MixtureOfExperts, SparseMoE
+from moekit.analysis import record_routing
 from moekit.interventions import (ablate_expert, expert_importance, force_expert,
                                   scale_temperature)
 from moekit.layers import MoEOutput
@@ -220,3 +221,18 @@ def test_bad_metric_is_named(gen):
         expert_importance(moe, torch.randn(3, 2), torch.zeros(3, 1), "f1")
     with pytest.raises(ValueError, match=r"metric='accuracy' needs class-index targets"):
         expert_importance(moe, torch.randn(3, 2), torch.zeros(3, 1), "accuracy")
+
+
+def test_a_known_load_saves_the_passes_that_measure_it(gen):
+    moe = MixtureOfExperts(2, 3, 4, generator=gen).double()
+    x = torch.randn(50, 2, generator=gen, dtype=F64)
+    y = torch.randint(0, 3, (50,), generator=gen)
+    calls = []
+    moe.register_forward_hook(lambda *args: calls.append(1))
+    measured = expert_importance(moe, x, y, batch_size=20)
+    n_measured = len(calls)
+    load_E = record_routing(moe, x, batch_size=20).stats.load_E  # as analyze records it
+    calls.clear()
+    given = expert_importance(moe, x, y, batch_size=20, load_E=load_E)
+    assert given.to_dict() == measured.to_dict()
+    assert len(calls) == n_measured - 3  # the 3 batches that record the load

@@ -128,3 +128,20 @@ def test_importance_bar_chart(tmp_path):
     assert "higher is better" in left.get_xlabel()
     assert [p.get_width() for p in left.patches] == [-0.4, 0.0]
     _png(fig, tmp_path, "importance")
+
+
+def test_more_than_eight_experts_keep_their_colours_in_every_figure(gen):
+    from moekit.plots import plot_partition
+
+    moe = MixtureOfExperts(2, 3, 10, generator=gen).double()
+    x = torch.randn(200, 2, generator=gen, dtype=F64).numpy()
+    y = np.random.default_rng(0).integers(0, 3, 200)
+    ax = plot_partition(moe, x, y, ["a", "b", "c"]).axes[0]
+    drawn = {int(line.get_label().split(":")[0].removeprefix("expert ")): to_hex(line.get_color())
+             for line in ax.get_lines() if line.get_label().startswith("expert")}
+    assert drawn and drawn == {e: expert_colors(10)[e] for e in drawn}
+    load = plot_load({"load": {"load": [0.1] * 10, "primary_share": [0.1] * 10}, "dense": True,
+                      "dead_threshold": 0.01, "dead_experts": [],
+                      "imbalance": {"cv": 0.0, "max_over_mean": 1.0}, "entropy": {"ratio": 1.0}})
+    bars = load.axes[0].patches[:10]
+    assert [to_hex(b.get_facecolor()) for b in bars] == expert_colors(10)

@@ -15,6 +15,7 @@ for, streams to disk batch by batch (:class:`RoutingStore`).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import math
@@ -33,7 +34,8 @@ from moekit.dispatch import gather_rows
 from moekit.experts import apply_head
 from moekit.layers import MoEOutput
 from moekit.losses import responsibilities
-from moekit.routing_stats import BatchRouting, RoutingStats, match_experts, nmi_from_contingency
+from moekit.routing_stats import (BatchRouting, RoutingStats, jsonable, match_experts,
+                                  nmi_from_contingency)
 from moekit.routing_store import RoutingStore, StoreWriter
 from moekit.training import Callback, TrainState
 
@@ -92,10 +94,10 @@ def _dropped_NK(out: MoEOutput) -> Tensor:
 
 
 def _labels(y: Tensor, edges: np.ndarray | None) -> Tensor:
-    """Class indices as they are; float targets binned on their first column."""
+    """Class indices as they are; float targets binned on their first column (on the CPU)."""
     if not y.is_floating_point():
-        return y.reshape(-1).long()
-    value_N = (y.reshape(y.shape[0], -1)[:, 0]).double().numpy()
+        return y.reshape(-1).long().cpu()
+    value_N = (y.reshape(y.shape[0], -1)[:, 0]).double().cpu().numpy()
     return torch.from_numpy(np.searchsorted(edges[1:-1], value_N, side="right")).long()
 
 
@@ -136,60 +138,91 @@ def _routed_contributions(model: nn.Module, x: Tensor, out: MoEOutput) -> Tensor
     y_MO = apply_head(getattr(experts, "head", "identity"),
                       experts.forward_grouped(gather_rows(x_ND, plan), plan))
     size_M = (plan.weights_M.unsqueeze(-1) * y_MO).norm(dim=-1).double()
-    flat_NE = torch.zeros(x_ND.shape[0] * out.routing.n_experts, dtype=torch.float64)
+    flat_NE = size_M.new_zeros(x_ND.shape[0] * out.routing.n_experts)
     flat_NE.index_add_(0, plan.rows_M * out.routing.n_experts + plan.experts_M, size_M)
     return flat_NE.view(x_ND.shape[0], -1)
 
 
-def batch_routing(model: nn.Module, x: Tensor, out: MoEOutput, y: Tensor | None = None, *,
-                  edges: np.ndarray | None = None, likelihood: str = "gaussian",
-                  variance: float = 1.0) -> BatchRouting:
-    """Reduce a layer's :class:`MoEOutput` on one batch to a :class:`BatchRouting`."""
+def _assignment_masks(out: MoEOutput) -> tuple[Tensor, Tensor]:
+    """``(kept_NK, dropped_NK)`` of a routed layer's choices: chosen and run, chosen but dropped
+    for capacity."""
+    routing = out.routing
+    mask_NK = routing.mask_NK if routing.mask_NK is not None else \
+        torch.ones_like(routing.experts_NK, dtype=torch.bool)
+    dropped_NK = _dropped_NK(out) & mask_NK
+    return mask_NK & ~dropped_NK, dropped_NK
+
+
+def _on_cpu(batch: BatchRouting) -> BatchRouting:
+    """``batch`` with every tensor on the CPU (one already there is kept as it is, not copied)."""
+    return dataclasses.replace(batch, **{
+        f.name: value.detach().cpu() for f in dataclasses.fields(batch)
+        if isinstance(value := getattr(batch, f.name), Tensor)})
+
+
+def _reduce(model: nn.Module, x: Tensor, out: MoEOutput, y: Tensor | None, *,
+            edges: np.ndarray | None, likelihood: str, variance: float, contributions: bool,
+            assignments: bool = False) -> tuple[BatchRouting, dict[str, Tensor] | None]:
+    """:func:`batch_routing`, and with ``assignments`` a routed layer's choices as the store
+    keeps them (``experts``, ``weights``, ``kept``, ``dropped``, each (N, K)); all on the CPU."""
     routing = out.routing
     probs_NE = routing.probs_NE.detach()
     n_rows, n_experts = probs_NE.shape
+    chosen = None
     if routing.dense:
         weights_NE = routing.weights_NK.detach()
         kept_NE = torch.ones_like(weights_NE, dtype=torch.bool)
         dropped_NE = torch.zeros_like(kept_NE)
     else:
-        mask_NK = routing.mask_NK if routing.mask_NK is not None else \
-            torch.ones_like(routing.experts_NK, dtype=torch.bool)
-        dropped_NK = _dropped_NK(out) & mask_NK
-        keep_NK = mask_NK & ~dropped_NK
+        keep_NK, dropped_NK = _assignment_masks(out)
         chosen_weights_NK = routing.weights_NK.detach() * keep_NK
         weights_NE = chosen_weights_NK.new_zeros(n_rows, n_experts)
         weights_NE.scatter_add_(1, routing.experts_NK, chosen_weights_NK)
-        counts_NE = torch.zeros(n_rows, n_experts, dtype=torch.long)
+        counts_NE = torch.zeros(n_rows, n_experts, dtype=torch.long,
+                                device=routing.experts_NK.device)
         kept_NE = counts_NE.scatter_add(1, routing.experts_NK, keep_NK.long()) > 0
         dropped_NE = counts_NE.scatter_add(1, routing.experts_NK, dropped_NK.long()) > 0
+        if assignments:
+            chosen = {name: t.detach().cpu() for name, t in (
+                ("experts", routing.experts_NK), ("weights", routing.weights_NK),
+                ("kept", keep_NK), ("dropped", dropped_NK))}
     best_N = weights_NE.argmax(1)
     primary_N = torch.where(weights_NE.amax(1) > 0, best_N, torch.full_like(best_N, -1))
     labels_N = posterior_NE = contribution_NE = None
     if y is not None:
         labels_N = _labels(y, edges)
         posterior_NE = _posterior(out, y, likelihood, variance)
-        if posterior_NE is not None:
-            posterior_NE = posterior_NE.detach()
-    if out.expert_outputs is not None:
+    if contributions and out.expert_outputs is not None:
         contribution_NE = (weights_NE.unsqueeze(-1) * out.expert_outputs.detach()).norm(dim=-1)
-    else:
+    elif contributions:
         contribution_NE = _routed_contributions(model, x, out)
-    return BatchRouting(probs_NE.double(), weights_NE.double(), kept_NE, dropped_NE, primary_N,
-                        bool(routing.dense), labels_N, posterior_NE, contribution_NE)
+    batch = BatchRouting(probs_NE.double(), weights_NE.double(), kept_NE, dropped_NE, primary_N,
+                         bool(routing.dense), labels_N, posterior_NE, contribution_NE)
+    return _on_cpu(batch), chosen  # to the CPU once per batch, here
 
 
-def _store_arrays(out: MoEOutput, batch: BatchRouting) -> dict[str, np.ndarray]:
+def batch_routing(model: nn.Module, x: Tensor, out: MoEOutput, y: Tensor | None = None, *,
+                  edges: np.ndarray | None = None, likelihood: str = "gaussian",
+                  variance: float = 1.0, contributions: bool = True) -> BatchRouting:
+    """Reduce a layer's :class:`MoEOutput` on one batch to a :class:`BatchRouting` (on the CPU,
+    whatever the model's device).
+
+    ``contributions=False`` leaves out ``contribution_NE`` (None), each expert's share of the
+    output, which for a routed layer costs running every chosen expert again.
+    """
+    return _reduce(model, x, out, y, edges=edges, likelihood=likelihood, variance=variance,
+                   contributions=contributions)[0]
+
+
+def _store_arrays(batch: BatchRouting, assignments: dict[str, Tensor] | None
+                  ) -> dict[str, np.ndarray]:
+    """One batch's rows for the store; ``assignments`` from :func:`_reduce` (None when dense)."""
     arrays = {"probs": batch.probs_NE.float().numpy(),
               "primary": batch.primary_N.to(torch.int32).numpy()}
-    if not batch.dense:
-        routing = out.routing
-        mask_NK = routing.mask_NK if routing.mask_NK is not None else \
-            torch.ones_like(routing.experts_NK, dtype=torch.bool)
-        dropped_NK = _dropped_NK(out) & mask_NK
-        arrays.update(experts=routing.experts_NK.to(torch.int32).numpy(),
-                      weights=routing.weights_NK.detach().float().numpy(),
-                      kept=(mask_NK & ~dropped_NK).numpy(), dropped=dropped_NK.numpy())
+    if assignments is not None:
+        arrays.update(experts=assignments["experts"].to(torch.int32).numpy(),
+                      weights=assignments["weights"].float().numpy(),
+                      kept=assignments["kept"].numpy(), dropped=assignments["dropped"].numpy())
     if batch.labels_N is not None:
         arrays["labels"] = batch.labels_N.to(torch.int32).numpy()
     if batch.posterior_NE is not None:
@@ -211,7 +244,7 @@ class Recording:
 def target_bin_edges(y: Tensor, n_bins: int = 5) -> tuple[float, ...]:
     """Quantile edges that cut a regression target (its first column) into ``n_bins`` bins."""
     check_int("target_bin_edges", "n_bins", n_bins, minimum=1)
-    value_N = y.reshape(y.shape[0], -1)[:, 0].double().numpy()
+    value_N = y.reshape(y.shape[0], -1)[:, 0].double().cpu().numpy()
     edges = np.unique(np.quantile(value_N, np.linspace(0, 1, n_bins + 1)))
     return tuple(float(e) for e in edges) if edges.size > 1 else (float(edges[0]),) * 2
 
@@ -233,7 +266,7 @@ def record_routing(model: nn.Module, data: Tensor | Iterable, y: Tensor | None =
                    target_edges: tuple[float, ...] | None = None, n_target_bins: int = 5,
                    target_name: str = "y", target_unscale: tuple[float, float] = (0.0, 1.0),
                    likelihood: str = "gaussian", variance: float = 1.0,
-                   progress: bool = False) -> Recording:
+                   contributions: bool = True, progress: bool = False) -> Recording:
     """Run ``model`` over ``data`` in evaluation mode and record its routing of every row.
 
     Args:
@@ -251,6 +284,8 @@ def record_routing(model: nn.Module, data: Tensor | Iterable, y: Tensor | None =
             target.
         likelihood, variance: the posterior h for KL(h || p): 'gaussian' (Eq. 3's, one-hot targets
             for classes) or 'categorical' (p_e P_e(y) from the experts' class logits).
+        contributions: measure each expert's share of the output (``contribution_share_E``);
+            False skips it (for a routed layer it runs every chosen expert a second time).
         progress: show a progress bar.
 
     Returns:
@@ -280,14 +315,16 @@ def record_routing(model: nn.Module, data: Tensor | Iterable, y: Tensor | None =
             if y_batch is not None and y_batch.is_floating_point() and edges is None:
                 edges = np.asarray(target_bin_edges(y_batch, n_target_bins))
                 logger.info("record_routing: target bins from the first batch: %s", edges)
-            batch = batch_routing(model, x_batch, out, y_batch, edges=edges,
-                                  likelihood=likelihood, variance=variance)
+            batch, assignments = _reduce(model, x_batch, out, y_batch, edges=edges,
+                                         likelihood=likelihood, variance=variance,
+                                         contributions=contributions,
+                                         assignments=writer is not None)
             if stats is None:
                 stats = _new_stats(out.routing.n_experts, y_batch, class_names, edges,
                                    target_name, target_unscale)
             stats.update(batch)
             if writer is not None:
-                writer.write(_store_arrays(out, batch))
+                writer.write(_store_arrays(batch, assignments))
         ok = True
     finally:
         model.train(was_training)
@@ -335,8 +372,7 @@ class Agreement:
     n_rows: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                for k, v in self.__dict__.items()}
+        return jsonable(self.__dict__)
 
 
 @torch.no_grad()
@@ -358,8 +394,10 @@ def routing_agreement(model_a: nn.Module, model_b: nn.Module, data: Tensor | Ite
     model_b.eval()
     try:
         for x, _ in iter_batches(data, batch_size=batch_size):
-            a = batch_routing(model_a, x, moe_output(model_a(x), "routing_agreement"))
-            b = batch_routing(model_b, x, moe_output(model_b(x), "routing_agreement"))
+            a = batch_routing(model_a, x, moe_output(model_a(x), "routing_agreement"),
+                              contributions=False)
+            b = batch_routing(model_b, x, moe_output(model_b(x), "routing_agreement"),
+                              contributions=False)
             e_a, e_b = a.probs_NE.shape[1], b.probs_NE.shape[1]
             both_dense = both_dense and a.dense and b.dense
             routed = (a.primary_N >= 0) & (b.primary_N >= 0)
@@ -399,7 +437,7 @@ def routing_summary(model: nn.Module, x: Tensor, *, batch_size: int = 4096) -> d
     """A flat record of the routing on ``x``: ``load_<e>`` per expert, ``entropy_ratio``, ``cv``,
     ``dead`` (count). Keys are what :func:`moekit.plots_analysis.plot_routing_over_training` reads
     (with the ``routing_`` prefix that :class:`RoutingHistory` adds)."""
-    stats = record_routing(model, x, batch_size=batch_size).stats
+    stats = record_routing(model, x, batch_size=batch_size, contributions=False).stats
     record = {f"load_{e}": float(v) for e, v in enumerate(stats.load_E)}
     record.update(entropy_ratio=stats.entropy_ratio, cv=stats.cv,
                   dead=float(len(stats.dead_experts())))

@@ -25,13 +25,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from moekit._checks import check_int, check_positive_float
-from moekit.analysis import record_routing
+from moekit.analysis import _dense_targets, record_routing
 from moekit.gates import ExpertChoiceRouter, Routing, SigmoidBiasRouter, TopKRouter
 from moekit.layers import MoEOutput, combine
+from moekit.routing_stats import jsonable
 
 # An edit maps (routing, the layer's input rows, the router or None) to a new routing.
 Edit = Callable[[Routing, Tensor, nn.Module | None], Routing]
@@ -224,8 +226,7 @@ def _accuracy(output_NO: Tensor, y: Tensor) -> float:
 
 
 def _mse(output_NO: Tensor, y: Tensor) -> float:
-    target_NO = y.reshape(output_NO.shape[0], -1).to(output_NO.dtype) if y.is_floating_point() \
-        else nn.functional.one_hot(y.reshape(-1).long(), output_NO.shape[-1]).to(output_NO.dtype)
+    target_NO = _dense_targets(y, output_NO.shape[-1], output_NO.dtype)
     return float((output_NO - target_NO).square().mean())
 
 
@@ -259,14 +260,10 @@ class ImportanceTable:
     temperatures: list[dict[str, float]]
 
     def to_dict(self) -> dict[str, Any]:
-        def clean(value: Any) -> Any:
-            return None if isinstance(value, float) and not math.isfinite(value) else value
-
-        return {"metric": self.metric, "higher_is_better": self.higher_is_better,
-                "baseline": clean(self.baseline),
-                "experts": [{k: clean(v) for k, v in dataclasses.asdict(r).items()}
-                            for r in self.rows],
-                "temperatures": [{k: clean(v) for k, v in t.items()} for t in self.temperatures]}
+        return jsonable({"metric": self.metric, "higher_is_better": self.higher_is_better,
+                         "baseline": self.baseline,
+                         "experts": [dataclasses.asdict(r) for r in self.rows],
+                         "temperatures": self.temperatures})
 
 
 @torch.no_grad()
@@ -282,8 +279,8 @@ def _outputs(model: nn.Module, x: Tensor, batch_size: int) -> Tensor:
 def expert_importance(model: nn.Module, x: Tensor, y: Tensor | None = None,
                       metric: str | Callable[[Tensor, Tensor], float] = "auto", *,
                       layer: nn.Module | None = None, higher_is_better: bool | None = None,
-                      temperatures: Sequence[float] = (0.5, 2.0), batch_size: int = 4096
-                      ) -> ImportanceTable:
+                      temperatures: Sequence[float] = (0.5, 2.0), batch_size: int = 4096,
+                      load_E: Sequence[float] | np.ndarray | None = None) -> ImportanceTable:
     """Ablate each expert, force every row to each expert, and rescale the gate's temperature;
     report the task metric under each beside the baseline.
 
@@ -295,6 +292,9 @@ def expert_importance(model: nn.Module, x: Tensor, y: Tensor | None = None,
             ``metric(output_NO, y) -> float`` (say which way is better with ``higher_is_better``).
         layer: the mixture layer inside ``model`` to intervene on (default: ``model`` itself).
         temperatures: gate temperatures to try.
+        load_E: each expert's load where it is known already (say ``Recording.stats.load_E`` from
+            :func:`~moekit.analysis.record_routing` on the same ``x``), which saves a pass over
+            ``x``; None measures it when ``layer`` is ``model`` (and leaves it nan otherwise).
 
     Example:
         >>> from moekit import MixtureOfExperts
@@ -322,9 +322,10 @@ def expert_importance(model: nn.Module, x: Tensor, y: Tensor | None = None,
 
         baseline = score(base_NO)
         # The load is measured where the layer's input is x: when the layer is the model.
-        load_E = record_routing(model, x, batch_size=batch_size).stats.load_E \
-            if layer is model else None
-        n_experts = _n_experts(layer, model, x)
+        if load_E is None and layer is model:
+            load_E = record_routing(model, x, batch_size=batch_size,
+                                    contributions=False).stats.load_E
+        n_experts = len(load_E) if load_E is not None else _n_experts(layer, model, x)
         rows = []
         for e in range(n_experts):
             ablated, ablated_NO = math.nan, base_NO

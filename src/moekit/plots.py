@@ -18,7 +18,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from torch import nn  # noqa: E402
 
+from moekit.analysis import moe_output  # noqa: E402
 from moekit.io import atomic_path  # noqa: E402
 from moekit.layers import MixtureOfExperts  # noqa: E402
 
@@ -27,7 +29,6 @@ CLASS_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 # is replaced by grey so that an expert's colour never hides the black data markers and lines.
 OKABE_ITO = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442",
              "#999999")
-EXPERT_COLORS = OKABE_ITO
 
 
 def expert_colors(n: int) -> list[str]:
@@ -39,10 +40,6 @@ def expert_colors(n: int) -> list[str]:
     return [matplotlib.colors.to_hex(cmap(i % 20)) for i in range(n)]
 
 
-def _color(i: int) -> str:
-    return EXPERT_COLORS[i % len(EXPERT_COLORS)]
-
-
 def save_figure(fig: Figure, path: Path | str) -> Path:
     """Write a figure atomically as PNG and close it."""
     path = Path(path)
@@ -52,9 +49,13 @@ def save_figure(fig: Figure, path: Path | str) -> Path:
     return path
 
 
-def _grid(x_N2: np.ndarray, steps: int = 200, margin: float = 0.08):
+def _grid(x_N2: np.ndarray, steps: int = 200, margin: float = 0.08, floor: float = 0.0
+          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A ``steps`` x ``steps`` grid over the points' box widened by ``margin`` of its span, plus
+    ``floor`` (so that a constant feature still spans something): the two meshgrid coordinate
+    arrays and the grid points (G, 2), G = steps^2, first coordinate fastest."""
     lo, hi = x_N2.min(0), x_N2.max(0)
-    pad = (hi - lo) * margin
+    pad = (hi - lo) * margin + floor
     g0 = np.linspace(lo[0] - pad[0], hi[0] + pad[0], steps)
     g1 = np.linspace(lo[1] - pad[1], hi[1] + pad[1], steps)
     m0, m1 = np.meshgrid(g0, g1)
@@ -62,9 +63,18 @@ def _grid(x_N2: np.ndarray, steps: int = 200, margin: float = 0.08):
 
 
 @torch.no_grad()
-def _gate_probs(model: MixtureOfExperts, points_G2: np.ndarray) -> np.ndarray:
+def gate_probs(model: nn.Module, x_ND: np.ndarray, batch_size: int = 8192) -> np.ndarray:
+    """The gate's distribution p(x) on numpy rows, (N, E), in evaluation mode."""
     dtype = next(model.parameters()).dtype
-    return model(torch.as_tensor(points_G2, dtype=dtype)).routing.probs_NE.double().numpy()
+    was_training = model.training
+    model.eval()
+    try:
+        parts = [moe_output(model(torch.as_tensor(x_ND[i:i + batch_size], dtype=dtype)),
+                            "gate_probs").routing.probs_NE.double().numpy()
+                 for i in range(0, len(x_ND), batch_size)]
+    finally:
+        model.train(was_training)
+    return np.concatenate(parts)
 
 
 def scatter_classes(ax: Axes, x_N2: np.ndarray, y_N: np.ndarray, labels: Sequence[str]) -> None:
@@ -86,7 +96,7 @@ def expert_line(model: MixtureOfExperts, expert: int, classes: tuple[int, int]
 
 def expert_class_pairs(model: MixtureOfExperts, x_N2: np.ndarray, y_N: np.ndarray) -> list[tuple[int, int]]:
     """For each expert, the two classes it is most responsible for (by gate-weighted counts)."""
-    p_NE = _gate_probs(model, x_N2)
+    p_NE = gate_probs(model, x_N2)
     n_classes = int(y_N.max()) + 1
     weight_EC = np.stack([p_NE[y_N == c].sum(0) for c in range(n_classes)], axis=1)
     return [tuple(int(c) for c in np.argsort(-row)[:2]) for row in weight_EC]
@@ -105,7 +115,7 @@ def _draw_line(ax: Axes, normal: np.ndarray, offset: float, xlim, ylim, **style)
 
 
 def active_experts(model: MixtureOfExperts, x_N2: np.ndarray, threshold: float = 0.01) -> list[bool]:
-    return list(_gate_probs(model, x_N2).mean(0) >= threshold)
+    return list(gate_probs(model, x_N2).mean(0) >= threshold)
 
 
 def plot_partition(model: MixtureOfExperts, x_N2: np.ndarray, y_N: np.ndarray,
@@ -117,11 +127,12 @@ def plot_partition(model: MixtureOfExperts, x_N2: np.ndarray, y_N: np.ndarray,
     ax = ax or fig.add_subplot()
     scatter_classes(ax, x_N2, y_N, labels)
     m0, m1, points = _grid(x_N2)
-    p_GE = _gate_probs(model, points)
+    p_GE = gate_probs(model, points)
     winner = p_GE.argmax(1).reshape(m0.shape)
     xlim, ylim = (m0.min(), m0.max()), (m1.min(), m1.max())
     active = active_experts(model, x_N2)
     pairs = expert_class_pairs(model, x_N2, y_N)
+    colors = expert_colors(model.config.n_experts)
     for e in range(model.config.n_experts):
         if (winner == e).any() and active[e]:
             ax.contour(m0, m1, (winner == e).astype(float), levels=[0.5], colors="k",
@@ -130,7 +141,7 @@ def plot_partition(model: MixtureOfExperts, x_N2: np.ndarray, y_N: np.ndarray,
         if not is_active:
             continue
         normal, offset = expert_line(model, e, pair)
-        _draw_line(ax, normal, offset, xlim, ylim, color=_color(e), lw=1.6, ls="--",
+        _draw_line(ax, normal, offset, xlim, ylim, color=colors[e], lw=1.6, ls="--",
                    label=f"expert {e}: {labels[pair[0]]} | {labels[pair[1]]}")
     inactive = [str(e) for e, a in enumerate(active) if not a]
     ax.plot([], [], color="k", lw=2.2, label="gate boundary")
@@ -152,8 +163,8 @@ def plot_mixing_proportions(model: MixtureOfExperts, x_N2: np.ndarray, y_N: np.n
     fig, axes = plt.subplots(rows, cols, figsize=(3.1 * cols, 2.8 * rows), squeeze=False,
                              sharex=True, sharey=True)
     m0, m1, points = _grid(x_N2, steps=120)
-    p_GE = _gate_probs(model, points)
-    mean_E = _gate_probs(model, x_N2).mean(0)
+    p_GE = gate_probs(model, points)
+    mean_E = gate_probs(model, x_N2).mean(0)
     for e, ax in enumerate(axes.flat):
         if e >= n:
             ax.axis("off")
@@ -185,19 +196,20 @@ def plot_lines_over_time(model: MixtureOfExperts, snapshots: Sequence[tuple[int,
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols + 1.8, 3.2 * rows), squeeze=False,
                              sharex=True, sharey=True, layout="constrained")
     final_pairs = expert_class_pairs(model, x_N2, y_N)
+    colors = expert_colors(len(final_pairs))
     m0, m1, _ = _grid(x_N2)
     xlim, ylim = (m0.min(), m0.max()), (m1.min(), m1.max())
     frame = MixtureOfExperts.from_config(model.config).to(next(model.parameters()).dtype)
     for ax, (epoch, state) in zip(axes.flat, chosen):
         frame.load_state_dict(state)
         scatter_classes(ax, x_N2, y_N, labels)
-        mean_E = _gate_probs(frame, x_N2).mean(0)
+        mean_E = gate_probs(frame, x_N2).mean(0)
         for e, pair in enumerate(final_pairs):
             normal, offset = expert_line(frame, e, pair)
-            _draw_line(ax, normal, offset, xlim, ylim, color=_color(e),
+            _draw_line(ax, normal, offset, xlim, ylim, color=colors[e],
                        lw=0.4 + 3.0 * mean_E[e], alpha=0.9 if mean_E[e] >= 0.01 else 0.35)
         ax.set(xlim=xlim, ylim=ylim, title=f"epoch {epoch}")
-    handles = [plt.Line2D([], [], color=_color(e), lw=2,
+    handles = [plt.Line2D([], [], color=colors[e], lw=2,
                           label=f"expert {e}: {labels[a]} | {labels[b]}")
                for e, (a, b) in enumerate(final_pairs)]
     fig.legend(handles=handles, loc="outside right center", fontsize=8)
@@ -214,15 +226,16 @@ def plot_training_curves(curves: dict[str, np.ndarray], criterion: float, *,
                          ylabel: str = "average squared error") -> Figure:
     """The stop metric against epochs for each system: median over runs and the 10-90% band."""
     fig, ax = plt.subplots(figsize=(7.0, 4.4))
+    colors = expert_colors(len(curves))  # one colour per system, from the experts' palette
     for i, (name, curves_RT) in enumerate(curves.items()):
         last = int(np.max(np.nonzero(~np.isnan(curves_RT).all(0))[0])) + 1
         c_RT = curves_RT[:, :last]
         # A run that stopped holds its last value, so the band shows every run to the end.
         filled = _hold_last(c_RT)
         epochs = np.arange(last)
-        ax.plot(epochs, np.median(filled, 0), color=_color(i), label=name)
+        ax.plot(epochs, np.median(filled, 0), color=colors[i], label=name)
         ax.fill_between(epochs, np.percentile(filled, 10, 0), np.percentile(filled, 90, 0),
-                        color=_color(i), alpha=0.2)
+                        color=colors[i], alpha=0.2)
     ax.axhline(criterion, color="k", ls=":", lw=1, label=f"criterion {criterion}")
     ax.set(xlabel="epoch", ylabel=ylabel, yscale="log")
     ax.legend(fontsize=8)

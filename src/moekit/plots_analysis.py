@@ -17,15 +17,13 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
-import torch
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from torch import nn
 
-from moekit.analysis import moe_output
 from moekit.history import History
-from moekit.plots import CLASS_MARKERS, expert_colors
+from moekit.plots import CLASS_MARKERS, _grid, expert_colors, gate_probs  # gate_probs re-exported
 
 HEATMAP = "cividis"
 MAX_POINTS = 2000  # data points drawn over a partition (a fixed subsample beyond that)
@@ -61,21 +59,6 @@ class Plane:
         return self.origin_D + uv_G2 @ self.basis_2D
 
 
-@torch.no_grad()
-def gate_probs(model: nn.Module, x_ND: np.ndarray, batch_size: int = 8192) -> np.ndarray:
-    """The gate's distribution p(x) on numpy rows, (N, E), in evaluation mode."""
-    dtype = next(model.parameters()).dtype
-    was_training = model.training
-    model.eval()
-    try:
-        parts = [moe_output(model(torch.as_tensor(x_ND[i:i + batch_size], dtype=dtype)),
-                            "gate_probs").routing.probs_NE.double().numpy()
-                 for i in range(0, len(x_ND), batch_size)]
-    finally:
-        model.train(was_training)
-    return np.concatenate(parts)
-
-
 def _subsample(n: int) -> np.ndarray:
     if n <= MAX_POINTS:
         return np.arange(n)
@@ -109,11 +92,8 @@ def plot_gate_partition(model: nn.Module, x_ND: np.ndarray, labels_N: np.ndarray
         return _plot_gate_1d(model, x_ND, feature_names, title)
     plane = Plane.of(x_ND, feature_names)
     uv_N2 = plane.project(x_ND)
-    lo, hi = uv_N2.min(0), uv_N2.max(0)
-    pad = (hi - lo) * 0.06 + 1e-9
-    g0, g1 = (np.linspace(lo[i] - pad[i], hi[i] + pad[i], steps) for i in (0, 1))
-    m0, m1 = np.meshgrid(g0, g1)
-    p_GE = gate_probs(model, plane.lift(np.stack([m0.ravel(), m1.ravel()], 1)))
+    m0, m1, uv_G2 = _grid(uv_N2, steps, margin=0.06, floor=1e-9)
+    p_GE = gate_probs(model, plane.lift(uv_G2))
     n_experts = p_GE.shape[1]
     colors_E3 = np.array([to_rgb(c) for c in expert_colors(n_experts)])
     winner_G = p_GE.argmax(1)
@@ -125,7 +105,7 @@ def plot_gate_partition(model: nn.Module, x_ND: np.ndarray, labels_N: np.ndarray
               (axes[1], 0.75 * soft_G3 + 0.25, "soft proportions (colours mixed by p)"))
     for ax, image, what in panels:
         ax.imshow(image.reshape(steps, steps, 3), origin="lower", aspect="auto",
-                  extent=(g0[0], g0[-1], g1[0], g1[-1]), interpolation="nearest")
+                  extent=(m0[0, 0], m0[0, -1], m1[0, 0], m1[-1, 0]), interpolation="nearest")
         ax.contour(m0, m1, winner_G.reshape(m0.shape), levels=np.arange(n_experts) + 0.5,
                    colors="k", linewidths=0.9)
         _scatter_labels(ax, uv_N2, labels_N, label_names)
@@ -245,8 +225,8 @@ def plot_routing_over_training(history: History | list[dict[str, Any]], *, title
     top.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     bottom.plot(epoch, np.asarray(history[:, "routing_entropy_ratio"], dtype=float), color="k")
     bottom.set(ylabel="gate entropy / log E", xlabel="epoch", ylim=(0, 1.02))
-    if epoch.size and epoch.max() > 50 * max(epoch[epoch > 0].min(initial=1), 1):
-        bottom.set_xscale("symlog", linthresh=1)  # early epochs matter most; 0 stays on the axis
+    if epoch.size and epoch.max() > 50:  # a long run: early epochs matter most
+        bottom.set_xscale("symlog", linthresh=1)  # linear below 1, so epoch 0 stays on the axis
     if epoch.size:
         bottom.set_xlim(epoch.min(), epoch.max())
     top.set_title((title + ": " if title else "") + "routing over training", fontsize=11)

@@ -7,16 +7,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
+# moekit.plots first: importing it selects the Agg backend before pyplot loads.
+from moekit.plots import CLASS_MARKERS, OKABE_ITO, _grid, expert_colors  # isort: skip
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from moekit.history import History
-from moekit.plots import CLASS_MARKERS, expert_colors
 
 
 def plot_learning_curves(history: History) -> Figure:
@@ -29,8 +27,9 @@ def plot_learning_curves(history: History) -> Figure:
         for split, style in (("train", "-"), ("val", "--")):
             name = f"{split}_{metric}"
             if name in keys:
-                ax.plot(epochs, history.column(name), style, color="#0072B2" if split == "train"
-                        else "#D55E00", label="training" if split == "train" else "validation")
+                ax.plot(epochs, history.column(name), style,
+                        color=OKABE_ITO[0] if split == "train" else OKABE_ITO[1],
+                        label="training" if split == "train" else "validation")
         ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
@@ -43,11 +42,8 @@ def plot_gate_regions(gate_proba: Callable[[np.ndarray], np.ndarray], x_N2: np.n
                       steps: int = 200) -> Figure:
     """The gate's partition of the input plane: each point coloured by its leading expert, shaded by
     how sure the gate is, with the data on top (one marker per class or target bin)."""
-    lo, hi = x_N2.min(0), x_N2.max(0)
-    pad = (hi - lo) * 0.06 + 1e-9
-    g0, g1 = np.meshgrid(np.linspace(lo[0] - pad[0], hi[0] + pad[0], steps),
-                         np.linspace(lo[1] - pad[1], hi[1] + pad[1], steps))
-    p_GE = gate_proba(np.column_stack([g0.ravel(), g1.ravel()]))
+    g0, g1, points_G2 = _grid(x_N2, steps, margin=0.06, floor=1e-9)
+    p_GE = gate_proba(points_G2)
     n_experts = p_GE.shape[1]
     leader = p_GE.argmax(1).reshape(g0.shape)
     confidence = p_GE.max(1).reshape(g0.shape)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,11 +50,16 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]], *,
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def figure(path: Path | str, caption: str) -> str:
-    """Embed a PNG so the report is one file that can be mailed or archived."""
-    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-    return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
-            f"<figcaption>{html.escape(caption)} ({html.escape(Path(path).name)})</figcaption></figure>")
+def figure(path: Path | str, caption: str, *, link_from: Path | str | None = None) -> str:
+    """Embed a PNG so the report is one file that can be mailed or archived; with ``link_from``
+    (the folder of the report) link to the file instead, by its path relative to that folder."""
+    path = Path(path)
+    if link_from is None:
+        source = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+    else:
+        source = html.escape(Path(os.path.relpath(path, link_from)).as_posix())
+    return (f'<figure><img alt="{html.escape(caption)}" src="{source}">'
+            f"<figcaption>{html.escape(caption)} ({html.escape(path.name)})</figcaption></figure>")
 
 
 def render(title: str, sections: Sequence[Section]) -> str:

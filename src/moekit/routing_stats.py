@@ -251,7 +251,7 @@ class RoutingStats:
         """Every statistic, JSON-ready (NaN becomes None)."""
         has_labels = bool(self.label_count_EC.sum())
         contribution = self.contribution_share_E
-        return _jsonable({
+        return jsonable({
             "rows": self.n_rows, "n_experts": self.n_experts, "dense": self.dense,
             "top_k": self.n_experts if self.dense else self.top_k,
             "load": {"load": self.load_E, "mean_proportion": self.mean_proportion_E,
@@ -332,13 +332,20 @@ def match_experts(overlap_AB: np.ndarray) -> np.ndarray:
     return match_A
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """``value`` made JSON-ready: dicts, lists, tuples and arrays recursively, numpy scalars as
+    Python numbers, and a non-finite float (NaN, inf) as None.
+
+    Example:
+        >>> jsonable({"a": np.array([1.0, np.nan]), "b": (np.int64(2), math.inf)})
+        {'a': [1.0, None], 'b': [2, None]}
+    """
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
+        return {k: jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
+        return jsonable(value.tolist())
     if isinstance(value, (float, np.floating)):
         return None if not math.isfinite(float(value)) else float(value)
     if isinstance(value, np.integer):

@@ -9,10 +9,8 @@ the `moekit fit` report use it).
 
 from __future__ import annotations
 
-import html
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from moekit.analysis import record_routing, routing_agreement
+from moekit.analysis import _labels, record_routing, routing_agreement
 from moekit.history import History
 from moekit.interventions import expert_importance
 from moekit.io import write_text_atomic
@@ -150,13 +148,15 @@ def analyze(model: nn.Module, x: Tensor, y: Tensor | None = None, *, out_dir: Pa
                                                 else "classes"),
               "target_edges": list(rec.target_edges) if rec.target_edges else None},
         likelihood=likelihood if stats["posterior"] else None,
-        importance=expert_importance(model, x, y, batch_size=batch_size).to_dict(),
+        importance=expert_importance(model, x, y, batch_size=batch_size,
+                                     load_E=rec.stats.load_E).to_dict(),
         agreement=None,
     )
     if reference is not None:
         stats["agreement"] = dict(routing_agreement(model, reference, x, batch_size=batch_size)
                                   .to_dict(), reference=reference_name)
-    labels_N = None if y is None else _row_labels(y, rec.target_edges)
+    edges = None if rec.target_edges is None else np.asarray(rec.target_edges)
+    labels_N = None if y is None else _labels(y, edges).numpy()
     stats["figures"] = _figures(model, x_ND, labels_N, stats, out, feature_names, history,
                                 figure_title)
     write_text_atomic(out / JSON_FILE, json.dumps(stats, indent=1))
@@ -175,13 +175,6 @@ def analyze_input(item: AnalysisInput, out_dir: Path | str, **options: Any) -> d
                    figure_title=item.name.replace("_", " "), description=item.description,
                    likelihood=item.likelihood, variance=item.variance,
                    target_name=item.target_name, target_unscale=item.target_unscale, **options)
-
-
-def _row_labels(y: Tensor, edges: tuple[float, ...] | None) -> np.ndarray:
-    if not y.is_floating_point():
-        return y.reshape(-1).long().numpy()
-    value_N = y.reshape(y.shape[0], -1)[:, 0].double().numpy()
-    return np.searchsorted(np.asarray(edges)[1:-1], value_N, side="right")
 
 
 def _figures(model: nn.Module, x_ND: Tensor, labels_N: np.ndarray | None, stats: dict[str, Any],
@@ -275,12 +268,6 @@ def summary_sentences(stats: dict[str, Any]) -> list[str]:
     return found
 
 
-def _linked_figure(path: Path, caption: str, link_from: Path) -> str:
-    rel = Path(os.path.relpath(path, link_from)).as_posix()
-    return (f'<figure><img alt="{html.escape(caption)}" src="{html.escape(rel)}">'
-            f"<figcaption>{html.escape(caption)} ({html.escape(path.name)})</figcaption></figure>")
-
-
 def analysis_sections(stats: dict[str, Any], out_dir: Path | str, *, heading: str = "",
                       embed_figures: bool = True, link_from: Path | str | None = None
                       ) -> list[Section]:
@@ -347,7 +334,7 @@ def analysis_sections(stats: dict[str, Any], out_dir: Path | str, *, heading: st
     for key, name in stats["figures"].items():
         path = out / name
         caption = CAPTIONS.get(key, key)
-        figures.append(figure(path, caption) if embed_figures
-                       else _linked_figure(path, caption, Path(link_from or out)))
+        figures.append(figure(path, caption,
+                              link_from=None if embed_figures else Path(link_from or out)))
     sections.append(Section(prefix + "Routing figures", "".join(figures)))
     return sections
