@@ -41,9 +41,8 @@ RowSelector = Callable[[Tensor], Tensor]
 
 
 def _dense_routing(probs_NE: Tensor) -> Routing:
-    experts_NE = torch.arange(probs_NE.shape[1], device=probs_NE.device).expand_as(probs_NE)
     logits_NE = probs_NE.clamp_min(1e-300).log().masked_fill(probs_NE == 0, -math.inf)
-    return Routing(probs_NE, experts_NE, probs_NE, logits_NE, dense=True)
+    return Routing.make_dense(logits_NE, probs_NE)
 
 
 @contextmanager
