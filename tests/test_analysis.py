@@ -11,8 +11,9 @@ from torch import nn
 
 from moekit import MixtureOfExperts, SparseMoE
 from moekit.analysis import (RoutingHistory, RoutingStore, batch_routing, record_routing,
-                             routing_agreement, routing_summary)
+                             routing_summary)
 from moekit.gates import Routing
+from moekit.routing_agreement import routing_agreement
 from moekit.layers import MoEOutput
 from moekit.routing_stats import (RoutingStats, coefficient_of_variation, jsonable,
                                   match_experts, max_over_mean, nmi_from_contingency)

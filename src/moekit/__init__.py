@@ -33,7 +33,7 @@ __all__ = [
 _LAZY = {"MixtureOfExpertsClassifier": "moekit.estimators",
          "MixtureOfExpertsRegressor": "moekit.estimators",
          "save_estimator": "moekit.estimator_io", "load_estimator": "moekit.estimator_io",
-         "record_routing": "moekit.analysis", "routing_agreement": "moekit.analysis",
+         "record_routing": "moekit.analysis", "routing_agreement": "moekit.routing_agreement",
          "RoutingHistory": "moekit.analysis", "ablate_expert": "moekit.interventions",
          "force_expert": "moekit.interventions", "scale_temperature": "moekit.interventions",
          "expert_importance": "moekit.interventions"}

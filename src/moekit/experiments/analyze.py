@@ -20,11 +20,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from moekit.analysis import _labels, record_routing, routing_agreement
+from moekit.analysis import _labels, record_routing
 from moekit.history import History
 from moekit.interventions import expert_importance
 from moekit.io import write_text_atomic
 from moekit.plots import save_figure
+from moekit.routing_agreement import routing_agreement
 from moekit.plots_analysis import (plot_coactivation, plot_expert_by_label, plot_gate_partition,
                                    plot_importance, plot_load, plot_routing_over_training)
 from moekit.report import Section, figure, table, text, write_report
