@@ -11,6 +11,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils._param_validation import InvalidParameterError
 
 from moekit.estimators import MixtureOfExpertsClassifier, MixtureOfExpertsRegressor
+from moekit.experts import LinearExperts, MLPExperts
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,8 @@ def test_string_labels_and_feature_names_come_back(iris):
 
 def test_regressor_splits_a_two_piece_line():
     X, y = piecewise()
-    reg = MixtureOfExpertsRegressor(n_experts=2, max_epochs=600, alpha=0.0, random_state=0).fit(X, y)
+    reg = MixtureOfExpertsRegressor(n_experts=2, expert="linear", lr=0.05, max_epochs=600,
+                                    alpha=0.0, random_state=0).fit(X, y)
     assert reg.score(X, y) > 0.99
     # each side of the break is taken by one expert
     gate_NE = reg.gate_proba(X)
@@ -111,7 +113,9 @@ def test_partial_fit_rejects_auto(iris):
 
 def test_auto_picks_by_bic_and_keeps_the_curve():
     X, y = piecewise(200)
-    reg = MixtureOfExpertsRegressor(n_experts="auto", auto_candidates=(1, 2, 4), max_epochs=300,
+    # linear experts: one MLP expert could bend to both pieces
+    reg = MixtureOfExpertsRegressor(n_experts="auto", expert="linear", lr=0.05,
+                                    auto_candidates=(1, 2, 4), max_epochs=300,
                                     random_state=0).fit(X, y)
     curve = reg.n_experts_curve_
     assert curve["n_experts"] == [1, 2, 4] and len(curve["bic"]) == 3
@@ -246,3 +250,17 @@ def test_refit_by_gradient_drops_the_em_variances():
     assert hasattr(reg, "expert_variance_")
     reg.set_params(solver="adam", max_epochs=5).fit(X, y)
     assert not hasattr(reg, "expert_variance_")
+
+
+def test_auto_alpha_is_two_over_the_training_rows_and_auto_expert_follows_the_solver(iris):
+    X, y = iris
+    auto = MixtureOfExpertsClassifier(n_experts=2, max_epochs=20, random_state=0).fit(X, y)
+    fixed = MixtureOfExpertsClassifier(n_experts=2, max_epochs=20, alpha=2 / len(y),
+                                       random_state=0).fit(X, y)
+    np.testing.assert_array_equal(auto.predict_proba(X), fixed.predict_proba(X))
+    other = MixtureOfExpertsClassifier(n_experts=2, max_epochs=20, alpha=0.5,
+                                       random_state=0).fit(X, y)
+    assert not np.allclose(auto.predict_proba(X), other.predict_proba(X))
+    assert isinstance(auto.model_.experts, MLPExperts)
+    em = MixtureOfExpertsClassifier(n_experts=2, solver="em", max_epochs=5, random_state=0)
+    assert isinstance(em.fit(X, y).model_.experts, LinearExperts)

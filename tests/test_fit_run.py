@@ -71,7 +71,7 @@ def test_report_rewrites_the_report(class_run, capsys):
 def test_regression_with_auto_experts(tmp_path):
     out = tmp_path / "run"
     assert main(["fit", str(TWO_LINES), "--target", "y", "--experts", "auto", "--out", str(out),
-                 "--no-progress", "--max-epochs", "300"]) == 0
+                 "--expert", "linear", "--lr", "0.05", "--alpha", "0.01", "--no-progress", "--max-epochs", "300"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["task"] == "regress" and summary["score_name"] == "R^2"
     assert summary["n_experts_curve"]["n_experts"] == [1, 2, 3, 4, 6, 8]
@@ -192,6 +192,10 @@ def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", str(CLASSES), "--target", "label", "--experts", "many"])
     assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", str(CLASSES), "--target", "label", "--alpha", "-1"])
+    assert exit_info.value.code == 2
+    assert "expected 'auto' or a number >= 0; got '-1'" in capsys.readouterr().err
 
 
 def test_analyze_a_fit_run_on_its_own_data_and_on_other_data(class_run, tmp_path, capsys):

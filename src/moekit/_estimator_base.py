@@ -81,7 +81,7 @@ class _MixtureEstimator(BaseEstimator):
 
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
         "n_experts": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
-        "expert": [StrOptions({"linear", "mlp"})],
+        "expert": [StrOptions({"auto", "linear", "mlp"})],
         "expert_hidden": [Interval(Integral, 1, None, closed="left")],
         "gate": [StrOptions({"softmax", "gaussian"})],
         "loss": [StrOptions(LOSSES)],
@@ -89,7 +89,7 @@ class _MixtureEstimator(BaseEstimator):
         "max_epochs": [Interval(Integral, 1, None, closed="left")],
         "lr": [Interval(Real, 0, None, closed="neither")],
         "batch_size": [Interval(Integral, 1, None, closed="left"), None],
-        "alpha": [Interval(Real, 0, None, closed="left")],
+        "alpha": [Interval(Real, 0, None, closed="left"), StrOptions({"auto"})],
         "tol": [Interval(Real, 0, None, closed="left")],
         "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
         "early_stopping": ["boolean"],
@@ -100,10 +100,10 @@ class _MixtureEstimator(BaseEstimator):
         "verbose": ["verbose"],
     }
 
-    def __init__(self, *, n_experts: int | str = 4, expert: str = "linear", expert_hidden: int = 16,
+    def __init__(self, *, n_experts: int | str = 4, expert: str = "auto", expert_hidden: int = 32,
                  gate: str = "softmax", loss: str = "nll", solver: str = "adam",
-                 max_epochs: int = 500, lr: float = 0.05, batch_size: int | None = None,
-                 alpha: float = 1e-2, tol: float = 1e-4, n_iter_no_change: int = 10,
+                 max_epochs: int = 500, lr: float = 0.01, batch_size: int | None = None,
+                 alpha: float | str = "auto", tol: float = 1e-4, n_iter_no_change: int = 10,
                  early_stopping: bool = False, validation_fraction: float = 0.1,
                  auto_candidates: tuple[int, ...] = (1, 2, 3, 4, 6, 8), auto_criterion: str = "bic",
                  random_state: int | np.random.RandomState | None = None,
@@ -206,7 +206,7 @@ class _MixtureEstimator(BaseEstimator):
             self._optimizer, self._generator = None, torch.Generator().manual_seed(seed)
         x_ND = self._to_tensor(X)
         if self.solver == "em":
-            config = self._em_config(seed, max_iter=1, init="data" if first else "model")
+            config = self._em_config(seed, len(t), max_iter=1, init="data" if first else "model")
             record = fit_em(self.model_, x_ND, self._target_tensor(t), config).history[-1]
         else:
             record = self._gradient_pass(x_ND, t)
@@ -215,7 +215,7 @@ class _MixtureEstimator(BaseEstimator):
         return self
 
     def _gradient_pass(self, x_ND: torch.Tensor, t: np.ndarray) -> dict[str, float]:
-        config = self._train_config(0, max_epochs=1)
+        config = self._train_config(0, len(t), max_epochs=1)
         if self._optimizer is None:
             self._optimizer = make_optimizer(self.model_, config)
         if self._generator is None:  # a reloaded estimator
@@ -225,11 +225,22 @@ class _MixtureEstimator(BaseEstimator):
         train_epoch(self.model_, self._optimizer, x_ND, targets, config, self._generator)
         return evaluate(self.model_, x_ND, targets, config, "train")
 
-    def _em_config(self, seed: int, *, max_iter: int | None = None, init: str = "data"
-                   ) -> EMConfig:
+    def _expert_kind(self) -> str:
+        """'auto' is an MLP expert for the gradient solvers and the linear one EM fits exactly."""
+        if self.expert == "auto":
+            return "linear" if self.solver == "em" else "mlp"
+        return self.expert
+
+    def _alpha(self, n_rows: int) -> float:
+        """'auto' is 2 / n_rows: a fixed Gaussian prior on the weights (precision 2) against the
+        summed log-likelihood, so the penalty on the mean loss shrinks as rows grow."""
+        return 2.0 / max(n_rows, 1) if self.alpha == "auto" else float(self.alpha)
+
+    def _em_config(self, seed: int, n_rows: int, *, max_iter: int | None = None,
+                   init: str = "data") -> EMConfig:
         # alpha is the ridge of every weighted least-squares and Newton system
         return EMConfig(max_iter=max_iter or self.max_epochs, tol=max(self.tol, 1e-12),
-                        ridge=self.alpha or EMConfig.ridge, init=init, seed=seed,
+                        ridge=self._alpha(n_rows) or EMConfig.ridge, init=init, seed=seed,
                         progress=bool(self.verbose))
 
     def _check_solver(self) -> None:
@@ -240,7 +251,7 @@ class _MixtureEstimator(BaseEstimator):
                              f"solver={self.solver!r}. Pass solver='em'.")
         if self.solver != "em":
             return
-        refused = {"expert": (self.expert, "linear"), "loss": (self.loss, "nll"),
+        refused = {"expert": (self._expert_kind(), "linear"), "loss": (self.loss, "nll"),
                    "early_stopping": (self.early_stopping, False)}
         if self.n_experts == "auto":
             refused["auto_criterion"] = (self.auto_criterion, "bic")
@@ -263,7 +274,7 @@ class _MixtureEstimator(BaseEstimator):
         return torch.as_tensor(np.ascontiguousarray(t))
 
     def _build(self, n_experts: int, seed: int) -> MixtureOfExperts | LocalizedMixtureOfExperts:
-        expert = ExpertConfig(kind=self.expert, hidden=self.expert_hidden, head=self._head)
+        expert = ExpertConfig(kind=self._expert_kind(), hidden=self.expert_hidden, head=self._head)
         generator = torch.Generator().manual_seed(seed)
         if self.gate == "gaussian":
             return LocalizedMixtureOfExperts(self.n_features_in_, self._n_outputs(), n_experts,
@@ -271,11 +282,11 @@ class _MixtureEstimator(BaseEstimator):
         return MixtureOfExperts(self.n_features_in_, self._n_outputs(), n_experts, expert=expert,
                                 generator=generator).to(DTYPE)
 
-    def _train_config(self, seed: int, *, max_epochs: int | None = None,
+    def _train_config(self, seed: int, n_rows: int, *, max_epochs: int | None = None,
                       validation: bool = False) -> TrainConfig:
         return TrainConfig(loss=self._loss_name(), optimizer=SOLVERS[self.solver], lr=self.lr,
                            max_epochs=max_epochs or self.max_epochs, batch_size=self.batch_size,
-                           weight_decay=self.alpha, patience=self.n_iter_no_change,
+                           weight_decay=self._alpha(n_rows), patience=self.n_iter_no_change,
                            min_delta=self.tol,
                            monitor="val_loss" if validation else "train_loss", seed=seed,
                            progress=bool(self.verbose))
@@ -286,12 +297,14 @@ class _MixtureEstimator(BaseEstimator):
         validation = self.early_stopping if validation is None else validation
         model = self._build(n_experts, seed)
         if self.solver == "em":
-            return model, fit_em(model, x_ND, self._target_tensor(t), self._em_config(seed))
-        config = self._train_config(seed, validation=validation)
+            return model, fit_em(model, x_ND, self._target_tensor(t),
+                                 self._em_config(seed, len(t)))
         if not validation:
+            config = self._train_config(seed, len(t))
             return model, fit(model, x_ND, self._target_tensor(t), config)
         labels = t if t.ndim == 1 and t.dtype.kind == "i" else None  # class indices
         train_rows, val_rows = holdout_split(len(t), self.validation_fraction, seed, labels)
+        config = self._train_config(seed, len(train_rows), validation=True)
         keep_best = _KeepBest()
         result = fit(model, x_ND[train_rows], self._target_tensor(t[train_rows]), config,
                      x_val=x_ND[val_rows], y_val=self._target_tensor(t[val_rows]),

@@ -155,6 +155,19 @@ def _experts(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected a number of experts or 'auto'; got {text!r}") from None
 
 
+def _alpha(text: str) -> float | str:
+    """An argparse type for --alpha: 'auto' or a number >= 0."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number >= 0; got {text!r}")
+    return value
+
+
 def _add_fit(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "fit", allow_abbrev=False, help="fit a mixture of experts to a CSV file",
@@ -166,14 +179,17 @@ def _add_fit(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--task", choices=("classify", "regress"),
                    help="default: classify text and integer targets with at most 20 values")
     p.add_argument("--experts", type=_experts, default=4, help="number of experts, or 'auto' (BIC)")
-    p.add_argument("--expert", choices=("linear", "mlp"), default="linear", help="expert kind")
-    p.add_argument("--hidden", type=int, default=16, help="hidden units of an mlp expert")
+    p.add_argument("--expert", choices=("auto", "linear", "mlp"), default="auto",
+                   help="expert kind (default auto: mlp, or linear with --solver em)")
+    p.add_argument("--hidden", type=int, default=32, help="hidden units of an mlp expert (default 32)")
     p.add_argument("--loss", choices=("nll", "competitive", "cooperative"), default="nll")
     p.add_argument("--solver", choices=("gd", "adam", "lbfgs", "em"), default="adam",
                    help="gd (the paper's), adam (default), lbfgs, or em (linear experts)")
     p.add_argument("--gate", choices=("softmax", "gaussian"), default="softmax",
                    help="softmax (the paper's) or gaussian (localized; needs --solver em)")
-    p.add_argument("--lr", type=float, default=0.05, help="step size (default 0.05)")
+    p.add_argument("--lr", type=float, default=0.01, help="step size (default 0.01)")
+    p.add_argument("--alpha", type=_alpha, default="auto",
+                   help="L2 penalty on the weights, or 'auto' (default): 2 / training rows")
     p.add_argument("--max-epochs", type=int, default=500, help="epoch cap (default 500)")
     p.add_argument("--validation-fraction", type=float, default=0.2,
                    help="rows held out to score the model (default 0.2; 0 for none)")
@@ -193,7 +209,7 @@ def _run_fit(args: argparse.Namespace) -> int:
     config = FitRunConfig(
         data=args.data, target=args.target, out=args.out, task=args.task, n_experts=args.experts,
         expert=args.expert, hidden=args.hidden, loss=args.loss, solver=args.solver,
-        gate=args.gate, lr=args.lr,
+        gate=args.gate, lr=args.lr, alpha=args.alpha,
         max_epochs=args.max_epochs, validation_fraction=args.validation_fraction,
         one_hot=args.one_hot, missing=args.missing, seed=args.seed, overwrite=args.overwrite,
         progress=not args.no_progress)

@@ -39,7 +39,8 @@ class MixtureOfExpertsClassifier(ClassifierMixin, _MixtureEstimator):
         n_experts: E, or 'auto' to fit each of ``auto_candidates`` and keep the best by
             ``auto_criterion`` ('bic', or 'validation' loss); the curve is kept in
             ``n_experts_curve_``.
-        expert: 'linear' (the paper's) or 'mlp' (one hidden layer of ``expert_hidden`` tanh units).
+        expert: 'linear' (the paper's), 'mlp' (one hidden layer of ``expert_hidden`` tanh units),
+            or 'auto' (the default): 'mlp' for the gradient solvers, 'linear' for solver='em'.
         gate: 'softmax', the paper's gate, or 'gaussian', the localized gate of Xu, Jordan & Hinton
             (1995), fitted with solver='em'.
         loss: 'nll', 'competitive' or 'cooperative'.
@@ -48,7 +49,9 @@ class MixtureOfExpertsClassifier(ClassifierMixin, _MixtureEstimator):
             iterations, ``tol`` is the relative rise of the log-likelihood below which it stops,
             ``alpha`` the ridge of its least-squares and Newton systems).
         max_epochs, lr, batch_size: passes over the data, step size, rows per step (None: all).
-        alpha: L2 penalty on the weights, alpha / 2 * sum of squares, added to the objective.
+        alpha: L2 penalty on the weights, alpha / 2 * sum of squares, added to the mean loss; or
+            'auto' (the default), 2 / n_samples: a fixed Gaussian prior on the weights against
+            the summed log-likelihood, so that more rows are regularised less.
         tol, n_iter_no_change: stop when the monitored loss has not improved by ``tol`` for
             ``n_iter_no_change`` epochs.
         early_stopping: hold out ``validation_fraction`` of the rows, monitor their loss and keep

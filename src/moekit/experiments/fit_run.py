@@ -45,12 +45,13 @@ class FitRunConfig:
     out: str = "runs/fit"
     task: str | None = None
     n_experts: int | str = 4
-    expert: str = "linear"
-    hidden: int = 16
+    expert: str = "auto"
+    hidden: int = 32
     loss: str = "nll"
     solver: str = "adam"
     gate: str = "softmax"
-    lr: float = 0.05
+    lr: float = 0.01
+    alpha: float | str = "auto"
     max_epochs: int = 500
     validation_fraction: float = 0.2
     one_hot: bool = False
@@ -70,7 +71,7 @@ def _estimator(config: FitRunConfig, task: str):
     cls = MixtureOfExpertsClassifier if task == "classify" else MixtureOfExpertsRegressor
     return cls(n_experts=config.n_experts, expert=config.expert, expert_hidden=config.hidden,
                loss=config.loss, solver=config.solver, gate=config.gate, lr=config.lr,
-               max_epochs=config.max_epochs,
+               alpha=config.alpha, max_epochs=config.max_epochs,
                random_state=config.seed, verbose=int(config.progress))
 
 
