@@ -71,7 +71,8 @@ def test_report_rewrites_the_report(class_run, capsys):
 def test_regression_with_auto_experts(tmp_path):
     out = tmp_path / "run"
     assert main(["fit", str(TWO_LINES), "--target", "y", "--experts", "auto", "--out", str(out),
-                 "--expert", "linear", "--lr", "0.05", "--alpha", "0.01", "--no-progress", "--max-epochs", "300"]) == 0
+                 "--expert", "linear", "--lr", "0.05", "--alpha", "0.01", "--no-progress",
+                 "--max-epochs", "300"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["task"] == "regress" and summary["score_name"] == "R^2"
     assert summary["n_experts_curve"]["n_experts"] == [1, 2, 3, 4, 6, 8]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from moekit._version import __version__
 
@@ -146,26 +146,24 @@ def _run_vowels(args: argparse.Namespace) -> int:
     return 0
 
 
-def _experts(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of experts or 'auto'; got {text!r}") from None
+def _auto_or(convert: Callable[[str], float], expected: str, minimum: float | None = None
+             ) -> Callable[[str], float | str]:
+    """An argparse type taking 'auto' or a number that ``convert`` reads (at least ``minimum``)."""
+    def parse(text: str) -> float | str:
+        if text == "auto":
+            return text
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or (minimum is not None and not value >= minimum):
+            raise argparse.ArgumentTypeError(f"expected {expected}; got {text!r}")
+        return value
+    return parse
 
 
-def _alpha(text: str) -> float | str:
-    """An argparse type for --alpha: 'auto' or a number >= 0."""
-    if text == "auto":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number >= 0; got {text!r}")
-    return value
+_experts = _auto_or(int, "a number of experts or 'auto'")
+_alpha = _auto_or(float, "'auto' or a number >= 0", minimum=0.0)
 
 
 def _add_fit(subparsers: argparse._SubParsersAction) -> None:
