@@ -40,21 +40,47 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
-def layer_step(n_experts: int, tokens: int, top_k: int, steps: int, keep: bool) -> dict:
-    """Median forward + backward time and minor page faults per step of moekit's SwiGLU layer."""
-    kept = keep_freed_memory() if keep else False
+LAYERS = ("moekit SwiGLU", "moekit MLP", "deepspeed MLP")
+
+
+def _layer(name: str, n_experts: int, top_k: int):
+    """(module, run) for one of ``LAYERS``; run(module, x) gives the output to differentiate."""
     import torch
+    from torch import nn
 
     from moekit.layers import SparseMoE
 
-    torch.set_num_threads(2)
+    generator = torch.Generator().manual_seed(0)
+    if name == "deepspeed MLP":  # per-expert nn.Linear weights, dropless
+        from deepspeed.moe.layer import MoE
+
+        expert = nn.Sequential(nn.Linear(D_MODEL, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, D_MODEL))
+        layer = MoE(hidden_size=D_MODEL, expert=expert, num_experts=n_experts, ep_size=1, k=top_k,
+                    drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=False)
+        return layer, lambda m, x: m(x)[0]
+    experts = {"moekit SwiGLU": {}, "moekit MLP": {"experts": "mlp", "activation": "relu"}}[name]
     layer = SparseMoE(D_MODEL, n_experts, top_k, hidden=HIDDEN, load_balance_weight=0.0,
-                      generator=torch.Generator().manual_seed(0))
+                      generator=generator, **experts)
+    return layer, lambda m, x: m(x).output
+
+
+def layer_step(name: str, n_experts: int, tokens: int, top_k: int, steps: int, keep: bool
+               ) -> dict:
+    """Median forward + backward time and minor page faults per step of one layer."""
+    kept = keep_freed_memory() if keep else False
+    import torch
+
+    torch.set_num_threads(2)
+    if name.startswith("deepspeed"):
+        from layer_throughput import _deepspeed_group
+
+        _deepspeed_group()
+    layer, run = _layer(name, n_experts, top_k)
     x = torch.randn(1, tokens, D_MODEL, generator=torch.Generator().manual_seed(1))
     grad = torch.randn(1, tokens, D_MODEL, generator=torch.Generator().manual_seed(2))
 
     def step() -> None:
-        layer(x.detach().requires_grad_(True)).output.backward(grad)
+        run(layer, x.detach().requires_grad_(True)).backward(grad)
         layer.zero_grad(set_to_none=True)
 
     for _ in range(2):
@@ -66,7 +92,7 @@ def layer_step(n_experts: int, tokens: int, top_k: int, steps: int, keep: bool) 
         step()
         times.append(time.perf_counter() - start)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    return {"experts": n_experts, "allocator": "kept" if kept else "default",
+    return {"layer": name, "experts": n_experts, "allocator": "kept" if kept else "default",
             "median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times),
             "max_ms": 1e3 * max(times), "faults_per_step": statistics.median(faults)}
 
@@ -112,9 +138,9 @@ def _interleaved(a, b, steps: int) -> tuple[float, float]:
     return 1e3 * statistics.median(times_a), 1e3 * statistics.median(times_b)
 
 
-def _in_subprocess(n_experts: int, args: argparse.Namespace, keep: bool) -> dict:
+def _in_subprocess(name: str, n_experts: int, args: argparse.Namespace, keep: bool) -> dict:
     """A fresh process per configuration: the allocator setting and heap state do not leak."""
-    cmd = [sys.executable, __file__, "--_child", f"{n_experts},{int(keep)}", "--tokens",
+    cmd = [sys.executable, __file__, "--_child", f"{name},{n_experts},{int(keep)}", "--tokens",
            str(args.tokens), "--top-k", str(args.top_k), "--steps", str(args.steps)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -126,21 +152,26 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2, help="alternations of each configuration")
+    parser.add_argument("--layers", default=",".join(LAYERS[:2]),
+                        help=f"comma-separated, of {', '.join(LAYERS)} (deepspeed: an extra)")
     parser.add_argument("--json", default="benchmarks/expert_count_cost.json")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
-        n_experts, keep = (int(v) for v in args._child.split(","))
-        print(json.dumps(layer_step(n_experts, args.tokens, args.top_k, args.steps, bool(keep))))
+        name, n_experts, keep = args._child.split(",")
+        print(json.dumps(layer_step(name, int(n_experts), args.tokens, args.top_k, args.steps,
+                                    keep == "1")))
         return
     load_before = os.getloadavg()[0]
     print(f"2 threads, fp32, D={D_MODEL}, H={HIDDEN}, {args.tokens} tokens, K={args.top_k}; "
           f"load average {load_before:.2f}")
-    runs = [_in_subprocess(e, args, keep) for _ in range(args.rounds)
+    layers = [name for name in LAYERS if name in args.layers]
+    runs = [_in_subprocess(name, e, args, keep) for _ in range(args.rounds) for name in layers
             for e in (8, 64) for keep in (False, True)]
-    print(f"\n  {'E':>3} {'allocator':>10} {'ms (median)':>12} {'min-max':>12} {'faults/step':>12}")
+    print(f"\n  {'layer':<14} {'E':>3} {'allocator':>10} {'ms (median)':>12} {'min-max':>12} "
+          f"{'faults/step':>12}")
     for r in runs:
-        print(f"  {r['experts']:>3} {r['allocator']:>10} {r['median_ms']:>12.0f} "
+        print(f"  {r['layer']:<14} {r['experts']:>3} {r['allocator']:>10} {r['median_ms']:>12.0f} "
               f"{r['min_ms']:>5.0f}-{r['max_ms']:<6.0f} {r['faults_per_step']:>12.0f}")
     rows_per_expert = args.tokens * args.top_k // 64
     blocks = matmul_blocks(64, rows_per_expert, args.steps)

@@ -174,6 +174,16 @@ def _available_peers() -> set[str]:
     return found
 
 
+def _deepspeed_group() -> None:
+    """deepspeed's MoE layer needs a process group: one process, gloo."""
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29533")):
+        os.environ.setdefault(key, value)
+    import deepspeed
+
+    deepspeed.init_distributed("gloo")
+
+
 def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",")]
 
@@ -191,13 +201,8 @@ def main() -> None:
     if args.quick:
         args.tokens, args.experts, args.top_k, args.repeats = [256], [8], [2], 1
     peers = _available_peers()
-    if "deepspeed" in peers:  # its MoE layer needs a process group: one process, gloo
-        for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
-                           ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29533")):
-            os.environ.setdefault(key, value)
-        import deepspeed
-
-        deepspeed.init_distributed("gloo")
+    if "deepspeed" in peers:
+        _deepspeed_group()
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, fp32, D={D_MODEL}, "

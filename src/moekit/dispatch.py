@@ -7,7 +7,8 @@ Only the chosen experts are computed: the (row, expert) assignments of a :class:
 by expert (a stable sort, so rows keep their order inside each block), each expert's weights multiply
 its block in one grouped matmul (``torch.nn.functional.grouped_mm`` where it supports the dtype and
 device; a loop over experts elsewhere), and the results are added back to their rows, scaled by the
-routing weights. Dropless by default; with a capacity factor, the assignments beyond an expert's
+routing weights. On a CPU the weight gradients of the grouped matmul are written into memory reused
+from step to step (:mod:`moekit.grad_memory`). Dropless by default; with a capacity factor, the assignments beyond an expert's
 capacity are dropped, and the plan lists exactly which (row, expert) pairs were dropped.
 
 Three ways to run the per-expert matmuls, all exact:
@@ -27,6 +28,7 @@ import torch
 from torch import Tensor
 
 from moekit.gates import Routing
+from moekit.grad_memory import GroupedMatmulReusedGrad
 
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STRATEGIES = ("auto", "padded", "grouped_mm", "loop")
@@ -136,6 +138,9 @@ def grouped_matmul(x_MD: Tensor, w_EDH: Tensor, plan: DispatchPlan, *, strategy:
     if strategy == "padded":
         return grouped_matmul_padded(x_MD, w_EDH, plan)
     if strategy == "grouped_mm":
+        if (x_MD.device.type == "cpu" and w_EDH.requires_grad and torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
+            return GroupedMatmulReusedGrad.apply(x_MD, w_EDH, plan.offsets_E)
         y_MH = torch.nn.functional.grouped_mm(x_MD, w_EDH, offs=plan.offsets_E)
         if y_MH.requires_grad and not torch.compiler.is_compiling():
             # grouped_mm's backward rejects broadcast (stride-0) gradients; give it real ones.
