@@ -1,12 +1,16 @@
 """Why E = 64 costs more than E = 8 per useful FLOP on a CPU: the two measured causes.
 
     .venv/bin/python benchmarks/expert_count_cost.py [--tokens 2048] [--top-k 2] [--steps 8]
+                                                     [--layers "moekit SwiGLU,moekit MLP,deepspeed MLP"]
 
-1. Fresh gradient memory. Every backward allocates the experts' weight gradients anew (E x 3 x D x H
-   floats: 400 MB at E = 64), glibc serves blocks that large with mmap and returns them on free, so
-   every step page-faults them in again. Each configuration runs in its own process, once with the
-   default allocator and once with glibc told to keep freed memory (``mallopt``: no mmap, no trim);
-   the minor page faults per step are counted with ``getrusage``.
+1. Fresh memory, page-faulted every step. Blocks over 32 MB are served by glibc with mmap and
+   returned on free, so memory allocated afresh every step is faulted in again every step: at
+   E = 64 the experts' weight gradients (400 MB) were, until moekit started writing them into
+   memory reused from step to step (moekit.grad_memory). Each configuration runs in its own
+   process, once with the default allocator and once with glibc told to keep freed memory
+   (``mallopt``: no mmap, no trim), which shows what page faults still cost; the minor page faults
+   per step are counted with ``getrusage``. ``--layers`` adds deepspeed's MoE layer (per-expert
+   nn.Linear weights) for comparison.
 2. Small blocks. With N*K/E rows per expert (64 at 2048 tokens, K = 2, E = 64), each expert's
    matmuls are skinny; the per-expert loop of the forward, input-gradient and weight-gradient
    matmuls is timed against the same FLOPs as one dense matmul.
