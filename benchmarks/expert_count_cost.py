@@ -1,7 +1,7 @@
 """Why E = 64 costs more than E = 8 per useful FLOP on a CPU: the two measured causes.
 
     .venv/bin/python benchmarks/expert_count_cost.py [--tokens 2048] [--top-k 2] [--steps 8]
-                                                     [--layers "moekit SwiGLU,moekit MLP,deepspeed MLP"]
+        [--layers "moekit SwiGLU,moekit MLP,deepspeed MLP"]
 
 1. Fresh memory, page-faulted every step. Blocks over 32 MB are served by glibc with mmap and
    returned on free, so memory allocated afresh every step is faulted in again every step: at

@@ -3,13 +3,13 @@
     .venv/bin/python benchmarks/tabular.py [--folds 5] [--seeds 0,2,3,4] [--tuned-seeds 0]
                                            [--threads 2] [--out benchmarks/tabular.json]
 
-Repeated 5-fold cross-validation (stratified for classifiers): one split per seed, the same folds for
-every model; mean and spread of the test score (accuracy, or R^2 for diabetes) over every fold of
-every seed, and the mean fit time. Seed 1 is left out by default: the estimators' defaults were
+Repeated 5-fold cross-validation (stratified for classifiers): one split per seed, the same folds
+for every model; mean and spread of the test score (accuracy, or R^2 for diabetes) over every fold
+of every seed, and the mean fit time. Seed 1 is left out by default: the estimators' defaults were
 chosen on its folds. The scikit-learn models get a StandardScaler in front (moekit standardises
-inside); every model uses its default settings except max_iter, raised so that the MLP converges. The
-mixtures use one configuration for every data set: the defaults, and 4 linear experts (the paper's)
-for reference.
+inside); every model uses its default settings except max_iter, raised so that the MLP converges.
+The mixtures use one configuration for every data set: the defaults, and 4 linear experts (the
+paper's) for reference.
 
 A second block of rows (on ``--tuned-seeds`` only: it costs 25 fits per fold) tunes the mixture and
 the MLP alike, each over a grid of 8 settings by 3-fold cross-validation inside each training fold
@@ -124,8 +124,8 @@ def run(folds: int, seeds: list[int], tuned_seeds: list[int]) -> list[dict[str, 
 
 
 def markdown(rows: list[dict[str, object]]) -> str:
-    lines = ["| data (rows × features) | model | seeds | score (mean ± sd over folds) | fit time (s) |",
-             "|---|---|---|---|---|"]
+    lines = ["| data (rows × features) | model | seeds | score (mean ± sd over folds) "
+             "| fit time (s) |", "|---|---|---|---|---|"]
     for r in rows:
         seeds = ",".join(str(s) for s in r["seeds"])
         lines.append(f"| {r['data']} ({r['rows']} × {r['features']}) | {r['model']} | {seeds} | "

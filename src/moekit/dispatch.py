@@ -8,8 +8,9 @@ by expert (a stable sort, so rows keep their order inside each block), each expe
 its block in one grouped matmul (``torch.nn.functional.grouped_mm`` where it supports the dtype and
 device; a loop over experts elsewhere), and the results are added back to their rows, scaled by the
 routing weights. On a CPU the weight gradients of the grouped matmul are written into memory reused
-from step to step (:mod:`moekit.grad_memory`). Dropless by default; with a capacity factor, the assignments beyond an expert's
-capacity are dropped, and the plan lists exactly which (row, expert) pairs were dropped.
+from step to step (:mod:`moekit.grad_memory`). Dropless by default; with a capacity factor, the
+assignments beyond an expert's capacity are dropped, and the plan lists exactly which (row, expert)
+pairs were dropped.
 
 Three ways to run the per-expert matmuls, all exact:
     'grouped_mm'  torch.nn.functional.grouped_mm on the jagged blocks, no padding (the default

@@ -39,22 +39,25 @@ class _Block:
         key = id(owner)
         # Keyed by id, not by the tensor: a dict would compare tensors with ==, elementwise.
         self.owner = weakref.ref(owner, lambda _: _BLOCKS.pop(key, None))
+        self._unused_refs = self._refs()  # measured, not assumed: interpreters count differently
 
     def fits(self, owner: Tensor, dtype: np.dtype) -> bool:
         return (self.owner() is owner and self.array.shape == tuple(owner.shape)
                 and self.array.dtype == dtype)
 
+    def _refs(self) -> int:
+        return sys.getrefcount(self.array)
+
     def in_use(self) -> bool:
-        """Whether a tensor on the block is alive (refcount beyond this attribute and the call's
-        argument)."""
-        return sys.getrefcount(self.array) > 2
+        """Whether a tensor on the block is alive: each one holds a reference to the array."""
+        return self._refs() > self._unused_refs
 
 
 _BLOCKS: dict[int, _Block] = {}
 
 
 def _owner(weight: Tensor) -> Tensor:
-    """The tensor that owns ``weight``'s memory: the parameter itself, or the one it is a view of."""
+    """The tensor owning ``weight``'s memory: the parameter itself, or the one it is a view of."""
     return weight if weight._base is None else weight._base
 
 
