@@ -22,7 +22,6 @@ fp32, 2 threads, D = 512, H = 1024 (benchmarks/layer_throughput.py's sizes); med
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import resource
@@ -33,18 +32,6 @@ import time
 from pathlib import Path
 
 D_MODEL, HIDDEN = 512, 1024
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt parameters
-
-
-def keep_freed_memory() -> bool:
-    """Tell glibc to serve every block from its heap and never give freed memory back."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
-
-
 LAYERS = ("moekit SwiGLU", "moekit MLP", "deepspeed MLP")
 
 
@@ -72,6 +59,8 @@ def _layer(name: str, n_experts: int, top_k: int):
 def layer_step(name: str, n_experts: int, tokens: int, top_k: int, steps: int, keep: bool
                ) -> dict:
     """Median forward + backward time and minor page faults per step of one layer."""
+    from moekit.cpu_memory import keep_freed_memory
+
     kept = keep_freed_memory() if keep else False
     import torch
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moekit.cpu_memory import keep_freed_memory
 from moekit.experts import ExpertConfig
 from moekit.layers import MixtureOfExperts, SparseMoE
 
@@ -196,17 +197,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="256 tokens, E = 8, K = 2, 1 repeat")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="glibc keeps freed memory (moekit.keep_freed_memory), for every variant")
     parser.add_argument("--json", default="benchmarks/layer_throughput.json")
     args = parser.parse_args()
     if args.quick:
         args.tokens, args.experts, args.top_k, args.repeats = [256], [8], [2], 1
+    kept = keep_freed_memory() if args.keep_freed_memory else False
     peers = _available_peers()
     if "deepspeed" in peers:
         _deepspeed_group()
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, fp32, D={D_MODEL}, "
-          f"H={HIDDEN}; peers: {sorted(peers) or 'none installed'}; load average {load_before:.2f}")
+          f"H={HIDDEN}; peers: {sorted(peers) or 'none installed'}; freed memory kept: {kept}; "
+          f"load average {load_before:.2f}")
     rows = []
     for n in args.tokens:
         for e in args.experts:
@@ -225,6 +230,7 @@ def main() -> None:
     load_after = os.getloadavg()[0]
     print(f"\nload average before {load_before:.2f}, after {load_after:.2f}")
     Path(args.json).write_text(json.dumps({"torch": torch.__version__, "threads": args.threads,
+                                           "keep_freed_memory": kept,
                                            "load_before": load_before, "load_after": load_after,
                                            "rows": rows}, indent=2))
     print(f"wrote {args.json}")
