@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from moekit.dispatch import grouped_matmul, grouped_matmul_loop, plan_dispatch
+from moekit.dispatch import grouped_matmul, grouped_matmul_loop, per_expert_rows, plan_dispatch
 from moekit.experts import ACTIVATIONS
 from moekit.gates import RouterConfig
 from moekit.layers import SparseMoE
@@ -143,12 +143,27 @@ def test_fast_matmul_strategies_match_the_loop(gen, strategy):
 
 
 @pytest.mark.parametrize("strategy", ["padded", "loop"])
-def test_every_strategy_matches_the_reference_in_float64(gen, strategy, monkeypatch):
+@pytest.mark.parametrize("experts", ["swiglu", "mlp"])
+def test_every_strategy_matches_the_reference_in_float64(gen, strategy, experts, monkeypatch):
     import moekit.dispatch as dispatch
 
     monkeypatch.setattr(dispatch, "choose_strategy", lambda *args: strategy)
-    layer = SparseMoE(6, 4, 2, hidden=5, capacity_factor=0.75, generator=gen)
+    layer = SparseMoE(6, 4, 2, hidden=5, capacity_factor=0.75, experts=experts, generator=gen)
     _compare(layer, torch.randn(13, 6, generator=gen, dtype=F64))
+
+
+def test_per_expert_rows_equal_the_gather(gen):
+    # Capacity drops and an expert no row chose: the repeated blocks must still line up.
+    layer = SparseMoE(6, 4, 2, hidden=5, generator=gen)
+    routing = layer.router(torch.randn(17, 6, generator=gen))  # 4 experts, planned as 5
+    plan = plan_dispatch(routing, 5, capacity_factor=0.6)
+    assert plan.dropped_rows.numel() > 0 and plan.counts_E[4] == 0
+    bias = torch.randn(5, 3, generator=gen, dtype=F64, requires_grad=True)
+    probe = torch.randn(plan.rows_M.numel(), 3, generator=gen, dtype=F64)
+    fast, slow = per_expert_rows(bias, plan), bias[plan.experts_M]
+    torch.testing.assert_close(fast, slow, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(fast, bias, probe)[0],
+                               torch.autograd.grad(slow, bias, probe)[0])
 
 
 def test_bad_strategy(gen):

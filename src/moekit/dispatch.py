@@ -167,6 +167,13 @@ def grouped_matmul_loop(x_MD: Tensor, w_EDH: Tensor, counts_E: Tensor) -> Tensor
     return torch.cat([block @ w_EDH[e] for e, block in enumerate(blocks)], dim=0)
 
 
+def per_expert_rows(values_EX: Tensor, plan: DispatchPlan) -> Tensor:
+    """Expert e's row of ``values_EX`` (a bias) for each of its assignments, in plan order, (M, X):
+    ``values_EX[plan.experts_M]``, as repeated blocks, whose backward is a segment sum rather than
+    an indexed accumulate (2.5-3x faster for a (16384, 1024) bias, forward and backward)."""
+    return values_EX.repeat_interleave(plan.counts_E, dim=0, output_size=plan.rows_M.numel())
+
+
 def gather_rows(x_ND: Tensor, plan: DispatchPlan) -> Tensor:
     """The input rows in plan (expert) order, shape (M, D)."""
     return x_ND.index_select(0, plan.rows_M)

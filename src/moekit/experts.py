@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit._checks import check_choice, check_int
-from moekit.dispatch import DispatchPlan, grouped_matmul
+from moekit.dispatch import DispatchPlan, grouped_matmul, per_expert_rows
 from moekit.gates import uniform_fan_in_
 
 EXPERT_KINDS = ("linear", "mlp", "glu")
@@ -120,7 +120,7 @@ class LinearExperts(_ExpertBank):
 
     def forward_grouped(self, x_MD: Tensor, plan: DispatchPlan) -> Tensor:
         """Pre-head activations of each routed row's own expert, rows in plan order, (M, O)."""
-        return grouped_matmul(x_MD, self.w_EDO, plan) + self.b_EO[plan.experts_M]
+        return grouped_matmul(x_MD, self.w_EDO, plan) + per_expert_rows(self.b_EO, plan)
 
 
 class MLPExperts(_ExpertBank):
@@ -158,8 +158,8 @@ class MLPExperts(_ExpertBank):
     def forward_grouped(self, x_MD: Tensor, plan: DispatchPlan) -> Tensor:
         """Pre-head activations of each routed row's own expert, rows in plan order, (M, O)."""
         act = ACTIVATIONS[self.activation]
-        h_MH = act(grouped_matmul(x_MD, self.w1_EDH, plan) + self.b1_EH[plan.experts_M])
-        return grouped_matmul(h_MH, self.w2_EHO, plan) + self.b2_EO[plan.experts_M]
+        h_MH = act(grouped_matmul(x_MD, self.w1_EDH, plan) + per_expert_rows(self.b1_EH, plan))
+        return grouped_matmul(h_MH, self.w2_EHO, plan) + per_expert_rows(self.b2_EO, plan)
 
 
 class GLUExperts(_ExpertBank):
