@@ -65,7 +65,7 @@ def _compare(layer, x_ND):
     params = [p for p in layer.parameters()]
     grads_fast = torch.autograd.grad((out.output * probe).sum(), [x_fast] + params, allow_unused=True)
     grads_slow = torch.autograd.grad((slow * probe).sum(), [x_slow] + params, allow_unused=True)
-    for gf, gs in zip(grads_fast, grads_slow):
+    for gf, gs in zip(grads_fast, grads_slow, strict=True):
         if gs is None:
             assert gf is None or torch.count_nonzero(gf) == 0
         else:
