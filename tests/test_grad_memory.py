@@ -8,7 +8,8 @@ import torch
 
 from moekit import grad_memory
 from moekit.dispatch import grouped_matmul_loop
-from moekit.grad_memory import GroupedMatmulReusedGrad, gradient_buffer, grouped_weight_grad
+from moekit.grad_memory import (GroupedMatmulReusedGrad, gradient_buffer, grouped_weight_grad,
+                                release_gradient_memory)
 from moekit.layers import SparseMoE
 
 COUNTS = [5, 0, 9, 6]  # expert 1 has no rows
@@ -150,3 +151,17 @@ def test_other_dtypes_get_fresh_memory(gen):
     buffer = gradient_buffer(w)
     assert buffer.shape == w.shape and buffer.dtype == torch.bfloat16
     assert id(w) not in grad_memory._BLOCKS
+
+
+def test_release_drops_a_modules_blocks_and_training_goes_on(gen):
+    layer = SparseMoE(16, 4, 2, hidden=32, generator=gen)
+    other, _ = _weight("input-first", gen)
+    gradient_buffer(other)
+    x = torch.randn(32, 16, generator=gen)
+    layer(x).output.square().mean().backward()
+    expected = layer.experts.w13_EFD.grad.clone()
+    layer.zero_grad(set_to_none=True)
+    assert release_gradient_memory(layer) == 2  # w13 and w2
+    assert id(layer.experts.w13_EFD) not in grad_memory._BLOCKS and id(other) in grad_memory._BLOCKS
+    layer(x).output.square().mean().backward()
+    torch.testing.assert_close(layer.experts.w13_EFD.grad, expected)

@@ -7,6 +7,7 @@ from moekit._version import __version__
 from moekit.cpu_memory import keep_freed_memory
 from moekit.experts import ExpertConfig, LinearExperts, MLPExperts
 from moekit.gates import GateConfig, RouterConfig, Routing, SoftmaxGate
+from moekit.grad_memory import release_gradient_memory
 from moekit.em import EMConfig, EMResult, fit_em
 from moekit.gaussian_gate import GaussianGate, LocalizedMixtureOfExperts
 from moekit.hme import HierarchicalMixtureOfExperts, HMEConfig
@@ -27,6 +28,7 @@ __all__ = [
     "MixtureOfExpertsClassifier", "MixtureOfExpertsRegressor", "save_estimator",
     "load_estimator", "record_routing", "routing_agreement", "RoutingHistory", "ablate_expert",
     "force_expert", "scale_temperature", "expert_importance", "keep_freed_memory",
+    "release_gradient_memory",
 ]
 
 # scikit-learn is imported only when an estimator or the analysis is first asked for, so that

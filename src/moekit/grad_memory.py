@@ -13,7 +13,8 @@ accumulating into is never overwritten. The block is a NumPy array wrapped by ``
 every tensor on it holds a reference to the array, so the array's reference count says whether any
 still does.
 
-The gradient reaches the weight through autograd as usual (AccumulateGrad adopts the tensor), so
+A block lives as long as its weight; :func:`release_gradient_memory` drops it sooner (after
+training, say). The gradient reaches the weight through autograd as usual (AccumulateGrad adopts the tensor), so
 hooks, DistributedDataParallel and gradient accumulation behave as with any other gradient.
 """
 
@@ -83,6 +84,15 @@ def gradient_buffer(weight: Tensor) -> Tensor:
             return torch.empty_strided(weight.shape, weight.stride(), dtype=weight.dtype)
         memory = torch.from_numpy(block.array)
     return memory.as_strided(weight.shape, weight.stride(), weight.storage_offset())
+
+
+def release_gradient_memory(module: torch.nn.Module | None = None) -> int:
+    """Drop the reused gradient memory of ``module``'s parameters (of every weight when None), e.g.
+    after training, before serving; a block is freed once no gradient on it is alive. The next
+    backward allocates afresh. Returns how many blocks were dropped."""
+    with _LOCK:
+        keys = list(_BLOCKS) if module is None else [id(p) for p in module.parameters()]
+        return sum(_BLOCKS.pop(key, None) is not None for key in keys)
 
 
 def grouped_weight_grad(x_MD: Tensor, grad_MH: Tensor, counts: list[int], weight_EDH: Tensor
