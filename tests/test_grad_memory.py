@@ -61,7 +61,7 @@ def test_weight_gradient_in_float64(gen, layout):
                                rtol=1e-12, atol=1e-12)
 
 
-def _backward(w, view, x, g, counts):
+def _backward(view, x, g, counts):
     GroupedMatmulReusedGrad.apply(x, view(), _offsets(counts)).backward(g)
 
 
@@ -70,11 +70,11 @@ def test_memory_is_reused_once_the_gradient_is_set_to_none(gen, layout):
     w, view = _weight(layout, gen)
     x = torch.randn(sum(COUNTS), 8, generator=gen)
     g = torch.randn(sum(COUNTS), 12, generator=gen)
-    _backward(w, view, x, g, COUNTS)
+    _backward(view, x, g, COUNTS)
     first = w.grad.clone()
     assert _on_block(w)
     w.grad = None
-    _backward(w, view, x, g, COUNTS)
+    _backward(view, x, g, COUNTS)
     assert _on_block(w)
     torch.testing.assert_close(w.grad, first)
 
@@ -83,10 +83,10 @@ def test_a_kept_gradient_is_never_overwritten(gen):
     w, view = _weight("input-first", gen)
     x = torch.randn(sum(COUNTS), 8, generator=gen)
     g = torch.randn(sum(COUNTS), 12, generator=gen)
-    _backward(w, view, x, g, COUNTS)
+    _backward(view, x, g, COUNTS)
     kept, snapshot = w.grad, w.grad.clone()
     w.grad = None
-    _backward(w, view, x, 3 * g, COUNTS)
+    _backward(view, x, 3 * g, COUNTS)
     assert not _on_block(w) and kept.data_ptr() == grad_memory._BLOCKS[id(w)].array.ctypes.data
     torch.testing.assert_close(kept, snapshot)
     torch.testing.assert_close(w.grad, 3 * snapshot)
@@ -96,9 +96,9 @@ def test_gradients_accumulate_when_not_zeroed(gen):
     w, view = _weight("output-first", gen)
     x = torch.randn(sum(COUNTS), 8, generator=gen)
     g = torch.randn(sum(COUNTS), 12, generator=gen)
-    _backward(w, view, x, g, COUNTS)
+    _backward(view, x, g, COUNTS)
     once = w.grad.clone()
-    _backward(w, view, x, g, COUNTS)
+    _backward(view, x, g, COUNTS)
     torch.testing.assert_close(w.grad, 2 * once)
 
 
@@ -107,10 +107,10 @@ def test_an_expert_that_loses_its_rows_gets_a_zero_gradient(gen):
     w, view = _weight("input-first", gen)
     x = torch.randn(20, 8, generator=gen)
     g = torch.randn(20, 12, generator=gen)
-    _backward(w, view, x, g, [5, 5, 5, 5])
+    _backward(view, x, g, [5, 5, 5, 5])
     assert torch.count_nonzero(w.grad[3]) > 0
     w.grad = None
-    _backward(w, view, x, g, [10, 5, 5, 0])
+    _backward(view, x, g, [10, 5, 5, 0])
     assert torch.count_nonzero(w.grad[3]) == 0
 
 

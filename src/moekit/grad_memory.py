@@ -14,8 +14,9 @@ every tensor on it holds a reference to the array, so the array's reference coun
 still does.
 
 A block lives as long as its weight; :func:`release_gradient_memory` drops it sooner (after
-training, say). The gradient reaches the weight through autograd as usual (AccumulateGrad adopts the tensor), so
-hooks, DistributedDataParallel and gradient accumulation behave as with any other gradient.
+training, say). The gradient reaches the weight through autograd as usual (AccumulateGrad adopts
+the tensor), so hooks, DistributedDataParallel and gradient accumulation behave as with any other
+gradient.
 """
 
 from __future__ import annotations
@@ -62,6 +63,11 @@ def _owner(weight: Tensor) -> Tensor:
     return weight if weight._base is None else weight._base
 
 
+def _fresh(weight: Tensor) -> Tensor:
+    return torch.empty_strided(weight.shape, weight.stride(), dtype=weight.dtype,
+                               device=weight.device)
+
+
 def gradient_buffer(weight: Tensor) -> Tensor:
     """Uninitialised memory shaped and strided like ``weight``, for its gradient.
 
@@ -74,14 +80,13 @@ def gradient_buffer(weight: Tensor) -> Tensor:
     dtype = _NUMPY_DTYPES.get(weight.dtype)
     if (dtype is None or weight.device.type != "cpu" or not owner.is_contiguous()
             or owner.storage_offset() != 0):
-        return torch.empty_strided(weight.shape, weight.stride(), dtype=weight.dtype,
-                                   device=weight.device)
+        return _fresh(weight)
     with _LOCK:
         block = _BLOCKS.get(id(owner))
         if block is None or not block.fits(owner, dtype):
             block = _BLOCKS[id(owner)] = _Block(owner, dtype)
         elif block.in_use():  # a gradient on the block is still alive: never overwrite it
-            return torch.empty_strided(weight.shape, weight.stride(), dtype=weight.dtype)
+            return _fresh(weight)
         memory = torch.from_numpy(block.array)
     return memory.as_strided(weight.shape, weight.stride(), weight.storage_offset())
 
