@@ -31,6 +31,7 @@ from moekit._checks import (check_choice, check_finite, check_int, check_matrix,
                             check_positive_float, check_same_rows)
 from moekit.history import History
 from moekit.io import atomic_path
+from moekit.lbfgs import RestartingLBFGS
 from moekit.losses import mixture_loss, resolve_loss_name
 
 logger = logging.getLogger(__name__)
@@ -209,7 +210,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
         return torch.optim.SGD(params, lr=config.lr, momentum=0.0)
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr)
-    return torch.optim.LBFGS(params, lr=config.lr, max_iter=1, line_search_fn="strong_wolfe")
+    return RestartingLBFGS(params, lr=config.lr, max_iter=1, line_search_fn="strong_wolfe")
 
 
 def _batches(n_rows: int, batch_size: int | None, generator: torch.Generator) -> list[Tensor | None]:
