@@ -100,7 +100,7 @@ class _MixtureEstimator(BaseEstimator):
         "verbose": ["verbose"],
     }
 
-    def __init__(self, *, n_experts: int | str = 4, expert: str = "auto", expert_hidden: int = 32,
+    def __init__(self, *, n_experts: int | str = 4, expert: str = "auto", expert_hidden: int = 64,
                  gate: str = "softmax", loss: str = "nll", solver: str = "adam",
                  max_epochs: int = 500, lr: float = 0.01, batch_size: int | None = None,
                  alpha: float | str = "auto", tol: float = 1e-4, n_iter_no_change: int = 10,

@@ -179,7 +179,7 @@ def _add_fit(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--experts", type=_experts, default=4, help="number of experts, or 'auto' (BIC)")
     p.add_argument("--expert", choices=("auto", "linear", "mlp"), default="auto",
                    help="expert kind (default auto: mlp, or linear with --solver em)")
-    p.add_argument("--hidden", type=int, default=32, help="hidden units of an mlp expert (default 32)")
+    p.add_argument("--hidden", type=int, default=64, help="hidden units of an mlp expert (default 64)")
     p.add_argument("--loss", choices=("nll", "competitive", "cooperative"), default="nll")
     p.add_argument("--solver", choices=("gd", "adam", "lbfgs", "em"), default="adam",
                    help="gd (the paper's), adam (default), lbfgs, or em (linear experts)")
