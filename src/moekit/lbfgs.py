@@ -4,7 +4,7 @@ PyTorch's L-BFGS keeps its curvature pairs between calls. On a non-convex mixtur
 strong-Wolfe search (step 0) or a direction that is not one of descent leaves the weights, the
 gradient and the stored pairs unchanged, so every later call repeats the same failed step and
 training stalls on a plateau it never left. Forgetting the pairs and stepping again from the
-gradient is the standard remedy (Nocedal & Wright, 2006, section 7.2).
+gradient restarts the method, as quasi-Newton codes do when their direction stops making progress.
 """
 
 from __future__ import annotations

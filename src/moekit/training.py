@@ -48,7 +48,8 @@ class TrainConfig:
         loss: 'mixture_nll' (Eq. 3, alias 'eq3'), 'competitive' ('eq2'), 'cooperative' ('eq1'),
             or 'categorical_nll' (class-index targets, softmax-head experts).
         variance: the Gaussian variance of Eq. 3 (1 in the paper).
-        optimizer: 'sgd' (plain, no momentum), 'adam' or 'lbfgs' (strong-Wolfe line search).
+        optimizer: 'sgd' (plain, no momentum), 'adam' or 'lbfgs' (strong-Wolfe line search,
+            restarted from the gradient when a step stalls).
         lr: the step size.
         max_epochs: the cap on epochs; reaching it is reported as ``stop_reason='max_epochs'``.
         batch_size: rows per update; None is full batch (one update per epoch, as in the paper).
