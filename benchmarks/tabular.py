@@ -106,6 +106,12 @@ def _models(is_classification: bool, seed: int, with_tuned: bool) -> dict[str, o
     return models
 
 
+def splitter(is_classification: bool, folds: int, seed: int) -> KFold | StratifiedKFold:
+    """One seed's shuffled split into ``folds`` folds (stratified for a classifier)."""
+    return (StratifiedKFold if is_classification else KFold)(folds, shuffle=True,
+                                                             random_state=seed)
+
+
 def run(folds: int, seeds: list[int], tuned_seeds: list[int]) -> list[dict[str, object]]:
     """One row per data set and model: test scores over every fold of every seed's split."""
     rows: dict[tuple[str, str], dict[str, object]] = {}
@@ -114,8 +120,7 @@ def run(folds: int, seeds: list[int], tuned_seeds: list[int]) -> list[dict[str, 
     for data_name, loader, is_classification in tasks:
         X, y = loader(return_X_y=True)
         for seed in seeds:
-            cv = (StratifiedKFold if is_classification else KFold)(folds, shuffle=True,
-                                                                   random_state=seed)
+            cv = splitter(is_classification, folds, seed)
             for model_name, model in _models(is_classification, seed, seed in tuned_seeds).items():
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", ConvergenceWarning)

@@ -19,8 +19,9 @@ import warnings
 import numpy as np
 import torch
 from sklearn.exceptions import ConvergenceWarning
-from sklearn.model_selection import KFold, StratifiedKFold, cross_val_score
-from tabular import CLASSIFICATION, REGRESSION, classifiers, paired_difference, regressors
+from sklearn.model_selection import cross_val_score
+from tabular import (CLASSIFICATION, REGRESSION, classifiers, paired_difference, regressors,
+                     splitter)
 
 from moekit.estimators import MixtureOfExpertsClassifier, MixtureOfExpertsRegressor
 
@@ -46,7 +47,7 @@ def _fold_scores(model: object, X: np.ndarray, y: np.ndarray, seeds: list[int],
                  is_classification: bool) -> list[float]:
     scores: list[float] = []
     for seed in seeds:
-        cv = (StratifiedKFold if is_classification else KFold)(5, shuffle=True, random_state=seed)
+        cv = splitter(is_classification, 5, seed)
         model.set_params(**{k: seed for k in model.get_params() if k.endswith("random_state")})
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
@@ -66,11 +67,12 @@ def main() -> None:
         parser.error(f"--seeds {args.seeds} includes the benchmark's evaluation seeds {overlap}; "
                      "choose on other seeds, e.g. --seeds 1,5,6.")
     loaders = {**CLASSIFICATION, **REGRESSION}
-    if unknown := [d for d in args.data.split(",") if d not in loaders]:
+    data_sets = args.data.split(",")
+    if unknown := [d for d in data_sets if d not in loaders]:
         parser.error(f"--data names unknown data sets {unknown}; choose from {sorted(loaders)}.")
     candidates = dict(args.candidate) if args.candidate else CANDIDATES
     torch.set_num_threads(args.threads)
-    for data in args.data.split(","):
+    for data in data_sets:
         X, y = loaders[data](return_X_y=True)
         is_classification = data in CLASSIFICATION
         peers = (classifiers if is_classification else regressors)(0)
