@@ -85,7 +85,7 @@ MOEKIT_GRID = {"n_experts": [4, 8], "expert_hidden": [64, 32], "lr": [0.01, 0.00
 MLP_GRID = {"alpha": [1e-4, 1e-3, 1e-2, 1e-1], "learning_rate_init": [1e-3, 1e-2]}
 
 
-def tuned(models: dict[str, object], seed: int) -> dict[str, object]:
+def tuned(models: dict[str, object]) -> dict[str, object]:
     """The default mixture and MLP, each tuned over its 8-setting grid by inner 3-fold CV."""
     mixture = next(m for n, m in models.items() if n.startswith("moekit"))
     mlp = models[next(n for n in models if n.startswith("MLP"))]
@@ -111,7 +111,7 @@ def _models(is_classification: bool, seed: int, with_tuned: bool) -> dict[str, o
     build = classifiers if is_classification else regressors
     models = build(seed)
     if with_tuned:
-        models.update(tuned(build(seed), seed))
+        models.update(tuned(build(seed)))
     return models
 
 
@@ -129,7 +129,7 @@ def _cell_key(cell: Cell) -> tuple[object, object, object]:
 
 
 def run(folds: int, seeds: list[int], tuned_seeds: list[int], done: list[Cell] | None = None,
-        on_cell: Callable[[list[Cell]], None] | None = None) -> list[Cell]:
+        on_cell: Callable[[list[Cell]], object] | None = None) -> list[Cell]:
     """Every cell's test scores and fit times, reusing the cells in ``done``; ``on_cell`` gets
     all the cells so far after each new one."""
     cells = list(done or [])
@@ -277,16 +277,17 @@ def main() -> None:
                 "load_before": load_before, "load_after": os.getloadavg()[0],
                 "machine": platform.processor() or platform.machine(), "verdicts": verdicts(rows)}
 
-    def save(cells: list[Cell]) -> None:
-        write_text_atomic(args.out, json.dumps(record(cells), indent=2))
+    def save(cells: list[Cell]) -> dict[str, object]:
+        written = record(cells)
+        write_text_atomic(args.out, json.dumps(written, indent=2))
+        return written
 
-    cells = run(args.folds, args.seeds, args.tuned_seeds, done, save)
-    final = record(cells)
-    save(cells)
+    final = save(run(args.folds, args.seeds, args.tuned_seeds, done, save))
     print("\n" + markdown(final["rows"]) + "\n")
     for line in final["verdicts"]:
         print(line)
     print(f"\nload average before {load_before:.2f}, after {final['load_after']:.2f}")
+
 
 if __name__ == "__main__":
     main()
