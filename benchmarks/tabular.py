@@ -110,8 +110,8 @@ def _grid_search(model: object, grid: dict[str, list[object]]) -> GridSearchCV:
 def _models(is_classification: bool, seed: int, with_tuned: bool) -> dict[str, object]:
     build = classifiers if is_classification else regressors
     models = build(seed)
-    if with_tuned:
-        models.update(tuned(build(seed)))
+    if with_tuned:  # cross_validate and GridSearchCV fit clones, so the tuned rows can share them
+        models.update(tuned(models))
     return models
 
 
@@ -199,9 +199,9 @@ def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
 def _shared_folds(a: dict[str, object], b: dict[str, object]) -> tuple[list[float], list[float]]:
     """Two rows' fold scores on the seeds both ran (a partial run can hold more of one row)."""
     def by_seed(row: dict[str, object]) -> dict[int, list[float]]:
-        per_seed = len(row["fold_scores"]) // len(row["seeds"])
-        return {s: row["fold_scores"][i * per_seed:(i + 1) * per_seed]
-                for i, s in enumerate(row["seeds"])}
+        # every seed's split has the same number of folds (--resume refuses other --folds)
+        chunks = np.split(np.asarray(row["fold_scores"]), len(row["seeds"]))
+        return {s: chunk.tolist() for s, chunk in zip(row["seeds"], chunks, strict=True)}
     a_seeds, b_seeds = by_seed(a), by_seed(b)
     shared = [s for s in a_seeds if s in b_seeds]
     return ([v for s in shared for v in a_seeds[s]], [v for s in shared for v in b_seeds[s]])
