@@ -60,3 +60,11 @@ def test_earlier_cells_refuse_a_run_with_other_folds(tmp_path):
         tabular._earlier_cells(path, 5)
     path.write_text(json.dumps({"folds": 5, "cells": [cell(MOE, 0, [1.0])]}))
     assert tabular._earlier_cells(path, 5)[0]["model"] == MOE
+
+
+def test_the_default_row_chooses_alpha_and_the_tuned_mixture_keeps_the_fixed_prior():
+    models = tabular._models(True, 0, True)
+    assert models[MOE].get_params()["alpha_candidates"] == (2.0, 0.5)
+    tuned = models["moekit MoE, tuned (experts, hidden, lr; alpha 2 / n)"]
+    assert tuned.estimator.get_params()["alpha_candidates"] == (2.0,)
+    assert tuned.estimator.get_params()["random_state"] == 0

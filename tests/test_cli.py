@@ -73,3 +73,9 @@ def test_fit_with_em_and_the_gaussian_gate(tmp_path, capsys):
                  "--gate", "gaussian", "--out", str(out), "--no-progress"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train_score"] > 0.95 and summary["options"]["gate"] == "gaussian"
+    curve = summary["alpha_curve"]  # alpha='auto': EM's ridge chosen like the gradient's penalty
+    assert curve["alpha_candidates"] == [2.0, 0.5] and len(curve["val_loss_se"]) == 2
+    assert summary["alpha"] * 72 in (2.0, 0.5)
+    printed = capsys.readouterr().out
+    assert f"alpha {summary['alpha']:.3g}: the strongest prior c / rows within one SE" in printed
+    assert f"c=2: {curve['val_loss'][0]:.4f}" in printed

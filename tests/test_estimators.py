@@ -3,6 +3,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from sklearn.base import clone
 from sklearn.datasets import load_iris, make_regression
 from sklearn.model_selection import GridSearchCV, cross_val_score
@@ -143,6 +144,7 @@ def test_early_stopping_keeps_the_best_validation_epoch(iris):
 @pytest.mark.parametrize("params, match", [
     ({"n_experts": 0}, "n_experts"),
     ({"expert": "tree"}, "expert"),
+    ({"expert_activation": "softplus"}, "expert_activation"),
     ({"loss": "mse"}, "loss"),
     ({"solver": "sgd"}, "solver"),
     ({"lr": -1.0}, "lr"),
@@ -229,13 +231,19 @@ def test_em_partial_fit_takes_one_em_iteration_per_call(iris):
 def test_auto_reuses_the_chosen_candidate_instead_of_fitting_it_again(monkeypatch):
     X, y = piecewise(100)
     reg = MixtureOfExpertsRegressor(n_experts="auto", auto_candidates=(1, 2), max_epochs=20,
-                                    random_state=0)
+                                    alpha_candidates=(2.0,), random_state=0)
     calls = []
     original = type(reg)._train
     monkeypatch.setattr(type(reg), "_train",
                         lambda self, *a, **k: calls.append(a[2]) or original(self, *a, **k))
     reg.fit(X, y)
     assert calls == [1, 2]  # one fit per candidate, none repeated
+    calls.clear()
+    reg.set_params(alpha_candidates=(2.0, 0.5)).fit(X, y)
+    # sizes by the first precision, then both precisions at the chosen size; the refit on all
+    # rows only when the other precision won
+    n, kept = reg.n_experts_, reg.alpha_ == 2.0 / len(y)
+    assert calls == [1, 2, n, n] + ([] if kept else [n])
 
 
 def test_empty_auto_candidates_get_the_friendly_message(iris):
@@ -252,9 +260,12 @@ def test_refit_by_gradient_drops_the_em_variances():
     assert not hasattr(reg, "expert_variance_")
 
 
-def test_auto_alpha_is_two_over_the_training_rows_and_auto_expert_follows_the_solver(iris):
+def test_auto_alpha_with_one_candidate_is_c_over_the_rows_and_auto_expert_follows_the_solver(
+        iris):
     X, y = iris
-    auto = MixtureOfExpertsClassifier(n_experts=2, max_epochs=20, random_state=0).fit(X, y)
+    auto = MixtureOfExpertsClassifier(n_experts=2, max_epochs=20, alpha_candidates=(2.0,),
+                                      random_state=0).fit(X, y)
+    assert auto.alpha_ == 2 / len(y) and auto.alpha_curve_ is None
     fixed = MixtureOfExpertsClassifier(n_experts=2, max_epochs=20, alpha=2 / len(y),
                                        random_state=0).fit(X, y)
     np.testing.assert_array_equal(auto.predict_proba(X), fixed.predict_proba(X))
@@ -264,3 +275,117 @@ def test_auto_alpha_is_two_over_the_training_rows_and_auto_expert_follows_the_so
     assert isinstance(auto.model_.experts, MLPExperts)
     em = MixtureOfExpertsClassifier(n_experts=2, solver="em", max_epochs=5, random_state=0)
     assert isinstance(em.fit(X, y).model_.experts, LinearExperts)
+
+
+def test_expert_activation_reaches_the_experts_and_survives_a_reload(iris, tmp_path):
+    from moekit.estimator_io import load_estimator, save_estimator
+
+    X, y = iris
+    tanh = MixtureOfExpertsClassifier(n_experts=2, max_epochs=20, random_state=0).fit(X, y)
+    relu = clone(tanh).set_params(expert_activation="relu").fit(X, y)
+    assert (tanh.model_.experts.activation, relu.model_.experts.activation) == ("tanh", "relu")
+    assert not np.allclose(tanh.predict_proba(X), relu.predict_proba(X))
+    save_estimator(relu, tmp_path / "relu")
+    again = load_estimator(tmp_path / "relu")
+    assert again.get_params()["expert_activation"] == "relu"
+    np.testing.assert_array_equal(again.predict_proba(X), relu.predict_proba(X))
+
+
+def test_auto_alpha_keeps_the_precision_with_the_lowest_held_out_loss_and_refits_on_all_rows(
+        iris):
+    X, y = iris
+    params = dict(n_experts=2, max_epochs=40, random_state=0)
+    auto = MixtureOfExpertsClassifier(alpha_candidates=(50.0, 0.5), **params).fit(X, y)
+    curve = auto.alpha_curve_
+    assert curve["alpha_candidates"] == [50.0, 0.5] and len(curve["val_loss"]) == 2
+    chosen = curve["alpha_candidates"][int(np.argmin(curve["val_loss"]))]
+    assert auto.alpha_ == chosen / len(y)
+    fixed = MixtureOfExpertsClassifier(alpha=chosen / len(y), **params).fit(X, y)
+    np.testing.assert_array_equal(auto.predict_proba(X), fixed.predict_proba(X))
+
+
+def test_auto_alpha_scores_each_candidate_on_the_same_held_out_rows(iris, monkeypatch):
+    """Each candidate is fitted on the same 90 % of the rows and scored by its held-out
+    log-loss on the other 10 %."""
+    import moekit._estimator_base as base
+    from moekit._estimator_base import one_standard_error_choice
+
+    X, y = iris
+    fitted, scored = [], []
+    original_fit = base.fit
+    monkeypatch.setattr(base, "fit", lambda model, x, t, config, **k: fitted.append(
+        (x.clone(), config.weight_decay)) or original_fit(model, x, t, config, **k))
+    original_score = MixtureOfExpertsClassifier._row_losses
+    monkeypatch.setattr(MixtureOfExpertsClassifier, "_row_losses",
+                        lambda self, model, x, t: scored.append((model, x.clone(), t))
+                        or original_score(self, model, x, t))
+    auto = MixtureOfExpertsClassifier(n_experts=2, max_epochs=10, random_state=0).fit(X, y)
+    x_ND = torch.tensor(auto.scaler_.transform(X))
+    (train_a, decay_a), (train_b, decay_b) = fitted[:2]
+    (model_a, val_a, t_a), (model_b, val_b, _) = scored
+    assert torch.equal(train_a, train_b) and torch.equal(val_a, val_b) and len(val_a) == 15
+    together = torch.cat([train_a, val_a]).numpy()  # disjoint, and together every row
+    assert sorted(map(tuple, together)) == sorted(map(tuple, x_ND.numpy()))
+    assert (decay_a, decay_b) == (2.0 / len(train_a), 0.5 / len(train_a))
+    with torch.no_grad():  # the curve holds each candidate's held-out log-loss
+        proba = [m(val_a).output[torch.arange(15), torch.as_tensor(t_a)] for m in (model_a, model_b)]
+    expected = [float(-p.log().mean()) for p in proba]
+    np.testing.assert_allclose(auto.alpha_curve_["val_loss"], expected, rtol=1e-12)
+    rows_losses = np.stack([-p.log().numpy() for p in proba])  # the choice follows the 1-SE rule
+    assert auto.alpha_ == [2.0, 0.5][one_standard_error_choice(rows_losses, [2.0, 0.5])[0]] / 150
+
+
+def test_a_regressor_chooses_alpha_by_the_held_out_error_of_its_prediction(monkeypatch):
+    """Not by the mixture density, which rewards any expert near the target: the curve is the
+    held-out mean squared error of the mixture's mean prediction."""
+    X, y = piecewise(200)
+    scored = []
+    original = MixtureOfExpertsRegressor._row_losses
+    monkeypatch.setattr(MixtureOfExpertsRegressor, "_row_losses",
+                        lambda self, model, x, t: scored.append((model, x, t))
+                        or original(self, model, x, t))
+    reg = MixtureOfExpertsRegressor(n_experts=2, max_epochs=20, random_state=0).fit(X, y)
+    expected = []
+    for model, x, t in scored:
+        with torch.no_grad():
+            expected.append(float((model(x).output - torch.as_tensor(t)).square().mean()))
+    np.testing.assert_allclose(reg.alpha_curve_["val_loss"], expected, rtol=1e-12)
+
+
+def test_auto_alpha_uses_the_first_candidate_below_twenty_rows_and_in_partial_fit(iris):
+    X, y = iris
+    rows = np.r_[0:6, 50:56, 100:106]  # 18 rows
+    few = MixtureOfExpertsClassifier(n_experts=2, max_epochs=5, random_state=0).fit(X[rows],
+                                                                                    y[rows])
+    assert few.alpha_ == 2.0 / 18 and few.alpha_curve_ is None
+    stream = MixtureOfExpertsClassifier(n_experts=2, random_state=0)
+    stream.partial_fit(X, y, classes=[0, 1, 2])
+    assert stream.alpha_ == 2.0 / len(y) and stream.alpha_curve_ is None
+
+
+@pytest.mark.parametrize("candidates", [(), (2.0, -1.0), (0.0,), ("strong",), (float("nan"),)])
+def test_bad_alpha_candidates_are_refused_before_any_fit(iris, candidates, monkeypatch):
+    import moekit._estimator_base as base
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("a fit ran before alpha_candidates was checked")
+
+    monkeypatch.setattr(base, "fit", no_fit)
+    X, y = iris
+    with pytest.raises(ValueError, match=r"alpha_candidates must be positive numbers.*got "
+                                         r"alpha_candidates="):
+        MixtureOfExpertsClassifier(alpha_candidates=candidates).fit(X, y)
+
+
+@pytest.mark.parametrize("losses, chosen", [
+    ([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]], 1),  # the weak prior is surely better
+    ([[1.0, 0.0, 1.0, 0.0], [0.9, 0.1, 0.8, 0.0]], 0),  # 0.05 lower, SE 0.065: keep the strong one
+    ([[0.5, 0.5, 0.5, 0.5], [0.6, 0.6, 0.6, 0.6]], 0),  # the strong prior is the lowest
+    ([[np.nan, 1.0, 1.0, 1.0], [2.0, 2.0, 2.0, 2.0]], 1),  # a diverged fit never wins
+    ([[np.nan] * 4, [np.inf] * 4], 0),  # all diverged: the first
+])
+def test_one_standard_error_rule_keeps_the_strongest_prior_within_noise(losses, chosen):
+    from moekit._estimator_base import one_standard_error_choice
+
+    index, mean, se = one_standard_error_choice(np.array(losses), [2.0, 0.5])
+    assert index == chosen and mean.shape == se.shape == (2,)

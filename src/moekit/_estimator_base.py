@@ -22,7 +22,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from moekit.em import EMConfig, fit_em
-from moekit.experts import ExpertConfig
+from moekit.experts import ACTIVATIONS, ExpertConfig
 from moekit.gaussian_gate import LocalizedMixtureOfExperts
 from moekit.history import History
 from moekit.layers import MixtureOfExperts
@@ -41,6 +41,7 @@ from moekit.training import (
 DTYPE = torch.float64  # exact enough that predictions do not depend on how rows are batched
 LOSSES = {"nll", "competitive", "cooperative"}
 SOLVERS = {"gd": "sgd", "adam": "adam", "lbfgs": "lbfgs"}
+MIN_ROWS_TO_CHOOSE = 20  # below this, a 10 % hold-out is too small to choose alpha by
 
 
 def holdout_split(n_rows: int, fraction: float, seed: int, labels: np.ndarray | None = None
@@ -56,6 +57,25 @@ def holdout_split(n_rows: int, fraction: float, seed: int, labels: np.ndarray | 
         return train_test_split(rows, test_size=fraction, random_state=seed, stratify=stratify)
     except ValueError:  # too few rows of some class for this fraction
         return train_test_split(rows, test_size=fraction, random_state=seed)
+
+
+def one_standard_error_choice(losses_CV: np.ndarray, strengths: list[float]
+                              ) -> tuple[int, np.ndarray, np.ndarray]:
+    """Of C candidates scored on the same V held-out rows, the strongest (largest ``strengths``)
+    whose mean loss is within one standard error of the lowest, the SE being that of the paired
+    row-by-row difference from the lowest. Returns its index, the mean losses (C,) and the SEs (C,).
+    A candidate with a non-finite loss (a diverged fit) is never chosen, unless all are: then
+    the first."""
+    losses_CV = np.nan_to_num(losses_CV, nan=np.inf, posinf=np.inf)
+    mean_C = losses_CV.mean(1)
+    best = int(np.argmin(mean_C))
+    n_val = losses_CV.shape[1]
+    with np.errstate(invalid="ignore"):  # inf - inf where a fit diverged
+        diff_CV = losses_CV - losses_CV[best]
+        se_C = diff_CV.std(1, ddof=1) / math.sqrt(n_val) if n_val > 1 else np.zeros(len(mean_C))
+        within = [c for c in range(len(mean_C)) if mean_C[c] - mean_C[best] <= se_C[c]]
+    chosen = max(within, key=lambda c: strengths[c]) if within else 0
+    return chosen, mean_C, se_C
 
 
 class _KeepBest(Callback):
@@ -83,6 +103,7 @@ class _MixtureEstimator(BaseEstimator):
         "n_experts": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
         "expert": [StrOptions({"auto", "linear", "mlp"})],
         "expert_hidden": [Interval(Integral, 1, None, closed="left")],
+        "expert_activation": [StrOptions(set(ACTIVATIONS))],
         "gate": [StrOptions({"softmax", "gaussian"})],
         "loss": [StrOptions(LOSSES)],
         "solver": [StrOptions({*SOLVERS, "em"})],
@@ -95,22 +116,26 @@ class _MixtureEstimator(BaseEstimator):
         "early_stopping": ["boolean"],
         "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
         "auto_candidates": ["array-like"],
+        "alpha_candidates": ["array-like"],
         "auto_criterion": [StrOptions({"bic", "validation"})],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
     }
 
     def __init__(self, *, n_experts: int | str = 4, expert: str = "auto", expert_hidden: int = 64,
-                 gate: str = "softmax", loss: str = "nll", solver: str = "adam",
+                 expert_activation: str = "tanh", gate: str = "softmax", loss: str = "nll",
+                 solver: str = "adam",
                  max_epochs: int = 500, lr: float = 0.01, batch_size: int | None = None,
                  alpha: float | str = "auto", tol: float = 1e-4, n_iter_no_change: int = 10,
                  early_stopping: bool = False, validation_fraction: float = 0.1,
                  auto_candidates: tuple[int, ...] = (1, 2, 3, 4, 6, 8), auto_criterion: str = "bic",
+                 alpha_candidates: tuple[float, ...] = (2.0, 0.5),
                  random_state: int | np.random.RandomState | None = None,
                  verbose: int = 0) -> None:
         self.n_experts = n_experts
         self.expert = expert
         self.expert_hidden = expert_hidden
+        self.expert_activation = expert_activation
         self.gate = gate
         self.loss = loss
         self.solver = solver
@@ -124,6 +149,7 @@ class _MixtureEstimator(BaseEstimator):
         self.validation_fraction = validation_fraction
         self.auto_candidates = auto_candidates
         self.auto_criterion = auto_criterion
+        self.alpha_candidates = alpha_candidates
         self.random_state = random_state
         self.verbose = verbose
 
@@ -142,6 +168,11 @@ class _MixtureEstimator(BaseEstimator):
     def _log_likelihood(self, model: MixtureOfExperts, x_ND: torch.Tensor, t: np.ndarray) -> float:
         raise NotImplementedError
 
+    def _row_losses(self, model: MixtureOfExperts, x_ND: torch.Tensor, t: np.ndarray
+                    ) -> np.ndarray:
+        """Each row's loss under what the estimator predicts, (N,); lower is better."""
+        raise NotImplementedError
+
     def _validate_y(self, X: Any, y: Any, *, reset: bool) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
@@ -156,14 +187,21 @@ class _MixtureEstimator(BaseEstimator):
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         self.scaler_ = StandardScaler().fit(X)
         x_ND = self._to_tensor(X)
+        self._precision = self._precisions()[0]  # the prior while the number of experts is chosen
         chosen = None
         if self.n_experts == "auto":
             self.n_experts_, self.n_experts_curve_, chosen = self._select_n_experts(x_ND, t, seed)
         else:
             self.n_experts_, self.n_experts_curve_ = self.n_experts, None
+        self.alpha_curve_ = None
+        if self._chooses_alpha(len(t)):
+            self._precision, self.alpha_curve_ = self._select_precision(x_ND, t, self.n_experts_,
+                                                                        seed)
+        self.alpha_ = self._alpha(len(t))
         # the chosen candidate is the final model when it was fitted the way fit fits it
         by_validation = self.auto_criterion == "validation"
-        if chosen is None or by_validation != self.early_stopping:
+        if (chosen is None or by_validation != self.early_stopping
+                or self._precision != self._precisions()[0]):
             chosen = self._train(x_ND, t, self.n_experts_, seed)
         self.model_, result = chosen
         self.history_, self.stop_reason_ = result.history, result.stop_reason
@@ -200,8 +238,10 @@ class _MixtureEstimator(BaseEstimator):
         if first:
             seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
             self.scaler_ = StandardScaler().fit(X)
+            self._precision = self._precisions()[0]  # a stream holds out nothing to choose by
             self.model_ = self._build(self.n_experts, seed)
             self.n_experts_, self.n_experts_curve_ = self.n_experts, None
+            self.alpha_, self.alpha_curve_ = self._alpha(len(t)), None
             self.history_, self.n_iter_, self.stop_reason_ = History(), 0, "partial_fit"
             self._optimizer, self._generator = None, torch.Generator().manual_seed(seed)
         x_ND = self._to_tensor(X)
@@ -232,9 +272,50 @@ class _MixtureEstimator(BaseEstimator):
         return self.expert
 
     def _alpha(self, n_rows: int) -> float:
-        """'auto' is 2 / n_rows: a fixed Gaussian prior on the weights (precision 2) against the
-        summed log-likelihood, so the penalty on the mean loss shrinks as rows grow."""
-        return 2.0 / max(n_rows, 1) if self.alpha == "auto" else float(self.alpha)
+        """'auto' is c / n_rows: a Gaussian prior on the weights of precision c against the summed
+        log-likelihood, so the penalty on the mean loss shrinks as rows grow."""
+        if self.alpha != "auto":
+            return float(self.alpha)
+        precision = getattr(self, "_precision", None) or self._precisions()[0]
+        return precision / max(n_rows, 1)
+
+    def _precisions(self) -> list[float]:
+        try:
+            candidates = [float(c) for c in self.alpha_candidates]
+        except (TypeError, ValueError):
+            candidates = []
+        if not candidates or not all(math.isfinite(c) and c > 0 for c in candidates):
+            raise ValueError(f"{type(self).__name__}: alpha_candidates must be positive numbers, "
+                             f"the prior precisions c of alpha = c / n_samples; got "
+                             f"alpha_candidates={self.alpha_candidates!r}. E.g. (2.0, 0.5).")
+        return candidates
+
+    def _chooses_alpha(self, n_rows: int) -> bool:
+        """alpha='auto' chooses between several precisions when a hold-out can judge them."""
+        return self.alpha == "auto" and len(self._precisions()) > 1 and n_rows >= MIN_ROWS_TO_CHOOSE
+
+    def _select_precision(self, x_ND: torch.Tensor, t: np.ndarray, n_experts: int, seed: int
+                          ) -> tuple[float, dict[str, list[float]]]:
+        """Fit one mixture per prior precision on all but ``validation_fraction`` of the rows and
+        score each on the rest; returns the chosen precision and the curve.
+
+        The score is each held-out row's loss under what the estimator predicts: a classifier's
+        log-loss, a regressor's squared error. The choice follows the one-standard-error rule:
+        the strongest prior whose mean loss is within one standard error (of the paired
+        row-by-row difference) of the lowest, so that a small hold-out's noise does not pick a
+        weak prior that overfits.
+        """
+        labels = t if t.ndim == 1 and t.dtype.kind == "i" else None  # class indices
+        train_rows, val_rows = holdout_split(len(t), self.validation_fraction, seed, labels)
+        precisions, rows_losses = self._precisions(), []
+        for precision in precisions:
+            self._precision = precision
+            model, _ = self._train(x_ND[train_rows], t[train_rows], n_experts, seed,
+                                   validation=False)
+            rows_losses.append(self._row_losses(model, x_ND[val_rows], t[val_rows]))
+        chosen, mean_C, se_C = one_standard_error_choice(np.stack(rows_losses), precisions)
+        return precisions[chosen], {"alpha_candidates": precisions, "val_loss": mean_C.tolist(),
+                                    "val_loss_se": se_C.tolist()}
 
     def _em_config(self, seed: int, n_rows: int, *, max_iter: int | None = None,
                    init: str = "data") -> EMConfig:
@@ -274,7 +355,8 @@ class _MixtureEstimator(BaseEstimator):
         return torch.as_tensor(np.ascontiguousarray(t))
 
     def _build(self, n_experts: int, seed: int) -> MixtureOfExperts | LocalizedMixtureOfExperts:
-        expert = ExpertConfig(kind=self._expert_kind(), hidden=self.expert_hidden, head=self._head)
+        expert = ExpertConfig(kind=self._expert_kind(), hidden=self.expert_hidden,
+                              activation=self.expert_activation, head=self._head)
         generator = torch.Generator().manual_seed(seed)
         if self.gate == "gaussian":
             return LocalizedMixtureOfExperts(self.n_features_in_, self._n_outputs(), n_experts,

@@ -187,7 +187,8 @@ def _add_fit(subparsers: argparse._SubParsersAction) -> None:
                    help="softmax (the paper's) or gaussian (localized; needs --solver em)")
     p.add_argument("--lr", type=float, default=0.01, help="step size (default 0.01)")
     p.add_argument("--alpha", type=_alpha, default="auto",
-                   help="L2 penalty on the weights, or 'auto' (default): 2 / training rows")
+                   help="L2 penalty on the weights, or 'auto' (default): c / training rows, "
+                        "c = 2 or 0.5, whichever scores better on held-out rows")
     p.add_argument("--max-epochs", type=int, default=500, help="epoch cap (default 500)")
     p.add_argument("--validation-fraction", type=float, default=0.2,
                    help="rows held out to score the model (default 0.2; 0 for none)")
@@ -218,6 +219,11 @@ def _run_fit(args: argparse.Namespace) -> int:
     val = "-" if s["validation_score"] is None else f"{s['validation_score']:.4f}"
     print(f"{s['score_name']}: training {s['train_score']:.4f}, validation {val} "
           f"({s['validation_rows']} rows)")
+    if curve := s["alpha_curve"]:
+        losses = ", ".join(f"c={c:g}: {v:.4f}" for c, v in
+                           zip(curve["alpha_candidates"], curve["val_loss"], strict=True))
+        print(f"alpha {s['alpha']:.3g}: the strongest prior c / rows within one SE of the "
+              f"lowest held-out loss ({losses})")
     print(f"\n{'expert':>6}  {'mean proportion':>15}  {'leads':>7}")
     for r in s["expert_loads"]:
         print(f"{r['expert']:>6}  {r['mean_proportion']:>15.3f}  {r['argmax_share']:>7.1%}")

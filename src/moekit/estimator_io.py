@@ -39,6 +39,7 @@ def _json_params(estimator: Any) -> dict[str, Any]:
     if not isinstance(params.get("random_state"), (int, type(None))):
         params["random_state"] = None  # a RandomState object is not data; the weights are saved
     params["auto_candidates"] = [int(c) for c in params["auto_candidates"]]
+    params["alpha_candidates"] = [float(c) for c in params["alpha_candidates"]]
     return params
 
 
@@ -56,6 +57,8 @@ def save_estimator(estimator: Any, directory: Path | str, *,
         "scaler": _scaler_to_dict(estimator.scaler_),
         "n_experts": int(estimator.n_experts_),
         "n_experts_curve": estimator.n_experts_curve_,
+        "alpha": float(estimator.alpha_),
+        "alpha_curve": estimator.alpha_curve_,
         "n_iter": int(estimator.n_iter_),
         "stop_reason": estimator.stop_reason_,
         "history": estimator.history_.to_list(),
@@ -90,6 +93,8 @@ def load_estimator(directory: Path | str) -> Any:
         estimator.scaler_ = _scaler_from_dict(state["scaler"])
         estimator.n_experts_, estimator.n_experts_curve_ = state["n_experts"], state["n_experts_curve"]
         estimator.n_iter_, estimator.stop_reason_ = state["n_iter"], state["stop_reason"]
+        # folders saved before alpha was chosen by the fit record neither (None)
+        estimator.alpha_, estimator.alpha_curve_ = state.get("alpha"), state.get("alpha_curve")
         estimator.history_ = History(state["history"])
         if "classes" in state:
             estimator.classes_ = np.asarray(state["classes"])
@@ -102,5 +107,8 @@ def load_estimator(directory: Path | str) -> Any:
         raise ValueError(f"load_estimator: the estimator record in {str(directory)!r} is "
                          f"incomplete or corrupted ({err!r}).") from err
     estimator._optimizer, estimator._generator = None, None
+    curve = estimator.alpha_curve_
+    if curve:  # partial_fit goes on with the precision the fit chose
+        estimator._precision = curve["alpha_candidates"][int(np.argmin(curve["val_loss"]))]
     estimator.metadata_ = metadata
     return estimator

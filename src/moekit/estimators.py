@@ -39,8 +39,10 @@ class MixtureOfExpertsClassifier(ClassifierMixin, _MixtureEstimator):
         n_experts: E, or 'auto' to fit each of ``auto_candidates`` and keep the best by
             ``auto_criterion`` ('bic', or 'validation' loss); the curve is kept in
             ``n_experts_curve_``.
-        expert: 'linear' (the paper's), 'mlp' (one hidden layer of ``expert_hidden`` tanh units),
-            or 'auto' (the default): 'mlp' for the gradient solvers, 'linear' for solver='em'.
+        expert: 'linear' (the paper's), 'mlp' (one hidden layer of ``expert_hidden`` units), or
+            'auto' (the default): 'mlp' for the gradient solvers, 'linear' for solver='em'.
+        expert_activation: the MLP expert's hidden activation: 'tanh' (the default), 'relu',
+            'sigmoid', 'gelu' or 'silu'.
         gate: 'softmax', the paper's gate, or 'gaussian', the localized gate of Xu, Jordan & Hinton
             (1995), fitted with solver='em'.
         loss: 'nll', 'competitive' or 'cooperative'.
@@ -50,8 +52,14 @@ class MixtureOfExpertsClassifier(ClassifierMixin, _MixtureEstimator):
             ``alpha`` the ridge of its least-squares and Newton systems).
         max_epochs, lr, batch_size: passes over the data, step size, rows per step (None: all).
         alpha: L2 penalty on the weights, alpha / 2 * sum of squares, added to the mean loss; or
-            'auto' (the default), 2 / n_samples: a fixed Gaussian prior on the weights against
-            the summed log-likelihood, so that more rows are regularised less.
+            'auto' (the default), c / n_samples: a Gaussian prior of precision c on the weights
+            against the summed log-likelihood, so that more rows are regularised less. c is the
+            one of ``alpha_candidates`` whose mixture, fitted on all but ``validation_fraction``
+            of the rows, predicts the rest best (log-loss; a regressor's squared error), by the
+            one-standard-error rule: the largest c within one SE of the lowest loss. The mixture
+            is then refitted on every row: one extra fit per candidate. With a single candidate,
+            fewer than 20 rows, or in ``partial_fit``, c is the first candidate.
+        alpha_candidates: the precisions c that alpha='auto' chooses from, (2.0, 0.5) by default.
         tol, n_iter_no_change: stop when the monitored loss has not improved by ``tol`` for
             ``n_iter_no_change`` epochs.
         early_stopping: hold out ``validation_fraction`` of the rows, monitor their loss and keep
@@ -63,7 +71,10 @@ class MixtureOfExpertsClassifier(ClassifierMixin, _MixtureEstimator):
         classes_, n_features_in_, feature_names_in_ (when X has string column names), model_ (the
         fitted :class:`~moekit.layers.MixtureOfExperts`, on standardised inputs), scaler_,
         history_ (per-epoch metrics; per EM iteration, with the log-likelihood, for solver='em'),
-        n_iter_ (epochs or EM iterations), stop_reason_, n_experts_, n_experts_curve_;
+        n_iter_ (epochs or EM iterations), stop_reason_, n_experts_, n_experts_curve_, alpha_
+        (the penalty on all n_samples rows), alpha_curve_ (each candidate precision's mean
+        held-out loss per row, log-loss or squared error in standardised units, and its paired
+        SE against the lowest; None when nothing was chosen);
         a regressor fitted by EM also has expert_variance_ (E,), in standardised target units.
     """
 
@@ -97,10 +108,14 @@ class MixtureOfExpertsClassifier(ClassifierMixin, _MixtureEstimator):
         return len(self.classes_)
 
     def _log_likelihood(self, model, x_ND, t):
+        return -float(self._row_losses(model, x_ND, t).sum())
+
+    def _row_losses(self, model, x_ND, t):
+        """Each row's log-loss, -log p(y_n | x_n), (N,)."""
         with torch.no_grad():
             proba_NC = model(x_ND).output
         picked_N = proba_NC[torch.arange(len(t)), torch.as_tensor(t)]
-        return float(picked_N.clamp_min(1e-300).log().sum())
+        return -picked_N.clamp_min(1e-300).log().numpy()
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Class probabilities, (N, C), columns in the order of ``classes_``."""
@@ -150,9 +165,13 @@ class MixtureOfExpertsRegressor(RegressorMixin, _MixtureEstimator):
 
     def _log_likelihood(self, model, x_ND, t):
         # A Gaussian with one shared variance, its maximum-likelihood estimate (constants dropped).
-        with torch.no_grad():
-            mse = float((model(x_ND).output - torch.as_tensor(t)).square().mean())
+        mse = float(self._row_losses(model, x_ND, t).mean())
         return -0.5 * t.size * math.log(max(mse, 1e-300))
+
+    def _row_losses(self, model, x_ND, t):
+        """Each row's squared error, averaged over outputs (standardised units), (N,)."""
+        with torch.no_grad():
+            return (model(x_ND).output - torch.as_tensor(t)).square().mean(-1).numpy()
 
     def _unscale(self, y_NO: np.ndarray) -> np.ndarray:
         return y_NO * self.y_scaler_.scale_ + self.y_scaler_.mean_
