@@ -28,7 +28,9 @@ from moekit.estimators import MixtureOfExpertsClassifier, MixtureOfExpertsRegres
 
 EVALUATION_SEEDS = (0, 2, 3, 4, 10, 11, 12, 13, 14, 15)  # benchmarks/tabular.py's splits
 CANDIDATES = {
-    "defaults": {},
+    "defaults (alpha chosen from 2 / n and 0.5 / n)": {},
+    "alpha 2 / n (the defaults before)": {"alpha_candidates": (2.0,)},
+    "alpha 0.5 / n": {"alpha_candidates": (0.5,)},
     "32 hidden units": {"expert_hidden": 32},
     "128 hidden units": {"expert_hidden": 128},
     "8 experts": {"n_experts": 8},
