@@ -294,7 +294,7 @@ def test_expert_activation_reaches_the_experts_and_survives_a_reload(iris, tmp_p
 def test_auto_alpha_keeps_the_precision_with_the_lowest_held_out_loss_and_refits_on_all_rows(
         iris):
     X, y = iris
-    params = dict(n_experts=2, max_epochs=40, random_state=0)
+    params = {"n_experts": 2, "max_epochs": 40, "random_state": 0}
     auto = MixtureOfExpertsClassifier(alpha_candidates=(50.0, 0.5), **params).fit(X, y)
     curve = auto.alpha_curve_
     assert curve["alpha_candidates"] == [50.0, 0.5] and len(curve["val_loss"]) == 2

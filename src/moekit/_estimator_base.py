@@ -37,7 +37,6 @@ from moekit.training import (
     train_epoch,
 )
 
-
 DTYPE = torch.float64  # exact enough that predictions do not depend on how rows are batched
 LOSSES = {"nll", "competitive", "cooperative"}
 SOLVERS = {"gd": "sgd", "adam": "adam", "lbfgs": "lbfgs"}
