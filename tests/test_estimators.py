@@ -389,3 +389,22 @@ def test_one_standard_error_rule_keeps_the_strongest_prior_within_noise(losses, 
 
     index, mean, se = one_standard_error_choice(np.array(losses), [2.0, 0.5])
     assert index == chosen and mean.shape == se.shape == (2,)
+
+
+def test_a_reloaded_estimator_keeps_the_chosen_alpha_for_partial_fit(iris, tmp_path,
+                                                                     monkeypatch):
+    import moekit._estimator_base as base
+    from moekit.estimator_io import load_estimator, save_estimator
+
+    X, y = iris
+    rule = base.one_standard_error_choice  # force the choice the lowest loss would not make
+    monkeypatch.setattr(base, "one_standard_error_choice",
+                        lambda losses, strengths: (0, *rule(losses, strengths)[1:]))
+    fitted = MixtureOfExpertsClassifier(n_experts=2, max_epochs=40, alpha_candidates=(50.0, 0.5),
+                                        random_state=0).fit(X, y)
+    curve = fitted.alpha_curve_
+    assert curve["val_loss"][1] < curve["val_loss"][0] and fitted.alpha_ == 50.0 / len(y)
+    save_estimator(fitted, tmp_path / "model")
+    again = load_estimator(tmp_path / "model")
+    assert (again.alpha_, again.alpha_curve_) == (fitted.alpha_, fitted.alpha_curve_)
+    assert again._alpha(len(y)) == fitted.alpha_  # what partial_fit will use

@@ -59,6 +59,7 @@ def save_estimator(estimator: Any, directory: Path | str, *,
         "n_experts_curve": estimator.n_experts_curve_,
         "alpha": float(estimator.alpha_),
         "alpha_curve": estimator.alpha_curve_,
+        "alpha_precision": getattr(estimator, "_precision", None),  # the c of alpha='auto'
         "n_iter": int(estimator.n_iter_),
         "stop_reason": estimator.stop_reason_,
         "history": estimator.history_.to_list(),
@@ -107,8 +108,7 @@ def load_estimator(directory: Path | str) -> Any:
         raise ValueError(f"load_estimator: the estimator record in {str(directory)!r} is "
                          f"incomplete or corrupted ({err!r}).") from err
     estimator._optimizer, estimator._generator = None, None
-    curve = estimator.alpha_curve_
-    if curve:  # partial_fit goes on with the precision the fit chose
-        estimator._precision = curve["alpha_candidates"][int(np.argmin(curve["val_loss"]))]
+    if state.get("alpha_precision"):  # partial_fit goes on with the precision the fit chose
+        estimator._precision = float(state["alpha_precision"])
     estimator.metadata_ = metadata
     return estimator
