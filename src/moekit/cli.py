@@ -188,7 +188,7 @@ def _add_fit(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=0.01, help="step size (default 0.01)")
     p.add_argument("--alpha", type=_alpha, default="auto",
                    help="L2 penalty on the weights, or 'auto' (default): c / training rows, "
-                        "c = 2 or 0.5, whichever scores better on held-out rows")
+                        "c = 2, or 0.5 where it scores better on held-out rows by over one SE")
     p.add_argument("--max-epochs", type=int, default=500, help="epoch cap (default 500)")
     p.add_argument("--validation-fraction", type=float, default=0.2,
                    help="rows held out to score the model (default 0.2; 0 for none)")
