@@ -21,12 +21,11 @@ import numpy as np
 import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import cross_val_score
-from tabular import (CLASSIFICATION, REGRESSION, classifiers, paired_difference, regressors,
-                     splitter)
+from tabular import (CLASSIFICATION, EVALUATION_SEEDS, REGRESSION, classifiers, paired_difference,
+                     regressors, splitter)
 
 from moekit.estimators import MixtureOfExpertsClassifier, MixtureOfExpertsRegressor
 
-EVALUATION_SEEDS = (0, 2, 3, 4, 10, 11, 12, 13, 14, 15)  # benchmarks/tabular.py's splits
 CANDIDATES = {
     "defaults (alpha chosen from 2 / n and 0.5 / n)": {},
     "alpha 2 / n (the defaults before)": {"alpha_candidates": (2.0,)},

@@ -186,7 +186,8 @@ class _MixtureEstimator(BaseEstimator):
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         self.scaler_ = StandardScaler().fit(X)
         x_ND = self._to_tensor(X)
-        self._precision = self._precisions()[0]  # the prior while the number of experts is chosen
+        precisions = self._precisions()
+        self._precision = precisions[0]  # the prior while the number of experts is chosen
         chosen = None
         if self.n_experts == "auto":
             self.n_experts_, self.n_experts_curve_, chosen = self._select_n_experts(x_ND, t, seed)
@@ -200,7 +201,7 @@ class _MixtureEstimator(BaseEstimator):
         # the chosen candidate is the final model when it was fitted the way fit fits it
         by_validation = self.auto_criterion == "validation"
         if (chosen is None or by_validation != self.early_stopping
-                or self._precision != self._precisions()[0]):
+                or self._precision != precisions[0]):
             chosen = self._train(x_ND, t, self.n_experts_, seed)
         self.model_, result = chosen
         self.history_, self.stop_reason_ = result.history, result.stop_reason
@@ -270,12 +271,13 @@ class _MixtureEstimator(BaseEstimator):
             return "linear" if self.solver == "em" else "mlp"
         return self.expert
 
-    def _alpha(self, n_rows: int) -> float:
-        """'auto' is c / n_rows: a Gaussian prior on the weights of precision c against the summed
-        log-likelihood, so the penalty on the mean loss shrinks as rows grow."""
+    def _alpha(self, n_rows: int, precision: float | None = None) -> float:
+        """'auto' is c / n_rows: a Gaussian prior on the weights of precision c (``precision``, or
+        the one the fit chose) against the summed log-likelihood, so the penalty on the mean loss
+        shrinks as rows grow."""
         if self.alpha != "auto":
             return float(self.alpha)
-        precision = getattr(self, "_precision", None) or self._precisions()[0]
+        precision = precision or getattr(self, "_precision", None) or self._precisions()[0]
         return precision / max(n_rows, 1)
 
     def _precisions(self) -> list[float]:
@@ -304,23 +306,21 @@ class _MixtureEstimator(BaseEstimator):
         row-by-row difference) of the lowest, so that a small hold-out's noise does not pick a
         weak prior that overfits.
         """
-        labels = t if t.ndim == 1 and t.dtype.kind == "i" else None  # class indices
-        train_rows, val_rows = holdout_split(len(t), self.validation_fraction, seed, labels)
+        train_rows, val_rows = self._holdout_rows(t, seed)
         precisions, rows_losses = self._precisions(), []
         for precision in precisions:
-            self._precision = precision
             model, _ = self._train(x_ND[train_rows], t[train_rows], n_experts, seed,
-                                   validation=False)
+                                   validation=False, precision=precision)
             rows_losses.append(self._row_losses(model, x_ND[val_rows], t[val_rows]))
         chosen, mean_C, se_C = one_standard_error_choice(np.stack(rows_losses), precisions)
         return precisions[chosen], {"alpha_candidates": precisions, "val_loss": mean_C.tolist(),
                                     "val_loss_se": se_C.tolist()}
 
     def _em_config(self, seed: int, n_rows: int, *, max_iter: int | None = None,
-                   init: str = "data") -> EMConfig:
+                   init: str = "data", precision: float | None = None) -> EMConfig:
         # alpha is the ridge of every weighted least-squares and Newton system
         return EMConfig(max_iter=max_iter or self.max_epochs, tol=max(self.tol, 1e-12),
-                        ridge=self._alpha(n_rows) or EMConfig.ridge, init=init, seed=seed,
+                        ridge=self._alpha(n_rows, precision) or EMConfig.ridge, init=init, seed=seed,
                         progress=bool(self.verbose))
 
     def _check_solver(self) -> None:
@@ -364,28 +364,33 @@ class _MixtureEstimator(BaseEstimator):
                                 generator=generator).to(DTYPE)
 
     def _train_config(self, seed: int, n_rows: int, *, max_epochs: int | None = None,
-                      validation: bool = False) -> TrainConfig:
+                      validation: bool = False, precision: float | None = None) -> TrainConfig:
         return TrainConfig(loss=self._loss_name(), optimizer=SOLVERS[self.solver], lr=self.lr,
                            max_epochs=max_epochs or self.max_epochs, batch_size=self.batch_size,
-                           weight_decay=self._alpha(n_rows), patience=self.n_iter_no_change,
+                           weight_decay=self._alpha(n_rows, precision), patience=self.n_iter_no_change,
                            min_delta=self.tol,
                            monitor="val_loss" if validation else "train_loss", seed=seed,
                            progress=bool(self.verbose))
 
+    def _holdout_rows(self, t: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Training and held-out positions, ``validation_fraction`` held out, stratified by class."""
+        labels = t if t.ndim == 1 and t.dtype.kind == "i" else None  # class indices
+        return holdout_split(len(t), self.validation_fraction, seed, labels)
+
     def _train(self, x_ND: torch.Tensor, t: np.ndarray, n_experts: int, seed: int, *,
-               validation: bool | None = None):
-        """Build and fit one mixture; with early stopping, the best validation epoch is kept."""
+               validation: bool | None = None, precision: float | None = None):
+        """Build and fit one mixture (at ``precision`` if given, else the fit's chosen one); with
+        early stopping, the best validation epoch is kept."""
         validation = self.early_stopping if validation is None else validation
         model = self._build(n_experts, seed)
         if self.solver == "em":
             return model, fit_em(model, x_ND, self._target_tensor(t),
-                                 self._em_config(seed, len(t)))
+                                 self._em_config(seed, len(t), precision=precision))
         if not validation:
-            config = self._train_config(seed, len(t))
+            config = self._train_config(seed, len(t), precision=precision)
             return model, fit(model, x_ND, self._target_tensor(t), config)
-        labels = t if t.ndim == 1 and t.dtype.kind == "i" else None  # class indices
-        train_rows, val_rows = holdout_split(len(t), self.validation_fraction, seed, labels)
-        config = self._train_config(seed, len(train_rows), validation=True)
+        train_rows, val_rows = self._holdout_rows(t, seed)
+        config = self._train_config(seed, len(train_rows), validation=True, precision=precision)
         keep_best = _KeepBest()
         result = fit(model, x_ND[train_rows], self._target_tensor(t[train_rows]), config,
                      x_val=x_ND[val_rows], y_val=self._target_tensor(t[val_rows]),
