@@ -70,7 +70,12 @@ def test_golden_numbers_of_the_quick_configuration(task):
     # Per-epoch training error of run 0 (float32): equal up to rounding across BLAS builds.
     np.testing.assert_allclose(got["curve_run0"], want["curve_run0"], rtol=2e-4)
     assert got["epochs"] == want["epochs"]
-    np.testing.assert_allclose(got["train_accuracy"], want["train_accuracy"], atol=0.5)
+    # Accuracy where a run stopped at the criterion; a run that hit the cap stopped mid-oscillation
+    # at step 4, where float32 rounding of another CPU's BLAS moves it by up to 12 points.
+    reached = [i for i, e in enumerate(want["epochs"]) if e < quick_config().max_epochs]
+    assert reached, "the golden runs must include one that reached the criterion"
+    np.testing.assert_allclose(np.asarray(got["train_accuracy"])[reached],
+                               np.asarray(want["train_accuracy"])[reached], atol=0.5)
 
 
 def test_choice_rule():
