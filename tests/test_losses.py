@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from moekit.losses import (categorical_mixture_nll, competitive_loss, cooperative_loss,
-                           mixture_loss, mixture_nll, resolve_loss_name, responsibilities)
+from moekit.fitting.objective import mixture_loss, resolve_loss_name
+from moekit.losses import (categorical_mixture_nll, competitive_loss, cooperative_loss, mixture_nll, responsibilities)
 
 F64 = torch.float64
 
@@ -181,7 +181,7 @@ def test_mixture_loss_dispatches_on_layer_output(gen):
 
 
 # --- auxiliary losses of sparse routers ----------------------------------------------------------
-from moekit.losses import cv_squared, importance_load_loss, load_balancing_loss, router_z_loss  # noqa: E402
+from moekit.losses import cv_squared, importance_load_loss, load_balancing_loss, router_z_loss
 
 
 def test_load_balancing_worked_examples():

@@ -9,34 +9,33 @@ for case c with target d, expert outputs o_i and mixing proportions p_i = softma
     Eq. 2 (competitive)   E = sum_i p_i ||d - o_i||^2
     Eq. 3 (mixture NLL)   E = -log sum_i p_i exp(-||d - o_i||^2 / 2)
 
-Every function takes the gate's logits x (so log p is computed stably by ``log_softmax``; log mixing
-proportions that already sum to one, as from a tree of gates, pass through unchanged) and reduces
-over rows with ``reduction`` = 'mean' (default), 'sum' or 'none'.
+Every public loss takes the gate's logits x (so log p is computed stably by ``log_softmax``; log
+mixing proportions that already sum to one, as from a tree of gates, pass through unchanged) and
+reduces over rows with ``reduction`` = 'mean' (default), 'sum' or 'none'.
+
+The formulas are written once, as the per-row pieces below (:func:`squared_errors`,
+:func:`gaussian_log_likelihood`, :func:`categorical_log_likelihood`, :func:`log_mixture`,
+:func:`posterior`, :func:`competitive_rows`), each taking the axis of the experts (``dim``), so that
+every layout composes the same arithmetic: these (N, E, O) functions, the rows-last replicate
+engine ((R, E, O, N), :mod:`moekit.fitting.replicate_engines`) and EM's E-step
+(:mod:`moekit.fitting.em_steps`).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
 
 import torch
 from torch import Tensor
 
 from moekit._checks import check_choice, check_positive_float
 
-if TYPE_CHECKING:
-    from moekit.layers import MoEOutput
-
 REDUCTIONS = ("mean", "sum", "none")
-# Canonical names, with the paper's equation numbers as aliases.
-LOSS_NAMES = {
-    "cooperative": "cooperative", "eq1": "cooperative",
-    "competitive": "competitive", "eq2": "competitive",
-    "mixture_nll": "mixture_nll", "eq3": "mixture_nll",
-    "categorical_nll": "categorical_nll",
-}
+LOG_2PI = math.log(2.0 * math.pi)
 
 
-def _reduce(loss_N: Tensor, reduction: str) -> Tensor:
+def reduce_rows(loss_N: Tensor, reduction: str) -> Tensor:
+    """Reduce per-row losses: 'mean', 'sum' or 'none' (unchanged)."""
     check_choice("loss", "reduction", reduction, REDUCTIONS)
     if reduction == "mean":
         return loss_N.mean()
@@ -60,10 +59,53 @@ def _check_shapes(fn: str, gate_logits_NE: Tensor, expert_outputs_NEO: Tensor,
         raise ValueError(f"{fn}: target must have shape {want}; got {tuple(target.shape)}.")
 
 
-def squared_errors(expert_outputs_NEO: Tensor, target_NO: Tensor) -> Tensor:
-    """||d - o_i||^2 for every row and expert, shape (N, E)."""
-    return (target_NO.unsqueeze(1) - expert_outputs_NEO).square().sum(-1)
+# --- the per-row pieces, any layout (experts on axis ``dim``) ------------------------------------
 
+def squared_errors(outputs: Tensor, target: Tensor, *, dim: int = -1) -> Tensor:
+    """||d - o||^2 summed over the output axis ``dim``; ``target`` broadcasts against ``outputs``.
+
+    Example:
+        >>> squared_errors(torch.tensor([[[1.0, 0.0], [0.0, 0.0]]]), torch.tensor([[[1.0, 2.0]]]))
+        tensor([[4., 5.]])
+    """
+    return (target - outputs).square().sum(dim)
+
+
+def gaussian_log_likelihood(sq_errors: Tensor, variance: float | Tensor = 1.0, *,
+                            n_outputs: int | None = None) -> Tensor:
+    """log N(d | o, v I) from ||d - o||^2: -||d - o||^2 / (2 v), plus the normalising constant
+    -(O / 2) log(2 pi v) when ``n_outputs`` = O is given (EM's learned per-expert variances need
+    it; with one shared variance it cancels in every posterior and is left out)."""
+    log_lik = -sq_errors / (2.0 * variance)
+    if n_outputs is None:
+        return log_lik
+    log_variance = torch.log(torch.as_tensor(variance, dtype=sq_errors.dtype,
+                                             device=sq_errors.device))
+    return log_lik - 0.5 * n_outputs * (LOG_2PI + log_variance)
+
+
+def categorical_log_likelihood(expert_logits: Tensor, index: Tensor, *, dim: int = -1) -> Tensor:
+    """log P_i(y | x) = log softmax(z_i)[y] of each expert's class logits, classes on axis ``dim``;
+    ``index`` holds the class of each row, shaped like ``expert_logits`` with size 1 on ``dim``."""
+    return torch.log_softmax(expert_logits, dim=dim).gather(dim, index).squeeze(dim)
+
+
+def log_mixture(log_prior: Tensor, log_likelihood: Tensor, *, dim: int = -1) -> Tensor:
+    """log sum_i p_i P_i: the mixture's log-likelihood of each row (experts on ``dim``)."""
+    return torch.logsumexp(log_prior + log_likelihood, dim=dim)
+
+
+def posterior(log_prior: Tensor, log_likelihood: Tensor, *, dim: int = -1) -> Tensor:
+    """h_i = p_i P_i / sum_j p_j P_j: the posterior responsibility of each expert for each row."""
+    return torch.softmax(log_prior + log_likelihood, dim=dim)
+
+
+def competitive_rows(probs: Tensor, sq_errors: Tensor, *, dim: int = -1) -> Tensor:
+    """Eq. 2 per row: sum_i p_i ||d - o_i||^2 (experts on ``dim``)."""
+    return (probs * sq_errors).sum(dim)
+
+
+# --- the paper's error functions on (N, E, O) ------------------------------------------------------
 
 def cooperative_loss(gate_logits_NE: Tensor, expert_outputs_NEO: Tensor, target_NO: Tensor, *,
                      reduction: str = "mean") -> Tensor:
@@ -74,7 +116,7 @@ def cooperative_loss(gate_logits_NE: Tensor, expert_outputs_NEO: Tensor, target_
     _check_shapes("cooperative_loss", gate_logits_NE, expert_outputs_NEO, target_NO)
     p_NE = torch.softmax(gate_logits_NE, dim=-1)
     blend_NO = torch.einsum("ne,neo->no", p_NE, expert_outputs_NEO)
-    return _reduce((target_NO - blend_NO).square().sum(-1), reduction)
+    return reduce_rows(squared_errors(blend_NO, target_NO), reduction)
 
 
 def competitive_loss(gate_logits_NE: Tensor, expert_outputs_NEO: Tensor, target_NO: Tensor, *,
@@ -85,7 +127,8 @@ def competitive_loss(gate_logits_NE: Tensor, expert_outputs_NEO: Tensor, target_
     """
     _check_shapes("competitive_loss", gate_logits_NE, expert_outputs_NEO, target_NO)
     p_NE = torch.softmax(gate_logits_NE, dim=-1)
-    return _reduce((p_NE * squared_errors(expert_outputs_NEO, target_NO)).sum(-1), reduction)
+    sq_NE = squared_errors(expert_outputs_NEO, target_NO.unsqueeze(1))
+    return reduce_rows(competitive_rows(p_NE, sq_NE), reduction)
 
 
 def mixture_nll(gate_logits_NE: Tensor, expert_outputs_NEO: Tensor, target_NO: Tensor, *,
@@ -99,22 +142,28 @@ def mixture_nll(gate_logits_NE: Tensor, expert_outputs_NEO: Tensor, target_NO: T
     """
     _check_shapes("mixture_nll", gate_logits_NE, expert_outputs_NEO, target_NO)
     variance = check_positive_float("mixture_nll", "variance", variance)
-    log_joint_NE = _gaussian_log_joint(gate_logits_NE, expert_outputs_NEO, target_NO, variance)
-    return _reduce(-torch.logsumexp(log_joint_NE, dim=-1), reduction)
+    log_lik_NE = _gaussian_expert_log_likelihood(expert_outputs_NEO, target_NO, variance)
+    return reduce_rows(-log_mixture(torch.log_softmax(gate_logits_NE, dim=-1), log_lik_NE),
+                       reduction)
 
 
-def _gaussian_log_joint(gate_logits_NE: Tensor, expert_outputs_NEO: Tensor, target_NO: Tensor,
-                        variance: float) -> Tensor:
-    log_p_NE = torch.log_softmax(gate_logits_NE, dim=-1)
-    return log_p_NE - squared_errors(expert_outputs_NEO, target_NO) / (2.0 * variance)
+def _gaussian_expert_log_likelihood(expert_outputs_NEO: Tensor, target_NO: Tensor,
+                                    variance: float) -> Tensor:
+    return gaussian_log_likelihood(squared_errors(expert_outputs_NEO, target_NO.unsqueeze(1)),
+                                   variance)
 
 
 def responsibilities(gate_logits_NE: Tensor, expert_outputs_NEO: Tensor, target_NO: Tensor, *,
                      variance: float = 1.0) -> Tensor:
     """Posterior responsibilities h_i = p_i exp(-||d-o_i||^2/2v) / sum_j p_j exp(-||d-o_j||^2/2v)."""
     _check_shapes("responsibilities", gate_logits_NE, expert_outputs_NEO, target_NO)
-    log_joint_NE = _gaussian_log_joint(gate_logits_NE, expert_outputs_NEO, target_NO, variance)
-    return torch.softmax(log_joint_NE, dim=-1)
+    log_lik_NE = _gaussian_expert_log_likelihood(expert_outputs_NEO, target_NO, variance)
+    return posterior(torch.log_softmax(gate_logits_NE, dim=-1), log_lik_NE)
+
+
+def _categorical_expert_log_likelihood(expert_logits_NEC: Tensor, target_N: Tensor) -> Tensor:
+    index_NE1 = target_N.long().view(-1, 1, 1).expand(-1, expert_logits_NEC.shape[1], 1)
+    return categorical_log_likelihood(expert_logits_NEC, index_NE1)
 
 
 def categorical_mixture_nll(gate_logits_NE: Tensor, expert_logits_NEC: Tensor, target_N: Tensor, *,
@@ -126,11 +175,18 @@ def categorical_mixture_nll(gate_logits_NE: Tensor, expert_logits_NEC: Tensor, t
     """
     _check_shapes("categorical_mixture_nll", gate_logits_NE, expert_logits_NEC, target_N,
                   target_is_index=True)
-    log_p_NE = torch.log_softmax(gate_logits_NE, dim=-1)
-    log_expert_NEC = torch.log_softmax(expert_logits_NEC, dim=-1)
-    index_NE1 = target_N.long().view(-1, 1, 1).expand(-1, expert_logits_NEC.shape[1], 1)
-    log_likelihood_NE = log_expert_NEC.gather(-1, index_NE1).squeeze(-1)
-    return _reduce(-torch.logsumexp(log_p_NE + log_likelihood_NE, dim=-1), reduction)
+    log_lik_NE = _categorical_expert_log_likelihood(expert_logits_NEC, target_N)
+    return reduce_rows(-log_mixture(torch.log_softmax(gate_logits_NE, dim=-1), log_lik_NE),
+                       reduction)
+
+
+def categorical_responsibilities(gate_logits_NE: Tensor, expert_logits_NEC: Tensor,
+                                 target_N: Tensor) -> Tensor:
+    """h_i = p_i P_i(y | x) / sum_j p_j P_j(y | x) for experts with class logits, (N, E)."""
+    _check_shapes("categorical_responsibilities", gate_logits_NE, expert_logits_NEC, target_N,
+                  target_is_index=True)
+    log_lik_NE = _categorical_expert_log_likelihood(expert_logits_NEC, target_N)
+    return posterior(torch.log_softmax(gate_logits_NE, dim=-1), log_lik_NE)
 
 
 # --- auxiliary losses of sparse routers -------------------------------------------------------------
@@ -167,33 +223,3 @@ def importance_load_loss(probs_NE: Tensor, load_E: Tensor) -> Tensor:
 def router_z_loss(logits_NE: Tensor) -> Tensor:
     """ST-MoE (Zoph et al. 2022, Eq. 5): mean over rows of logsumexp(logits)^2; keeps logits small."""
     return torch.logsumexp(logits_NE, dim=-1).square().mean()
-
-
-def resolve_loss_name(name: str) -> str:
-    """Map a loss name or alias ('eq1', 'eq2', 'eq3') to its canonical name."""
-    if name not in LOSS_NAMES:
-        listed = ", ".join(repr(n) for n in LOSS_NAMES)
-        raise ValueError(f"loss must be one of {listed}; got loss={name!r}.")
-    return LOSS_NAMES[name]
-
-
-def mixture_loss(name: str, out: MoEOutput, target: Tensor, *, variance: float = 1.0,
-                 reduction: str = "mean") -> Tensor:
-    """Evaluate the named error function on a layer's :class:`~moekit.layers.MoEOutput`.
-
-    ``target`` is (N, O) for the squared-error losses and (N,) class indices for 'categorical_nll',
-    which needs expert logits (a softmax head).
-    """
-    name = resolve_loss_name(name)
-    if out.expert_outputs is None or out.expert_logits is None:
-        raise ValueError(f"mixture_loss: loss={name!r} needs every expert's output; this layer "
-                         "computes only the chosen experts.")
-    logits_NE = out.routing.logits_NE
-    if name == "cooperative":
-        return cooperative_loss(logits_NE, out.expert_outputs, target, reduction=reduction)
-    if name == "competitive":
-        return competitive_loss(logits_NE, out.expert_outputs, target, reduction=reduction)
-    if name == "mixture_nll":
-        return mixture_nll(logits_NE, out.expert_outputs, target, variance=variance,
-                           reduction=reduction)
-    return categorical_mixture_nll(logits_NE, out.expert_logits, target, reduction=reduction)

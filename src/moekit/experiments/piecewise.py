@@ -11,10 +11,12 @@ from pathlib import Path
 
 import torch
 
-from moekit.datasets import piecewise_linear
-from moekit.io import save_model, write_text_atomic
-from moekit.layers import MixtureOfExperts
-from moekit.training import TrainConfig, fit
+from moekit.data.synthetic import piecewise_linear
+from moekit.fitting.config import TrainConfig
+from moekit.fitting.gradient import fit
+from moekit.io.files import write_text_atomic
+from moekit.io.models import save_model
+from moekit.nn.dense import MixtureOfExperts
 
 # The true function: three pieces with breaks at 1/3 and 2/3.
 BREAKS = (1 / 3, 2 / 3)

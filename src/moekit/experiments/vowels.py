@@ -29,10 +29,11 @@ import torch
 from torch import Tensor
 
 from moekit._checks import check_choice, check_int, check_positive_float
-from moekit.datasets import VowelTask
-from moekit.experts import ExpertConfig
-from moekit.layers import MixtureOfExperts
-from moekit.replicates import ReplicateConfig, ReplicateResult, train_replicates
+from moekit.data.vowels import VowelTask
+from moekit.fitting.replicates import ReplicateConfig, ReplicateResult, train_replicates
+from moekit.nn.dense import MixtureOfExperts
+from moekit.nn.experts import ExpertConfig
+from moekit.plotting.expert_lines import INACTIVE_PROPORTION
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +46,6 @@ PAPER_TABLE = {
 }
 DEFAULT_LR_GRID = (0.5, 1.0, 2.0, 4.0)
 QUICK_LR_GRID = (4.0,)
-# An expert whose mean mixing proportion over the training set is below this is "effectively 0".
-INACTIVE_PROPORTION = 0.01
 
 
 @dataclass(frozen=True)
@@ -222,7 +221,7 @@ def run_system(system: System, task: VowelTask, config: VowelsConfig, *,
                               track=[g * config.runs for g in range(len(steps))] if track_epochs else (),
                               track_epochs=track_epochs, description=system.name)
     trials = _trials(steps, config.runs, result)
-    best = _choose(trials)
+    best = choose_step(trials)
     chosen = slice(best * config.runs, (best + 1) * config.runs)
     chosen_models = models[chosen]
     return SystemResult(
@@ -249,7 +248,7 @@ def _trials(steps: tuple[float, ...], n_runs: int, result: ReplicateResult) -> l
     return trials
 
 
-def _choose(trials: list[StepTrial]) -> int:
+def choose_step(trials: list[StepTrial]) -> int:
     """The step with the fewest mean epochs among those where every run reached the criterion; if
     there is none, the step where the most runs reached it (the report says so)."""
     complete = [i for i, t in enumerate(trials) if t.mean_epochs is not None]

@@ -13,22 +13,31 @@ import numpy as np
 import torch
 
 from moekit._version import __version__
-from moekit.analysis import routing_summary
-from moekit.datasets import VOWEL_LABELS, VowelTask, vowel_task
-from moekit.experiments.analyze import AnalysisInput, analysis_sections, analyze_input
+from moekit.analysis.over_training import routing_summary
+from moekit.data.vowels import VOWEL_LABELS, VowelTask, vowel_task
+from moekit.experiments.solver_config import SolverRow, SolversConfig
+from moekit.experiments.solvers import compare_solvers
+from moekit.experiments.solvers import format_table as format_solver_table
 from moekit.experiments.vowels import (SystemResult, VowelsConfig, loss_comparison_systems,
                                        run_system, systems_of, to_jsonable)
 from moekit.experiments.vowels_summary import (Claim, Row, TTest, claims, describe_runs,
                                                epoch_t_tests, format_table, rows_to_json,
                                                table_rows)
-from moekit.experiments.solvers import SolverRow, SolversConfig, compare_solvers
-from moekit.experiments.solvers import format_table as format_solver_table
-from moekit.history import History
-from moekit.io import load_model, save_model, write_text_atomic
-from moekit.layers import MixtureOfExperts
-from moekit.plots import (plot_lines_over_time, plot_mixing_proportions, plot_partition,
-                          plot_training_curves, save_figure)
-from moekit.report import Section, figure, preformatted, table, text, write_report
+from moekit.fitting.history import History
+from moekit.io.files import write_text_atomic
+from moekit.io.models import load_model, save_model
+from moekit.nn.dense import MixtureOfExperts
+from moekit.plotting.curves import plot_training_curves
+from moekit.plotting.expert_lines import (active_experts, expert_decision_lines,
+                                          plot_lines_over_time)
+from moekit.plotting.partition import plot_mixing_proportions, plot_partition
+from moekit.plotting.style import save_figure
+from moekit.reports.analysis import AnalysisInput, analysis_sections, analyze_input
+from moekit.reports.html import Section, figure, preformatted, table, text, write_report
+
+
+MODELS_DIR, ANALYSIS_DIR, HISTORY_FILE = "models", "analysis", "routing_history.json"
+FEATURE_NAMES = ("F1 (kHz)", "F2 (kHz)")
 
 
 @dataclass
@@ -125,8 +134,14 @@ def _figures(results: list[SystemResult], task: VowelTask, config: VowelsConfig,
     mixtures = [r for r in results if r.system.kind == "mixture"]
     if mixtures:
         first = min(mixtures, key=lambda r: r.system.size)
-        fig = plot_partition(first.models[0], x_train, y_train, task.labels,
-                             title=f"{first.system.name}, run 0, epoch {first.epochs_R[0]}")
+        model = first.models[0]
+        inactive = [str(e) for e, a in enumerate(active_experts(model, x_train)) if not a]
+        note = (f"inactive experts (mean proportion < 1%): {', '.join(inactive)}" if inactive
+                else "every expert active")
+        fig = plot_partition(model, x_train, y_train, task.labels, feature_names=FEATURE_NAMES,
+                             soft=False,
+                             lines=expert_decision_lines(model, x_train, y_train, task.labels),
+                             title=f"{first.system.name}, run 0, epoch {first.epochs_R[0]}; {note}")
         files["figure2"] = save_figure(fig, out / "figure2_partition.png")
         tracked = next((r for r in mixtures if r.snapshots), None)
         if tracked is not None:
@@ -135,17 +150,13 @@ def _figures(results: list[SystemResult], task: VowelTask, config: VowelsConfig,
             files["figure3"] = save_figure(fig, out / "figure3_lines_over_time.png")
         for r in mixtures:
             key = f"mixing_{r.system.size}"
-            fig = plot_mixing_proportions(r.models[0], x_train, y_train, task.labels)
+            fig = plot_mixing_proportions(r.models[0], x_train, axis_labels=FEATURE_NAMES)
             files[key] = save_figure(fig, out / f"mixing_proportions_{r.system.size}_experts.png")
     ylabel = f"average squared error per {'output unit' if config.average == 'unit' else 'case'}"
     fig = plot_training_curves({r.system.name: r.curves_RT for r in results}, config.criterion,
                                ylabel=ylabel)
     files["curves"] = save_figure(fig, out / "training_curves.png")
     return files
-
-
-MODELS_DIR, ANALYSIS_DIR, HISTORY_FILE = "models", "analysis", "routing_history.json"
-FEATURE_NAMES = ("F1 (kHz)", "F2 (kHz)")
 
 
 def save_vowels_models(results: list[SystemResult], config: VowelsConfig, out: Path,
@@ -194,7 +205,7 @@ def load_vowels_run(run_dir: Path | str, *, task: VowelTask | None = None,
                     saved: dict[str, object] | None = None) -> list[AnalysisInput]:
     """The saved mixtures of a `moekit vowels` run folder, each with the data to analyse it on
     (the vowel task rebuilt as the run used it), ready for
-    :func:`moekit.experiments.analyze.analyze_input`.
+    :func:`moekit.reports.analysis.analyze_input`.
 
     Example:
         >>> for item in load_vowels_run("runs/vowels"):            # doctest: +SKIP

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from moekit.experiments.vowels import INACTIVE_PROPORTION, PAPER_TABLE, SystemResult, VowelsConfig
+from moekit.experiments.vowels import PAPER_TABLE, SystemResult, VowelsConfig
+from moekit.plotting.expert_lines import INACTIVE_PROPORTION
 
 # Accuracy within this many points of the paper's counts as reproduced.
 ACCURACY_TOLERANCE = 4.0

@@ -1,0 +1,43 @@
+"""What the experts do: routing recorded over a data set with bounded memory
+(:mod:`~moekit.analysis.recorder`, :mod:`~moekit.analysis.store`), its statistics
+(:mod:`~moekit.analysis.stats`), agreement between two models (:mod:`~moekit.analysis.agreement`),
+interventions on the routing (:mod:`~moekit.analysis.interventions`) and what they do to the task
+(:mod:`~moekit.analysis.importance`), and routing over training
+(:mod:`~moekit.analysis.over_training`)."""
+
+from moekit.analysis.agreement import Agreement, routing_agreement
+from moekit.analysis.importance import ImportanceRow, ImportanceTable, expert_importance
+from moekit.analysis.interventions import ablate_expert, force_expert, intervene, scale_temperature
+from moekit.analysis.over_training import RoutingHistory, routing_summary
+from moekit.analysis.recorder import (Recording, batch_routing, bin_names, iter_batches,
+                                      record_routing, target_bin_edges)
+from moekit.analysis.stats import (BatchRouting, RoutingStats, coefficient_of_variation,
+                                   match_experts, max_over_mean, nmi_from_contingency)
+from moekit.analysis.store import RoutingStore
+
+__all__ = [
+    "Agreement",
+    "BatchRouting",
+    "ImportanceRow",
+    "ImportanceTable",
+    "Recording",
+    "RoutingHistory",
+    "RoutingStats",
+    "RoutingStore",
+    "ablate_expert",
+    "batch_routing",
+    "bin_names",
+    "coefficient_of_variation",
+    "expert_importance",
+    "force_expert",
+    "intervene",
+    "iter_batches",
+    "match_experts",
+    "max_over_mean",
+    "nmi_from_contingency",
+    "record_routing",
+    "routing_agreement",
+    "routing_summary",
+    "scale_temperature",
+    "target_bin_edges",
+]

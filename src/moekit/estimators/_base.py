@@ -1,0 +1,367 @@
+"""The contract moekit's scikit-learn estimators share: parameters, validation, the solver dispatch
+(gradient or EM), and the gate's view of a fitted mixture. What a classifier and a regressor do
+differently are the abstract hooks; how the number of experts and the prior are chosen is in
+:mod:`moekit.estimators._selection`.
+
+Shape legend: N rows, D features, O outputs (C classes for a classifier), E experts.
+"""
+
+from __future__ import annotations
+
+import abc
+import warnings
+from numbers import Integral, Real
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, is_classifier
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils import check_random_state
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from moekit.estimators._selection import (MIN_ROWS_TO_CHOOSE, bic, holdout_split,
+                                          precision_candidates, select_n_experts, select_precision,
+                                          size_candidates)
+from moekit.exceptions import ConvergenceWarning
+from moekit.fitting.callbacks import KeepBest
+from moekit.fitting.config import TrainConfig
+from moekit.fitting.em import fit_em
+from moekit.fitting.em_config import EMConfig
+from moekit.fitting.gradient import evaluate, fit, make_optimizer, train_epoch
+from moekit.fitting.history import History
+from moekit.fitting.objective import prepare_targets
+from moekit.nn.dense import DenseMixture, MixtureOfExperts
+from moekit.nn.experts import ACTIVATIONS, ExpertConfig
+from moekit.nn.localized import LocalizedMixtureOfExperts
+from moekit.nn.outputs import MoEOutput
+
+DTYPE = torch.float64  # exact enough that predictions do not depend on how rows are batched
+LOSSES = {"nll", "competitive", "cooperative"}
+SOLVERS = {"gd": "sgd", "adam": "adam", "lbfgs": "lbfgs"}
+
+
+class BaseMixtureEstimator(BaseEstimator, abc.ABC):
+    """What the classifier and the regressor share: parameters, training, the gate's view.
+
+    Subclasses set ``_head`` (the experts' output head) and define the hooks below.
+    """
+
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
+        "n_experts": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
+        "expert": [StrOptions({"auto", "linear", "mlp"})],
+        "expert_hidden": [Interval(Integral, 1, None, closed="left")],
+        "expert_activation": [StrOptions(set(ACTIVATIONS))],
+        "gate": [StrOptions({"softmax", "gaussian"})],
+        "loss": [StrOptions(LOSSES)],
+        "solver": [StrOptions({*SOLVERS, "em"})],
+        "max_epochs": [Interval(Integral, 1, None, closed="left")],
+        "lr": [Interval(Real, 0, None, closed="neither")],
+        "batch_size": [Interval(Integral, 1, None, closed="left"), None],
+        "alpha": [Interval(Real, 0, None, closed="left"), StrOptions({"auto"})],
+        "tol": [Interval(Real, 0, None, closed="left")],
+        "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
+        "early_stopping": ["boolean"],
+        "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
+        "auto_candidates": ["array-like"],
+        "alpha_candidates": ["array-like"],
+        "auto_criterion": [StrOptions({"bic", "validation"})],
+        "random_state": ["random_state"],
+        "verbose": ["verbose"],
+    }
+    _head: ClassVar[str] = "identity"
+
+    def __init__(self, *, n_experts: int | str = 4, expert: str = "auto", expert_hidden: int = 64,
+                 expert_activation: str = "tanh", gate: str = "softmax", loss: str = "nll",
+                 solver: str = "adam",
+                 max_epochs: int = 500, lr: float = 0.01, batch_size: int | None = None,
+                 alpha: float | str = "auto", tol: float = 1e-4, n_iter_no_change: int = 10,
+                 early_stopping: bool = False, validation_fraction: float = 0.1,
+                 auto_candidates: tuple[int, ...] = (1, 2, 3, 4, 6, 8), auto_criterion: str = "bic",
+                 alpha_candidates: tuple[float, ...] = (2.0, 0.5),
+                 random_state: int | np.random.RandomState | None = None,
+                 verbose: int = 0) -> None:
+        self.n_experts = n_experts
+        self.expert = expert
+        self.expert_hidden = expert_hidden
+        self.expert_activation = expert_activation
+        self.gate = gate
+        self.loss = loss
+        self.solver = solver
+        self.max_epochs = max_epochs
+        self.lr = lr
+        self.batch_size = batch_size
+        self.alpha = alpha
+        self.tol = tol
+        self.n_iter_no_change = n_iter_no_change
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.auto_candidates = auto_candidates
+        self.auto_criterion = auto_criterion
+        self.alpha_candidates = alpha_candidates
+        self.random_state = random_state
+        self.verbose = verbose
+
+    # --- what subclasses define ---------------------------------------------------------------
+    @abc.abstractmethod
+    def _validate_y(self, X: Any, y: Any, *, reset: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Validated X and y (scikit-learn's ``validate_data``)."""
+
+    @abc.abstractmethod
+    def _encode_targets(self, y: np.ndarray, *, reset: bool, classes: Any = None) -> np.ndarray:
+        """y as the model fits it: class indices, or standardised values (N, O)."""
+
+    @abc.abstractmethod
+    def _loss_name(self) -> str:
+        """The error function of :mod:`moekit.fitting.objective` that ``loss`` stands for."""
+
+    @abc.abstractmethod
+    def _n_outputs(self) -> int:
+        """O: classes, or target columns."""
+
+    @abc.abstractmethod
+    def _log_likelihood(self, model: DenseMixture, x_ND: torch.Tensor, t: np.ndarray) -> float:
+        """The fitted model's log-likelihood of the encoded targets (for BIC)."""
+
+    @abc.abstractmethod
+    def _row_losses(self, model: DenseMixture, x_ND: torch.Tensor, t: np.ndarray) -> np.ndarray:
+        """Each row's loss under what the estimator predicts, (N,); lower is better."""
+
+    # --- fitting ------------------------------------------------------------------------------
+    def fit(self, X: Any, y: Any) -> BaseMixtureEstimator:
+        """Fit the mixture to X (N, D) and y; returns self."""
+        self._validate_params()
+        self._check_solver()
+        owner = type(self).__name__
+        precisions = precision_candidates(owner, self.alpha_candidates)
+        X, y = self._validate_y(X, y, reset=True)
+        t = self._encode_targets(y, reset=True)
+        self._check_enough_rows(X.shape[0])
+        seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+        self.scaler_ = StandardScaler().fit(X)
+        x_ND = self._to_tensor(X)
+        precision = precisions[0]  # the prior while the number of experts is chosen
+        chosen = None
+        if self.n_experts == "auto":
+            self.n_experts_, self.n_experts_curve_, chosen = self._select_size(x_ND, t, seed,
+                                                                               precision)
+        else:
+            self.n_experts_, self.n_experts_curve_ = self.n_experts, None
+        self.alpha_curve_ = None
+        if self.alpha == "auto" and len(precisions) > 1 and len(t) >= MIN_ROWS_TO_CHOOSE:
+            train_rows, val_rows = self._holdout_rows(t, seed)
+            precision, self.alpha_curve_ = select_precision(
+                precisions,
+                lambda c: self._train(x_ND[train_rows], t[train_rows], self.n_experts_, seed,
+                                      validation=False, precision=c)[0],
+                lambda model: self._row_losses(model, x_ND[val_rows], t[val_rows]))
+        self.alpha_precision_ = precision if self.alpha == "auto" else None
+        self.alpha_ = self._alpha(len(t), precision)
+        # the chosen candidate is the final model when it was fitted the way fit fits it
+        by_validation = self.auto_criterion == "validation"
+        if chosen is None or by_validation != self.early_stopping or precision != precisions[0]:
+            chosen = self._train(x_ND, t, self.n_experts_, seed, precision=precision)
+        self.model_, result = chosen
+        self._warn_if_not_converged(result)
+        self.history_, self.stop_reason_ = result.history, result.stop_reason
+        self.n_iter_ = result.n_iter if self.solver == "em" else result.epochs
+        if hasattr(self, "expert_variance_"):  # from an earlier fit by EM
+            del self.expert_variance_
+        if self.solver == "em" and result.variance_E is not None:
+            self.expert_variance_ = result.variance_E.numpy()  # in standardised target units
+        self._optimizer, self._generator = None, torch.Generator().manual_seed(seed)
+        return self
+
+    def _select_size(self, x_ND: torch.Tensor, t: np.ndarray, seed: int, precision: float):
+        """The number of experts by BIC or by the best validation loss of each candidate's fit."""
+        by_validation = self.auto_criterion == "validation"
+
+        def score(model: DenseMixture, result: Any) -> float:
+            if by_validation:
+                return min(result.history[:, "val_loss"])
+            n_parameters = sum(p.numel() for p in model.parameters())
+            return bic(self._log_likelihood(model, x_ND, t), n_parameters, len(t))
+
+        return select_n_experts(
+            size_candidates(type(self).__name__, self.auto_candidates),
+            lambda n: self._train(x_ND, t, n, seed, validation=by_validation, precision=precision),
+            score, self.auto_criterion)
+
+    def _warn_if_not_converged(self, result: Any) -> None:
+        if result.stop_reason in ("max_epochs", "max_iter"):
+            warnings.warn(f"{type(self).__name__}: the fit stopped at max_epochs={self.max_epochs} "
+                          "while the loss was still improving by more than tol="
+                          f"{self.tol:g}; raise max_epochs.", ConvergenceWarning, stacklevel=3)
+
+    def partial_fit(self, X: Any, y: Any, classes: Any = None) -> BaseMixtureEstimator:
+        """One pass over (X, y), continuing from the current weights; returns self.
+
+        A pass is one epoch of the gradient solver, or one EM iteration on this batch for
+        solver='em'. The first call builds the model and fits the input scaler on its batch; a
+        classifier's first call needs ``classes``, every class that any batch will hold.
+        """
+        first = not hasattr(self, "model_")
+        if first:
+            self._validate_params()
+            self._check_solver()
+            if self.n_experts == "auto":
+                raise ValueError(f"{type(self).__name__}: partial_fit needs a fixed number of "
+                                 "experts; got n_experts='auto'. Pass an integer, e.g. "
+                                 "n_experts=4.")
+            if is_classifier(self) and classes is None:
+                raise ValueError(f"{type(self).__name__}: the first call to partial_fit needs "
+                                 "classes, every class any batch will hold; e.g. "
+                                 "classes=[0, 1, 2].")
+        X, y = self._validate_y(X, y, reset=first)
+        t = self._encode_targets(y, reset=first, classes=classes)
+        seed = 0
+        if first:
+            seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+            self.scaler_ = StandardScaler().fit(X)
+            # a stream holds out nothing to choose the prior by: the first candidate
+            precision = precision_candidates(type(self).__name__, self.alpha_candidates)[0]
+            self.alpha_precision_ = precision if self.alpha == "auto" else None
+            self.model_ = self._build(self.n_experts, seed)
+            self.n_experts_, self.n_experts_curve_ = self.n_experts, None
+            self.alpha_, self.alpha_curve_ = self._alpha(len(t), precision), None
+            self.history_, self.n_iter_, self.stop_reason_ = History(), 0, "partial_fit"
+            self._optimizer, self._generator = None, torch.Generator().manual_seed(seed)
+        x_ND = self._to_tensor(X)
+        if self.solver == "em":
+            config = self._em_config(seed, len(t), max_iter=1, init="data" if first else "model",
+                                     precision=self._fitted_precision())
+            with warnings.catch_warnings():  # one iteration per call, by design
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                record = fit_em(self.model_, x_ND, self._target_tensor(t), config).history[-1]
+        else:
+            record = self._gradient_pass(x_ND, t)
+        self.n_iter_ += 1
+        self.history_.append({**record, "epoch": self.n_iter_})
+        return self
+
+    def _gradient_pass(self, x_ND: torch.Tensor, t: np.ndarray) -> dict[str, float]:
+        config = self._train_config(0, len(t), max_epochs=1, precision=self._fitted_precision())
+        if self._optimizer is None:
+            self._optimizer = make_optimizer(self.model_, config)
+        if self._generator is None:  # a reloaded estimator
+            self._generator = torch.Generator().manual_seed(0)
+        targets = prepare_targets(type(self).__name__, "y", self._target_tensor(t),
+                                  out_features=self._n_outputs(), loss=config.loss, dtype=DTYPE)
+        train_epoch(self.model_, self._optimizer, x_ND, targets, config, self._generator)
+        return evaluate(self.model_, x_ND, targets, config, "train")
+
+    def _fitted_precision(self) -> float:
+        """The prior precision the fit chose (``alpha_precision_``), or the first candidate (a
+        folder saved before the choice was recorded)."""
+        precision = getattr(self, "alpha_precision_", None)
+        return precision or precision_candidates(type(self).__name__, self.alpha_candidates)[0]
+
+    def _expert_kind(self) -> str:
+        """'auto' is an MLP expert for the gradient solvers and the linear one EM fits exactly."""
+        if self.expert == "auto":
+            return "linear" if self.solver == "em" else "mlp"
+        return self.expert
+
+    def _alpha(self, n_rows: int, precision: float) -> float:
+        """'auto' is c / n_rows: a Gaussian prior on the weights of precision c against the summed
+        log-likelihood, so the penalty on the mean loss shrinks as rows grow."""
+        if self.alpha != "auto":
+            return float(self.alpha)
+        return precision / max(n_rows, 1)
+
+    def _em_config(self, seed: int, n_rows: int, *, precision: float, max_iter: int | None = None,
+                   init: str = "data") -> EMConfig:
+        # alpha is the ridge of every weighted least-squares and Newton system
+        return EMConfig(max_iter=max_iter or self.max_epochs, tol=max(self.tol, 1e-12),
+                        ridge=self._alpha(n_rows, precision) or EMConfig.ridge, init=init,
+                        seed=seed, progress=bool(self.verbose))
+
+    def _check_solver(self) -> None:
+        """Combinations of parameters EM or the Gaussian gate cannot honour, refused before work."""
+        owner = type(self).__name__
+        if self.gate == "gaussian" and self.solver != "em":
+            raise ValueError(f"{owner}: gate='gaussian' (the localized gate) is fitted by EM; got "
+                             f"solver={self.solver!r}. Pass solver='em'.")
+        if self.solver != "em":
+            return
+        refused = {"expert": (self._expert_kind(), "linear"), "loss": (self.loss, "nll"),
+                   "early_stopping": (self.early_stopping, False)}
+        if self.n_experts == "auto":
+            refused["auto_criterion"] = (self.auto_criterion, "bic")
+        for name, (value, needed) in refused.items():
+            if value != needed:
+                raise ValueError(f"{owner}: solver='em' needs {name}={needed!r}; got "
+                                 f"{name}={value!r}.")
+
+    def _check_enough_rows(self, n_rows: int) -> None:
+        need = (max(size_candidates(type(self).__name__, self.auto_candidates))
+                if self.n_experts == "auto" else self.n_experts)
+        if n_rows < max(need, 2):
+            raise ValueError(f"{type(self).__name__}: n_experts={self.n_experts} needs at least "
+                             f"{max(need, 2)} rows; got n_samples={n_rows}. Use fewer experts or "
+                             "more data.")
+
+    def _to_tensor(self, X: np.ndarray) -> torch.Tensor:
+        return torch.tensor(self.scaler_.transform(X), dtype=DTYPE)
+
+    def _target_tensor(self, t: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.ascontiguousarray(t))
+
+    def _build(self, n_experts: int, seed: int) -> DenseMixture:
+        expert = ExpertConfig(kind=self._expert_kind(), hidden=self.expert_hidden,
+                              activation=self.expert_activation, head=self._head)
+        generator = torch.Generator().manual_seed(seed)
+        if self.gate == "gaussian":
+            return LocalizedMixtureOfExperts(self.n_features_in_, self._n_outputs(), n_experts,
+                                             expert=expert, generator=generator).to(DTYPE)
+        return MixtureOfExperts(self.n_features_in_, self._n_outputs(), n_experts, expert=expert,
+                                generator=generator).to(DTYPE)
+
+    def _train_config(self, seed: int, n_rows: int, *, precision: float,
+                      max_epochs: int | None = None, validation: bool = False) -> TrainConfig:
+        return TrainConfig(loss=self._loss_name(), optimizer=SOLVERS[self.solver], lr=self.lr,
+                           max_epochs=max_epochs or self.max_epochs, batch_size=self.batch_size,
+                           weight_decay=self._alpha(n_rows, precision),
+                           patience=self.n_iter_no_change, min_delta=self.tol,
+                           monitor="val_loss" if validation else "train_loss", seed=seed,
+                           progress=bool(self.verbose))
+
+    def _holdout_rows(self, t: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Training and held-out positions, ``validation_fraction`` held out, stratified by class."""
+        labels = t if t.ndim == 1 and t.dtype.kind == "i" else None  # class indices
+        return holdout_split(len(t), self.validation_fraction, seed, labels)
+
+    def _train(self, x_ND: torch.Tensor, t: np.ndarray, n_experts: int, seed: int, *,
+               precision: float, validation: bool | None = None):
+        """Build and fit one mixture at prior ``precision``; with early stopping, the best
+        validation epoch is kept. Convergence warnings wait for the final fit
+        (:meth:`_warn_if_not_converged`), so that candidates do not repeat them."""
+        validation = self.early_stopping if validation is None else validation
+        model = self._build(n_experts, seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            if self.solver == "em":
+                config = self._em_config(seed, len(t), precision=precision)
+                return model, fit_em(model, x_ND, self._target_tensor(t), config)
+            if not validation:
+                config = self._train_config(seed, len(t), precision=precision)
+                return model, fit(model, x_ND, self._target_tensor(t), config)
+            train_rows, val_rows = self._holdout_rows(t, seed)
+            config = self._train_config(seed, len(train_rows), precision=precision,
+                                        validation=True)
+            result = fit(model, x_ND[train_rows], self._target_tensor(t[train_rows]), config,
+                         x_val=x_ND[val_rows], y_val=self._target_tensor(t[val_rows]),
+                         callbacks=[KeepBest("val_loss")])
+        return model, result
+
+    # --- the fitted mixture's view ------------------------------------------------------------
+    @torch.no_grad()
+    def _forward(self, X: Any) -> MoEOutput:
+        check_is_fitted(self, "model_")
+        X = validate_data(self, X, reset=False, dtype=np.float64)
+        return self.model_(self._to_tensor(X))
+
+    def gate_proba(self, X: Any) -> np.ndarray:
+        """The gate's mixing proportions p_e(x), shape (N, E); rows sum to 1."""
+        return self._forward(X).routing.probs_NE.numpy()

@@ -1,0 +1,241 @@
+"""The gradient fitting loop for mixtures of experts.
+
+Shape legend: N rows, D input features, O outputs, C classes (C = O for classification).
+
+Full batch with plain SGD and no momentum is the protocol of Jacobs et al. (1991); minibatches, Adam
+and L-BFGS are there for everything else. Each epoch ends with the model evaluated on the whole
+training set (and the validation set, if given); those metrics (:mod:`moekit.fitting.config`)
+drive stopping and the history.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from moekit._checks import check_finite, check_matrix, check_same_rows
+from moekit.exceptions import ConvergenceWarning, DivergenceWarning
+from moekit.fitting.callbacks import Callback, TrainState
+from moekit.fitting.checkpoint import load_checkpoint, save_checkpoint
+from moekit.fitting.config import TrainConfig, higher_is_better
+from moekit.fitting.history import History
+from moekit.fitting.lbfgs import RestartingLBFGS
+from moekit.fitting.objective import Targets, mixture_loss, prepare_targets
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """The outcome of :func:`fit`: the history, the epochs run, and why it stopped
+    ('threshold', 'patience', 'callback', 'diverged' or 'max_epochs')."""
+
+    history: History
+    epochs: int
+    stop_reason: str
+    config: TrainConfig = field(repr=False)
+
+    @property
+    def reached_threshold(self) -> bool:
+        return self.stop_reason == "threshold"
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x_ND: Tensor, targets: Targets, config: TrainConfig,
+             prefix: str) -> dict[str, float]:
+    """The metrics of ``model`` on one data set, named ``{prefix}_{metric}``."""
+    out = model(x_ND)
+    loss = mixture_loss(config.loss, out, targets.for_loss, variance=config.variance) + out.aux_loss
+    sq_NO = (targets.dense_NO - out.output).square()
+    metrics = {"loss": loss.item(), "sse": sq_NO.sum(-1).mean().item(), "mse": sq_NO.mean().item()}
+    if targets.classes_N is not None:
+        metrics["accuracy"] = (out.output.argmax(-1) == targets.classes_N).double().mean().item()
+    return {f"{prefix}_{k}": v for k, v in metrics.items()}
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer ``config`` names, over the model's trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=0.0)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr)
+    return RestartingLBFGS(params, lr=config.lr, max_iter=1, line_search_fn="strong_wolfe")
+
+
+def _batches(n_rows: int, batch_size: int | None, generator: torch.Generator) -> list[Tensor | None]:
+    if batch_size is None or batch_size >= n_rows:
+        return [None]  # full batch: no indexing, no shuffling
+    order = torch.randperm(n_rows, generator=generator)
+    return list(order.split(batch_size))
+
+
+def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x_ND: Tensor,
+                 targets: Targets, config: TrainConfig, generator: torch.Generator) -> None:
+    """One pass over the data: one update per (shuffled) minibatch, or one full-batch update."""
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    for rows in _batches(x_ND.shape[0], config.batch_size, generator):
+        x_batch = x_ND if rows is None else x_ND[rows]
+        y_batch = targets.for_loss if rows is None else targets.for_loss[rows]
+
+        def closure(x_batch: Tensor = x_batch, y_batch: Tensor = y_batch) -> Tensor:
+            optimizer.zero_grad()
+            out = model(x_batch)
+            loss = mixture_loss(config.loss, out, y_batch, variance=config.variance) + out.aux_loss
+            if config.weight_decay:
+                loss = loss + 0.5 * config.weight_decay * sum(p.square().sum() for p in params)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+    model.eval()
+
+
+def _update_stopping(state: TrainState, record: dict[str, float]) -> None:
+    config = state.config
+    if not math.isfinite(record["train_loss"]):
+        warnings.warn(f"fit: the training loss became {record['train_loss']} at epoch {state.epoch} "
+                      f"with optimizer={config.optimizer!r}, lr={config.lr}; training stopped. "
+                      "Lower lr (or use optimizer='adam').", DivergenceWarning, stacklevel=3)
+        state.stop, state.stop_reason = True, "diverged"
+        return
+    if config.stop_metric is not None:
+        value = record[config.stop_metric]
+        hit = value >= config.stop_threshold if higher_is_better(config.stop_metric) \
+            else value <= config.stop_threshold
+        if hit:
+            state.stop, state.stop_reason = True, "threshold"
+            return
+    if config.patience is not None:
+        value = record[config.monitor]
+        sign = -1.0 if higher_is_better(config.monitor) else 1.0
+        if state.best is None or sign * (state.best - value) > config.min_delta:
+            state.best, state.epochs_since_best = value, 0
+        else:
+            state.epochs_since_best += 1
+            if state.epochs_since_best >= config.patience:
+                state.stop, state.stop_reason = True, "patience"
+
+
+def fit(model: nn.Module, x: Tensor, y: Tensor, config: TrainConfig | None = None, *,
+        x_val: Tensor | None = None, y_val: Tensor | None = None,
+        callbacks: Sequence[Callback] = (), resume: bool = False) -> TrainResult:
+    """Fit a mixture of experts by gradient descent on the configured error function.
+
+    Args:
+        model: a layer returning :class:`~moekit.layers.MoEOutput`, with a ``config`` that has
+            ``in_features`` and ``out_features`` (e.g. :class:`~moekit.layers.MixtureOfExperts`).
+        x: inputs, (N, D). y: targets, (N, O) floats or (N,) class indices.
+        config: a :class:`TrainConfig`; the defaults are the paper's protocol.
+        x_val, y_val: an optional validation set, evaluated every epoch as ``val_*`` metrics.
+        callbacks: :class:`Callback` objects called at the start, after each epoch, and at the end.
+        resume: continue from ``config.checkpoint_path`` if that file exists.
+
+    Returns:
+        a :class:`TrainResult`; the model is trained in place.
+
+    Example:
+        >>> from moekit import MixtureOfExperts
+        >>> x = torch.linspace(0, 1, 50).reshape(-1, 1); y = (x > 0.5).double() * x
+        >>> moe = MixtureOfExperts(1, 1, 2).double()
+        >>> fit(moe, x.double(), y, TrainConfig(max_epochs=5, progress=False)).epochs
+        5
+    """
+    config = config or TrainConfig()
+    in_features, out_features = model.config.in_features, model.config.out_features
+    x_ND, targets = _checked_data(model, "x", "y", x, y, config, in_features, out_features)
+    val = None
+    if (x_val is None) != (y_val is None):
+        raise ValueError("fit: pass x_val and y_val together, or neither.")
+    if x_val is not None:
+        val = _checked_data(model, "x_val", "y_val", x_val, y_val, config, in_features, out_features)
+    _check_metrics_produced(config, targets, None if val is None else val[1])
+
+    optimizer = make_optimizer(model, config)
+    generator = torch.Generator().manual_seed(config.seed)
+    state = TrainState(model, optimizer, config, History())
+    if resume:
+        load_checkpoint(state, generator)
+    for callback in callbacks:
+        callback.on_train_begin(state)
+
+    bar = tqdm(total=config.max_epochs, initial=state.epoch, desc="fit", unit="epoch",
+               disable=not config.progress, leave=False)
+    while not state.stop and state.epoch < config.max_epochs:
+        train_epoch(model, optimizer, x_ND, targets, config, generator)
+        state.epoch += 1
+        record = {"epoch": state.epoch, **evaluate(model, x_ND, targets, config, "train")}
+        if val is not None:
+            record.update(evaluate(model, *val, config, "val"))
+        state.history.append(record)
+        _update_stopping(state, record)
+        for callback in callbacks:
+            callback.on_epoch_end(state)
+        if state.stop and state.stop_reason is None:
+            state.stop_reason = "callback"
+        if config.checkpoint_path and (state.epoch % config.checkpoint_every == 0 or state.stop):
+            save_checkpoint(state, generator)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['train_loss']:.4g}", refresh=False)
+    bar.close()
+
+    state.stop_reason = state.stop_reason or "max_epochs"
+    if state.stop_reason == "max_epochs" and config.stop_metric is not None and len(state.history):
+        warnings.warn(f"fit: {config.stop_metric} did not reach {config.stop_threshold} within "
+                      f"max_epochs={config.max_epochs} (last value "
+                      f"{state.history[-1][config.stop_metric]:.4g}). Raise max_epochs or lr.",
+                      ConvergenceWarning, stacklevel=2)
+    if config.checkpoint_path:
+        save_checkpoint(state, generator)
+    for callback in callbacks:
+        callback.on_train_end(state)
+    logger.info("fit stopped after %d epochs (%s)", state.epoch, state.stop_reason)
+    return TrainResult(state.history, state.epoch, state.stop_reason, config)
+
+
+def _check_metrics_produced(config: TrainConfig, targets: Targets, val_targets: Targets | None
+                            ) -> None:
+    """Raise a ValueError, before any training, for a requested metric no epoch will record: a
+    'val_*' metric without a validation set, or an accuracy without class-index targets."""
+    names = ["stop_metric"] + (["monitor"] if config.patience is not None else [])
+    for name in names:
+        value = getattr(config, name)
+        if value is None:
+            continue
+        prefix, _, metric = value.partition("_")
+        if prefix == "val" and val_targets is None:
+            raise ValueError(f"fit: {name}={value!r} needs a validation set; pass x_val and y_val, "
+                             f"or use {name}='train_{metric}'.")
+        used = targets if prefix == "train" else val_targets
+        if metric == "accuracy" and used.classes_N is None:
+            data = "y" if prefix == "train" else "y_val"
+            raise ValueError(f"fit: {name}={value!r} needs class-index targets (classification); "
+                             f"{data} holds floats (a regression). Pass integer class indices in "
+                             f"{data}, or use {name}='{prefix}_mse' (or '{prefix}_sse', "
+                             f"'{prefix}_loss').")
+
+
+def _checked_data(model: nn.Module, x_name: str, y_name: str, x: Tensor, y: Tensor,
+                  config: TrainConfig, in_features: int, out_features: int
+                  ) -> tuple[Tensor, Targets]:
+    check_matrix("fit", x_name, x, n_columns=in_features)
+    check_finite("fit", x_name, x)
+    check_same_rows("fit", **{x_name: x, y_name: y})
+    if x.shape[0] == 0:
+        raise ValueError(f"fit: {x_name} has no rows; pass at least one row.")
+    dtype = next(model.parameters()).dtype
+    if x.dtype != dtype:
+        raise TypeError(f"fit: {x_name} has dtype {x.dtype} but the model's weights are {dtype}; "
+                        f"convert one of them (x.to({dtype}) or model.to({x.dtype})).")
+    return x, prepare_targets("fit", y_name, y, out_features=out_features, loss=config.loss,
+                              dtype=dtype)
+
+

@@ -1,0 +1,31 @@
+"""Figures (matplotlib's object API; no backend is chosen at import): the shared style
+(:mod:`~moekit.plotting.style`), the gate's partition (:mod:`~moekit.plotting.partition`), the
+experts' decision lines (:mod:`~moekit.plotting.expert_lines`), routing statistics
+(:mod:`~moekit.plotting.routing`) and curves over training (:mod:`~moekit.plotting.curves`)."""
+
+from moekit.plotting.curves import plot_learning_curves, plot_training_curves
+from moekit.plotting.expert_lines import expert_decision_lines, plot_lines_over_time
+from moekit.plotting.partition import (ExpertLine, Plane, gate_probs, plot_mixing_proportions,
+                                       plot_partition)
+from moekit.plotting.routing import (plot_coactivation, plot_expert_by_label, plot_importance,
+                                     plot_load, plot_routing_over_training)
+from moekit.plotting.style import expert_colors, save_figure
+
+__all__ = [
+    "ExpertLine",
+    "Plane",
+    "expert_colors",
+    "expert_decision_lines",
+    "gate_probs",
+    "plot_coactivation",
+    "plot_expert_by_label",
+    "plot_importance",
+    "plot_learning_curves",
+    "plot_lines_over_time",
+    "plot_load",
+    "plot_mixing_proportions",
+    "plot_partition",
+    "plot_routing_over_training",
+    "plot_training_curves",
+    "save_figure",
+]

@@ -1,0 +1,68 @@
+"""`moekit analyze RUN`: the routing analysis of a run folder, whichever command made it.
+
+A `moekit vowels` folder lists its saved mixtures in results.json; a `moekit fit` folder holds one
+fitted estimator and names the CSV it was fitted on. Either way each model is analysed with
+:func:`moekit.reports.analysis.analyze_input` into ``RUN/analysis/<name>/`` (analysis.json,
+analysis.html and the figures).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+from moekit.exceptions import DataError, Setting
+from moekit.experiments.vowels_run import load_vowels_run
+from moekit.reports.analysis import AnalysisInput, analyze_input
+from moekit.reports.fit import ANALYSIS_DIR, fit_analysis_input
+from moekit.runs.folder import MODEL_DIR, SUMMARY_FILE, load_run_data
+
+
+@dataclass(frozen=True)
+class AnalyzedModel:
+    name: str
+    stats: dict[str, Any]
+    directory: Path
+
+
+def run_kind(run: Path) -> tuple[str, dict[str, Any] | None]:
+    """'vowels' or 'fit', from the files the folder holds; for a vowels run, also the record of
+    its saved models (results.json's "analysis")."""
+    if not run.is_dir():
+        raise DataError(f"no run folder at {str(run)!r}; give the folder `moekit vowels` or "
+                        "`moekit fit` wrote (its ", Setting("out"), ").")
+    results = run / "results.json"
+    if results.is_file():
+        saved = json.loads(results.read_text(encoding="utf-8")).get("analysis")
+        if saved:
+            return "vowels", saved
+    if (run / MODEL_DIR).is_dir() and (run / SUMMARY_FILE).is_file():
+        return "fit", None
+    raise DataError(f"{str(run)!r} is not a moekit run folder: it has neither a results.json "
+                    "listing saved models (`moekit vowels`) nor model/ and summary.json "
+                    "(`moekit fit`).")
+
+
+def fit_run_input(run: Path, data: Path | str | None = None) -> AnalysisInput:
+    """The fitted estimator of a `moekit fit` run and its data (the CSV it was fitted on, or
+    ``data``), as an :class:`AnalysisInput`."""
+    d = load_run_data(run, data)
+    return fit_analysis_input(d.estimator, d.inputs, d.y, d.prep.target, d.source)
+
+
+def analyze_run(run: Path | str, data: Path | str | None = None) -> list[AnalyzedModel]:
+    """Analyse every model of a run folder into ``RUN/analysis/``; returns their statistics."""
+    run = Path(run)
+    kind, saved = run_kind(run)
+    if kind == "vowels":
+        if data is not None:
+            raise DataError(Setting("data"), " applies to `moekit fit` runs; a vowels run is "
+                            "analysed on the vowel data it was trained on.")
+        items = load_vowels_run(run, saved=saved)
+    else:
+        items = [fit_run_input(run, data)]
+    out = run / ANALYSIS_DIR
+    return [AnalyzedModel(item.name, analyze_input(item, out), out / item.name) for item in items]

@@ -1,0 +1,78 @@
+"""Weights from and to transformers' Mixtral and Qwen3-MoE blocks give the same outputs (1e-5, fp32)."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from moekit.interop.transformers import from_transformers, to_transformers, transformers_block
+from moekit.nn.sparse import SparseMoE
+
+
+def _mixtral(seed):
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    torch.manual_seed(seed)  # transformers initialises from the global generator
+    config = MixtralConfig(hidden_size=32, intermediate_size=48, num_local_experts=8,
+                           num_experts_per_tok=2)
+    block = MixtralSparseMoeBlock(config).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.2)
+    return block
+
+
+def _qwen3(seed, norm_topk_prob):
+    from transformers import Qwen3MoeConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    torch.manual_seed(seed)
+    config = Qwen3MoeConfig(hidden_size=32, moe_intermediate_size=24, num_experts=6,
+                            num_experts_per_tok=3, norm_topk_prob=norm_topk_prob)
+    block = Qwen3MoeSparseMoeBlock(config).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.2)
+    return block
+
+
+def _hidden(gen):
+    return torch.randn(2, 7, 32, generator=gen)
+
+
+def test_mixtral_block_loads_with_equal_outputs(gen):
+    block = _mixtral(0)
+    layer = from_transformers(block).eval()
+    x = _hidden(gen)
+    torch.testing.assert_close(layer(x).output, block(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_qwen3_block_loads_with_equal_outputs(gen, norm_topk_prob):
+    block = _qwen3(1, norm_topk_prob)
+    layer = from_transformers(block).eval()
+    assert layer.config.router.renormalize is norm_topk_prob
+    x = _hidden(gen)
+    torch.testing.assert_close(layer(x).output, block(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_export_back(gen, family):
+    layer = SparseMoE(32, 4, 2, hidden=16, load_balance_weight=0.0, generator=gen).eval()
+    block = transformers_block(layer, family).eval()
+    x = _hidden(gen)
+    torch.testing.assert_close(block(x), layer(x).output, rtol=1e-5, atol=1e-5)
+    again = from_transformers(block)
+    for a, b in zip(again.parameters(), layer.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_refuses_what_does_not_map(gen):
+    with pytest.raises(TypeError, match="expected a MixtralSparseMoeBlock"):
+        from_transformers(torch.nn.Linear(2, 2))
+    layer = SparseMoE(32, 4, 2, hidden=16, experts="mlp", activation="gelu", generator=gen)
+    with pytest.raises(ValueError, match="only SwiGLU experts with a top-k router"):
+        to_transformers(layer, _mixtral(0))
+    with pytest.raises(ValueError, match=r"this layer needs \(4, 32, 32\)"):
+        to_transformers(SparseMoE(32, 4, 2, hidden=16, generator=gen), _mixtral(0))

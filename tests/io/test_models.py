@@ -1,0 +1,120 @@
+"""Save/load: identical outputs after a round trip, atomic writes, clear errors on bad folders."""
+
+import json
+
+import pytest
+import torch
+
+from moekit import ExpertConfig, MixtureOfExperts, load_model, save_model
+from moekit.io.files import atomic_path, write_text_atomic
+from moekit.io.models import CONFIG_FILE, WEIGHTS_FILE
+
+F64 = torch.float64
+
+
+@pytest.mark.parametrize("expert, dtype", [
+    (ExpertConfig(), torch.float32),
+    (ExpertConfig(kind="mlp", hidden=5, activation="relu", head="softmax"), F64),
+])
+def test_round_trip_gives_identical_outputs(tmp_path, gen, expert, dtype):
+    moe = MixtureOfExperts(3, 4, 5, expert=expert, generator=gen).to(dtype)
+    x = torch.randn(8, 3, generator=gen, dtype=dtype)
+    folder = save_model(moe, tmp_path / "model", metadata={"features": ["a", "b", "c"]})
+    loaded = load_model(folder)
+    assert loaded.config == moe.config
+    assert loaded.metadata == {"features": ["a", "b", "c"]}
+    before, after = moe(x), loaded(x)
+    assert torch.equal(before.output, after.output)
+    assert torch.equal(before.routing.probs_NE, after.routing.probs_NE)
+    assert sorted(p.name for p in folder.iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+
+
+def test_config_file_is_readable_json(tmp_path):
+    save_model(MixtureOfExperts(2, 1, 3), tmp_path)
+    header = json.loads((tmp_path / CONFIG_FILE).read_text())
+    assert header["class"] == "MixtureOfExperts"
+    assert header["config"] == {"in_features": 2, "out_features": 1, "n_experts": 3,
+                                "expert": {"kind": "linear", "hidden": 16, "activation": "tanh",
+                                           "head": "identity"},
+                                "gate": {"kind": "softmax", "bias": True}}
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
+    target = tmp_path / "results.json"
+    write_text_atomic(target, "old")
+    with pytest.raises(RuntimeError, match="crash"):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half-writ")
+            raise RuntimeError("crash")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary left behind
+
+
+def test_unsavable_metadata_fails_before_writing(tmp_path):
+    with pytest.raises(TypeError):
+        save_model(MixtureOfExperts(2, 1, 3), tmp_path / "m", metadata={"bad": object()})
+    assert not (tmp_path / "m").exists()
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no model folder at"):
+        load_model(tmp_path / "nope")
+
+
+def test_foreign_folder(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="is not a moekit model folder: it needs config.json"):
+        load_model(tmp_path)
+
+
+def test_corrupted_config(tmp_path):
+    save_model(MixtureOfExperts(2, 1, 3), tmp_path)
+    (tmp_path / CONFIG_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="is not valid JSON .* the folder is corrupted"):
+        load_model(tmp_path)
+
+
+def test_foreign_json(tmp_path):
+    save_model(MixtureOfExperts(2, 1, 3), tmp_path)
+    (tmp_path / CONFIG_FILE).write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(ValueError, match="is not a moekit model config"):
+        load_model(tmp_path)
+
+
+def test_corrupted_weights(tmp_path):
+    save_model(MixtureOfExperts(2, 1, 3), tmp_path)
+    (tmp_path / WEIGHTS_FILE).write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="cannot read model.safetensors"):
+        load_model(tmp_path)
+
+
+def test_weights_that_do_not_fit_the_config(tmp_path):
+    save_model(MixtureOfExperts(2, 1, 3), tmp_path)
+    header = json.loads((tmp_path / CONFIG_FILE).read_text())
+    header["config"]["n_experts"] = 4
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(header))
+    with pytest.raises(ValueError, match="do not fit the saved config"):
+        load_model(tmp_path)
+
+
+def test_unknown_config_key(tmp_path):
+    save_model(MixtureOfExperts(2, 1, 3), tmp_path)
+    header = json.loads((tmp_path / CONFIG_FILE).read_text())
+    header["config"]["expert"]["dropout"] = 0.1
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(header))
+    with pytest.raises(ValueError, match=r"ExpertConfig: unknown config keys \['dropout'\]"):
+        load_model(tmp_path)
+
+
+def test_sparse_layer_round_trip(tmp_path, gen):
+    from moekit import RouterConfig, SparseMoE
+
+    layer = SparseMoE(8, 4, 2, hidden=12, router=RouterConfig(kind="sigmoid", top_k=2),
+                      n_shared=1, capacity_factor=1.5, generator=gen).train()
+    x = torch.randn(10, 8, generator=gen)
+    layer(x)  # moves the sigmoid router's load-balancing bias: a buffer that must be saved too
+    layer.eval()
+    loaded = load_model(save_model(layer, tmp_path / "sparse"))
+    assert loaded.config == layer.config
+    assert torch.equal(loaded.router.bias_E, layer.router.bias_E)
+    assert torch.equal(loaded(x).output, layer(x).output)
