@@ -6,7 +6,7 @@
 1. Fresh memory, page-faulted every step. Blocks over 32 MB are served by glibc with mmap and
    returned on free, so memory allocated afresh every step is faulted in again every step: at
    E = 64 the experts' weight gradients (400 MB) were, until moekit started writing them into
-   memory reused from step to step (moekit.grad_memory). Each configuration runs in its own
+   memory reused from step to step (moekit.nn.grouped_mm). Each configuration runs in its own
    process, once with the default allocator and once with glibc told to keep freed memory
    (``mallopt``: no mmap, no trim), which shows what page faults still cost; the minor page faults
    per step are counted with ``getrusage``. ``--layers`` adds deepspeed's MoE layer (per-expert
@@ -40,7 +40,7 @@ def _layer(name: str, n_experts: int, top_k: int):
     import torch
     from torch import nn
 
-    from moekit.layers import SparseMoE
+    from moekit import SparseMoE
 
     generator = torch.Generator().manual_seed(0)
     if name == "deepspeed MLP":  # per-expert nn.Linear weights, dropless
@@ -59,7 +59,7 @@ def _layer(name: str, n_experts: int, top_k: int):
 def layer_step(name: str, n_experts: int, tokens: int, top_k: int, steps: int, keep: bool
                ) -> dict:
     """Median forward + backward time and minor page faults per step of one layer."""
-    from moekit.cpu_memory import keep_freed_memory
+    from moekit import keep_freed_memory
 
     kept = keep_freed_memory() if keep else False
     import torch

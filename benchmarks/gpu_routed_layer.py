@@ -23,6 +23,8 @@ Runs on a CPU too (small sizes, for a smoke test: ``--tokens 64 --d-model 64 --h
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import os
 import statistics
@@ -36,9 +38,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import moekit.dispatch as dispatch  # noqa: E402
-from moekit import SparseMoE  # noqa: E402
-from moekit.interop import to_transformers  # noqa: E402
+from moekit import SparseMoE
+from moekit.interop import to_transformers
+from moekit.nn.grouped_mm import grouped_mm_supported
 
 
 class DenseSwiGLU(nn.Module):
@@ -83,10 +85,16 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, size: int, repeats: in
     return 2 * size**3 / seconds
 
 
+def with_implementation(layer: SparseMoE, implementation: str) -> SparseMoE:
+    """The same layer (the same parameters) running its experts by ``implementation``."""
+    view = copy.copy(layer)
+    view.config = dataclasses.replace(layer.config, experts_implementation=implementation)
+    return view
+
+
 def build_variants(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
-                   ) -> dict[str, tuple[nn.Module, Callable[[nn.Module, torch.Tensor], torch.Tensor],
-                                         str | None]]:
-    """name -> (module, how to call it, the moekit strategy to force or None)."""
+                   ) -> dict[str, tuple[nn.Module, Callable[[nn.Module, torch.Tensor], torch.Tensor]]]:
+    """name -> (module, how to call it)."""
     d, h, e, k = args.d_model, args.hidden, args.experts, args.top_k
     gen = torch.Generator().manual_seed(0)
     with torch.device("cpu"):
@@ -94,13 +102,14 @@ def build_variants(args: argparse.Namespace, device: torch.device, dtype: torch.
     layer = layer.to(device=device, dtype=dtype)
     variants: dict[str, tuple] = {
         "dense SwiGLU, hidden K*H (ceiling)": (DenseSwiGLU(d, k * h).to(device, dtype),
-                                              lambda m, x: m(x), None)}
-    strategies = ["grouped_mm", "padded", "loop"]
-    if not dispatch.grouped_mm_supported(torch.empty(1, d, device=device, dtype=dtype),
-                                         torch.empty(e, d, 2 * h, device=device, dtype=dtype)):
-        strategies.remove("grouped_mm")
-    for strategy in strategies:
-        variants[f"moekit SparseMoE ({strategy})"] = (layer, lambda m, x: m(x).output, strategy)
+                                              lambda m, x: m(x))}
+    implementations = ["grouped_mm", "padded", "loop"]
+    if not grouped_mm_supported(torch.empty(1, d, device=device, dtype=dtype),
+                                torch.empty(e, d, 2 * h, device=device, dtype=dtype)):
+        implementations.remove("grouped_mm")
+    for implementation in implementations:
+        variants[f"moekit SparseMoE ({implementation})"] = (
+            with_implementation(layer, implementation), lambda m, x: m(x).output)
     try:
         from transformers import MixtralConfig
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -114,7 +123,7 @@ def build_variants(args: argparse.Namespace, device: torch.device, dtype: torch.
         with torch.device(device):
             block = MixtralSparseMoeBlock(config).to(dtype)
         variants[f"transformers Mixtral ({impl})"] = (to_transformers(layer, block),
-                                                      lambda m, x: m(x), None)
+                                                      lambda m, x: m(x))
     return variants
 
 
@@ -140,21 +149,16 @@ def run(args: argparse.Namespace) -> dict:
     # (batch, sequence, D): transformers' block takes 3-D hidden states only
     x = torch.randn(1, tokens, d, device=device, dtype=dtype)
     grad = torch.randn(1, tokens, d, device=device, dtype=dtype)
-    original = dispatch.choose_strategy
     timer = _timer(device)
 
     def step(name: str, backward: bool = True) -> torch.Tensor:
-        module, call, strategy = variants[name]
-        dispatch.choose_strategy = (lambda *_: strategy) if strategy else original
-        try:
-            inp = x.detach().requires_grad_(backward)
-            out = call(module, inp)
-            if backward:
-                out.backward(grad)
-                module.zero_grad(set_to_none=True)
-            return out.detach()
-        finally:
-            dispatch.choose_strategy = original
+        module, call = variants[name]
+        inp = x.detach().requires_grad_(backward)
+        out = call(module, inp)
+        if backward:
+            out.backward(grad)
+            module.zero_grad(set_to_none=True)
+        return out.detach()
 
     outputs, grads = {}, {}
     for name in list(variants):  # warm-up, and the outputs compared with moekit's first variant
@@ -169,7 +173,7 @@ def run(args: argparse.Namespace) -> dict:
             del variants[name]
             continue
         if name.startswith("moekit"):
-            grads[name] = _expert_grads(variants[name], x, grad, step, name)
+            grads[name] = _expert_grads(variants[name], x, grad)
     record["grad_check"] = _compare_grads(grads)
     reference = next(n for n in variants if n.startswith("moekit"))
     times: dict[str, list[float]] = {n: [] for n in variants}
@@ -200,19 +204,13 @@ def run(args: argparse.Namespace) -> dict:
     return record
 
 
-def _expert_grads(variant: tuple, x: torch.Tensor, grad: torch.Tensor, step, name: str
-                  ) -> dict[str, torch.Tensor]:
+def _expert_grads(variant: tuple, x: torch.Tensor, grad: torch.Tensor) -> dict[str, torch.Tensor]:
     """The parameter gradients of one moekit variant on the benchmark's input (float32 copies)."""
-    module, call, strategy = variant
-    original = dispatch.choose_strategy
-    dispatch.choose_strategy = lambda *_: strategy
-    try:
-        call(module, x.detach().requires_grad_(True)).backward(grad)
-        out = {n: p.grad.float().clone() for n, p in module.named_parameters()}
-        module.zero_grad(set_to_none=True)
-        return out
-    finally:
-        dispatch.choose_strategy = original
+    module, call = variant
+    call(module, x.detach().requires_grad_(True)).backward(grad)
+    out = {n: p.grad.float().clone() for n, p in module.named_parameters()}
+    module.zero_grad(set_to_none=True)
+    return out
 
 
 def _compare_grads(grads: dict[str, dict[str, torch.Tensor]]) -> dict[str, float]:

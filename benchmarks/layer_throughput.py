@@ -27,9 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moekit.cpu_memory import keep_freed_memory
-from moekit.experts import ExpertConfig
-from moekit.layers import MixtureOfExperts, SparseMoE
+from moekit import ExpertConfig, MixtureOfExperts, SparseMoE, keep_freed_memory
 
 D_MODEL, HIDDEN = 512, 1024
 

@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from moekit.experiments.solvers import (SolversConfig, compare_solvers, comparison_record,
-                                        format_table, pass_ratio, quick_config)
+from moekit.experiments.solver_config import SolversConfig, quick_config
+from moekit.experiments.solvers import compare_solvers, comparison_record, format_table, pass_ratio
 from moekit.io import write_text_atomic
 
 

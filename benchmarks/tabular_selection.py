@@ -21,8 +21,15 @@ import numpy as np
 import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import cross_val_score
-from tabular import (CLASSIFICATION, EVALUATION_SEEDS, REGRESSION, classifiers, paired_difference,
-                     regressors, splitter)
+from tabular import (
+    CLASSIFICATION,
+    EVALUATION_SEEDS,
+    REGRESSION,
+    classifiers,
+    paired_difference,
+    regressors,
+    splitter,
+)
 
 from moekit.estimators import MixtureOfExpertsClassifier, MixtureOfExpertsRegressor
 

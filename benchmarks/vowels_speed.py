@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from moekit import TrainConfig, fit
-from moekit.datasets import vowel_task
+from moekit.data.vowels import vowel_task
 from moekit.experiments.vowels import System, VowelsConfig
 from moekit.experiments.vowels_run import run_vowels
-from moekit.replicates import ReplicateConfig, train_replicates
+from moekit.fitting.replicates import ReplicateConfig, train_replicates
 
 RUNS = 25
 

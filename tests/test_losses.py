@@ -7,7 +7,13 @@ import torch
 from torch.autograd import gradcheck
 
 from moekit.fitting.objective import mixture_loss, resolve_loss_name
-from moekit.losses import (categorical_mixture_nll, competitive_loss, cooperative_loss, mixture_nll, responsibilities)
+from moekit.losses import (
+    categorical_mixture_nll,
+    competitive_loss,
+    cooperative_loss,
+    mixture_nll,
+    responsibilities,
+)
 
 F64 = torch.float64
 

@@ -22,8 +22,13 @@ from moekit.fitting.gradient import TrainResult, evaluate, fit
 from moekit.fitting.history import History
 from moekit.fitting.objective import mixture_loss
 from moekit.io.models import load_model, save_model
-from moekit.losses import (categorical_mixture_nll, competitive_loss, cooperative_loss,
-                           mixture_nll, responsibilities)
+from moekit.losses import (
+    categorical_mixture_nll,
+    competitive_loss,
+    cooperative_loss,
+    mixture_nll,
+    responsibilities,
+)
 from moekit.nn.dense import MixtureOfExperts, MoEConfig
 from moekit.nn.experts import ExpertConfig, LinearExperts, MLPExperts
 from moekit.nn.gates import GateConfig, SoftmaxGate

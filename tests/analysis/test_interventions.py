@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from moekit import ExpertConfig, MixtureOfExperts, SparseMoE
-from moekit.analysis.recorder import record_routing
 from moekit.analysis.importance import expert_importance
 from moekit.analysis.interventions import ablate_expert, force_expert, scale_temperature
+from moekit.analysis.recorder import record_routing
 from moekit.nn.outputs import MoEOutput
 
 F64 = torch.float64

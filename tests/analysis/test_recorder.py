@@ -10,16 +10,21 @@ from sklearn.metrics import normalized_mutual_info_score
 from torch import nn
 
 from moekit import MixtureOfExperts, SparseMoE
-from moekit.analysis.over_training import routing_summary, RoutingHistory
-from moekit.analysis.recorder import batch_routing, record_routing
-from moekit.analysis.store import RoutingStore
-from moekit.nn.outputs import Routing
 from moekit.analysis.agreement import routing_agreement
-from moekit.nn.outputs import MoEOutput
-from moekit.analysis.stats import (coefficient_of_variation, match_experts, max_over_mean, nmi_from_contingency, RoutingStats)
-from moekit.io.files import jsonable
+from moekit.analysis.over_training import RoutingHistory, routing_summary
+from moekit.analysis.recorder import batch_routing, record_routing
+from moekit.analysis.stats import (
+    RoutingStats,
+    coefficient_of_variation,
+    match_experts,
+    max_over_mean,
+    nmi_from_contingency,
+)
+from moekit.analysis.store import RoutingStore
 from moekit.fitting.config import TrainConfig
 from moekit.fitting.gradient import fit
+from moekit.io.files import jsonable
+from moekit.nn.outputs import MoEOutput, Routing
 
 F64 = torch.float64
 
@@ -326,8 +331,9 @@ def test_empty_stats_are_nan():
 
 
 def test_a_hierarchical_mixture_is_recorded_over_its_leaves(gen):
-    hme = pytest.importorskip("moekit.hme")
-    tree = hme.HierarchicalMixtureOfExperts(2, 3, depth=2, branching=2, generator=gen).double()
+    from moekit import HierarchicalMixtureOfExperts
+
+    tree = HierarchicalMixtureOfExperts(2, 3, depth=2, branching=2, generator=gen).double()
     x = torch.randn(100, 2, generator=gen, dtype=F64)
     stats = record_routing(tree, x, torch.randint(0, 3, (100,), generator=gen)).stats
     assert stats.n_experts == 4 and stats.dense

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import tabular  # noqa: E402
+import tabular
 
 MOE, MLP = "moekit MoE, defaults (4 MLP experts)", "MLPClassifier"
 

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moekit.data.tabular import infer_task, prepare_fit, Preprocessing
+from moekit.data.tabular import Preprocessing, infer_task, prepare_fit
 from moekit.exceptions import DataError
 
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_iris, make_regression
 
-from moekit.estimators.persistence import load_estimator, save_estimator
 from moekit.estimators.classifier import MixtureOfExpertsClassifier
+from moekit.estimators.persistence import load_estimator, save_estimator
 from moekit.estimators.regressor import MixtureOfExpertsRegressor
 from moekit.io.models import save_model
 from moekit.nn.dense import MixtureOfExperts

@@ -7,8 +7,14 @@ import json
 import pytest
 
 from moekit.data.vowels import vowel_task
-from moekit.experiments.solver_config import quick_config, SolverRow, SOLVERS, SolversConfig
-from moekit.experiments.solvers import (compare_solvers, comparison_record, format_table, pass_ratio, write_comparison)
+from moekit.experiments.solver_config import SOLVERS, SolverRow, SolversConfig, quick_config
+from moekit.experiments.solvers import (
+    compare_solvers,
+    comparison_record,
+    format_table,
+    pass_ratio,
+    write_comparison,
+)
 
 
 @pytest.fixture(scope="module")

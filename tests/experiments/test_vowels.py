@@ -11,8 +11,14 @@ import torch
 from moekit.cli import main
 from moekit.data.vowels import vowel_task
 from moekit.experiments import vowels
-from moekit.experiments.vowels import (StepTrial, System, VowelsConfig, choose_step, quick_config,
-                                       run_system)
+from moekit.experiments.vowels import (
+    StepTrial,
+    System,
+    VowelsConfig,
+    choose_step,
+    quick_config,
+    run_system,
+)
 
 GOLDEN = Path(__file__).parents[1] / "assets" / "vowels_quick_golden.json"
 

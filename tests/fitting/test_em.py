@@ -1,4 +1,4 @@
-"""EM (moekit.em): it recovers known pieces, its log-likelihood never falls, it agrees with gradient
+"""EM (moekit.fitting.em): it recovers known pieces, its log-likelihood never falls, it agrees with gradient
 training, and it says clearly what it cannot fit."""
 
 import math
@@ -11,9 +11,9 @@ from moekit import ExpertConfig, GateConfig, MixtureOfExperts, TrainConfig, fit
 from moekit.data.synthetic import piecewise_linear
 from moekit.fitting.em import fit_em
 from moekit.fitting.em_config import EMConfig
-from moekit.nn.localized import LocalizedMixtureOfExperts
-from moekit.nn.hierarchical import HierarchicalMixtureOfExperts
 from moekit.losses import mixture_nll
+from moekit.nn.hierarchical import HierarchicalMixtureOfExperts
+from moekit.nn.localized import LocalizedMixtureOfExperts
 
 F64 = torch.float64
 QUIET = {"progress": False}

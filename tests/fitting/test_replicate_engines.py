@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from moekit import ExpertConfig, GateConfig, MixtureOfExperts
-from moekit.fitting.replicate_engines import StackedMixtureEngine, supports_stacked, VmapEngine
 from moekit.fitting.objective import prepare_targets
+from moekit.fitting.replicate_engines import StackedMixtureEngine, VmapEngine, supports_stacked
 
 F64 = torch.float64
 EXPERTS = [ExpertConfig(head="softmax"), ExpertConfig(), ExpertConfig(head="sigmoid"),

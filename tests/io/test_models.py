@@ -42,10 +42,9 @@ def test_config_file_is_readable_json(tmp_path):
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     target = tmp_path / "results.json"
     write_text_atomic(target, "old")
-    with pytest.raises(RuntimeError, match="crash"):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half-writ")
-            raise RuntimeError("crash")
+    with pytest.raises(RuntimeError, match="crash"), atomic_path(target) as tmp:
+        tmp.write_text("half-writ")
+        raise RuntimeError("crash")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary left behind
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from moekit import ExpertConfig, MixtureOfExperts, MoEOutput
-from moekit.nn.outputs import Routing
 from moekit.nn.dispatch import blend
+from moekit.nn.outputs import Routing
 
 F64 = torch.float64
 

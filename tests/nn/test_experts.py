@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from moekit.nn.experts import ACTIVATIONS, apply_head, ExpertConfig, LinearExperts, MLPExperts
+from moekit.nn.experts import ACTIVATIONS, ExpertConfig, LinearExperts, MLPExperts, apply_head
 
 F64 = torch.float64
 

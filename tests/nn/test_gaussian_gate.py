@@ -13,7 +13,7 @@ from moekit.data.synthetic import piecewise_linear
 from moekit.fitting.em import fit_em
 from moekit.fitting.em_config import EMConfig
 from moekit.fitting.em_steps import gaussian_gate_m_step
-from moekit.nn.gaussian_gate import gaussian_log_density, GaussianGate, GaussianGateParams
+from moekit.nn.gaussian_gate import GaussianGate, GaussianGateParams, gaussian_log_density
 from moekit.nn.localized import LocalizedMixtureOfExperts, LocalizedMoEConfig
 
 F64 = torch.float64

@@ -7,8 +7,13 @@ import pytest
 import torch
 
 import moekit.nn.grouped_mm as grouped_mm
-from moekit.nn.grouped_mm import grouped_matmul_loop
-from moekit.nn.grouped_mm import (gradient_buffer, grouped_weight_grad, GroupedMatmulReusedGrad, release_gradient_memory)
+from moekit.nn.grouped_mm import (
+    GroupedMatmulReusedGrad,
+    gradient_buffer,
+    grouped_matmul_loop,
+    grouped_weight_grad,
+    release_gradient_memory,
+)
 from moekit.nn.sparse import SparseMoE
 
 COUNTS = [5, 0, 9, 6]  # expert 1 has no rows

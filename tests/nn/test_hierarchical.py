@@ -8,10 +8,10 @@ import torch
 
 from moekit import ExpertConfig, GateConfig, MixtureOfExperts, MoEOutput, TrainConfig, fit
 from moekit import io as moekit_io
-from moekit.nn.hierarchical import HierarchicalMixtureOfExperts, HMEConfig
-from moekit.nn.tree_gate import level_slice, n_gate_nodes, node_posteriors, path_log_probs, TreeGate
 from moekit.fitting.objective import mixture_loss
 from moekit.losses import mixture_nll
+from moekit.nn.hierarchical import HierarchicalMixtureOfExperts, HMEConfig
+from moekit.nn.tree_gate import TreeGate, level_slice, n_gate_nodes, node_posteriors, path_log_probs
 
 F64 = torch.float64
 

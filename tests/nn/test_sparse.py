@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from moekit.nn.dispatch import plan_dispatch
-from moekit.nn.grouped_mm import grouped_matmul, grouped_matmul_loop, per_expert_rows
 from moekit.nn.experts import ACTIVATIONS
+from moekit.nn.grouped_mm import grouped_matmul, grouped_matmul_loop, per_expert_rows
 from moekit.nn.routers import RouterConfig
 from moekit.nn.sparse import SparseMoE
 

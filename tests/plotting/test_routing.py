@@ -5,10 +5,15 @@ import pytest
 import torch
 from matplotlib.colors import to_hex
 
-from moekit import MixtureOfExperts, SparseMoE
 from moekit.fitting.history import History
-from moekit.plotting.style import expert_colors, OKABE_ITO, save_figure
-from moekit.plotting.routing import (plot_coactivation, plot_expert_by_label, plot_importance, plot_load, plot_routing_over_training)
+from moekit.plotting.routing import (
+    plot_coactivation,
+    plot_expert_by_label,
+    plot_importance,
+    plot_load,
+    plot_routing_over_training,
+)
+from moekit.plotting.style import OKABE_ITO, expert_colors, save_figure
 
 F64 = torch.float64
 

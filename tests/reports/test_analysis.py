@@ -8,8 +8,14 @@ import torch
 
 from moekit import MixtureOfExperts, SparseMoE
 from moekit.analysis.over_training import routing_summary
-from moekit.reports.analysis import (analysis_sections, AnalysisInput, analyze, analyze_input, estimator_input)
 from moekit.fitting.history import History
+from moekit.reports.analysis import (
+    AnalysisInput,
+    analysis_sections,
+    analyze,
+    analyze_input,
+    estimator_input,
+)
 from moekit.reports.html import render
 
 F64 = torch.float64

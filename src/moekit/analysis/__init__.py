@@ -9,10 +9,22 @@ from moekit.analysis.agreement import Agreement, routing_agreement
 from moekit.analysis.importance import ImportanceRow, ImportanceTable, expert_importance
 from moekit.analysis.interventions import ablate_expert, force_expert, intervene, scale_temperature
 from moekit.analysis.over_training import RoutingHistory, routing_summary
-from moekit.analysis.recorder import (Recording, batch_routing, bin_names, iter_batches,
-                                      record_routing, target_bin_edges)
-from moekit.analysis.stats import (BatchRouting, RoutingStats, coefficient_of_variation,
-                                   match_experts, max_over_mean, nmi_from_contingency)
+from moekit.analysis.recorder import (
+                                      Recording,
+                                      batch_routing,
+                                      bin_names,
+                                      iter_batches,
+                                      record_routing,
+                                      target_bin_edges,
+)
+from moekit.analysis.stats import (
+                                      BatchRouting,
+                                      RoutingStats,
+                                      coefficient_of_variation,
+                                      match_experts,
+                                      max_over_mean,
+                                      nmi_from_contingency,
+)
 from moekit.analysis.store import RoutingStore
 
 __all__ = [

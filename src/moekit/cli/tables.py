@@ -9,7 +9,6 @@ import sys
 
 from moekit.cli import args as types
 
-
 # `moekit fit` options whose defaults are FitRunConfig's (the estimators'): flag dest -> field.
 MODEL_OPTIONS = {"experts": "n_experts", "expert": "expert", "hidden": "hidden", "loss": "loss",
                  "solver": "solver", "gate": "gate", "lr": "lr", "alpha": "alpha",

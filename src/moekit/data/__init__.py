@@ -4,8 +4,14 @@ tasks with a known answer (:mod:`~moekit.data.synthetic`), and a user's CSV tabl
 
 from moekit.data.synthetic import piecewise_linear
 from moekit.data.tabular import Preprocessing, prepare_fit, read_csv
-from moekit.data.vowels import (VOWEL_CODES, VOWEL_LABELS, FormantTable, VowelTask, peterson_barney,
-                                vowel_task)
+from moekit.data.vowels import (
+                                VOWEL_CODES,
+                                VOWEL_LABELS,
+                                FormantTable,
+                                VowelTask,
+                                peterson_barney,
+                                vowel_task,
+)
 
 __all__ = [
     "VOWEL_CODES",

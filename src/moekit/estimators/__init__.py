@@ -13,6 +13,7 @@ pickle (:mod:`~moekit.estimators.persistence`).
 """
 
 from moekit.estimators._base import BaseMixtureEstimator
+from moekit.estimators._selection import holdout_split
 from moekit.estimators.classifier import MixtureOfExpertsClassifier
 from moekit.estimators.persistence import load_estimator, save_estimator
 from moekit.estimators.regressor import MixtureOfExpertsRegressor
@@ -21,6 +22,7 @@ __all__ = [
     "BaseMixtureEstimator",
     "MixtureOfExpertsClassifier",
     "MixtureOfExpertsRegressor",
+    "holdout_split",
     "load_estimator",
     "save_estimator",
 ]

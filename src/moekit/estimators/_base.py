@@ -21,9 +21,15 @@ from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from moekit.estimators._selection import (MIN_ROWS_TO_CHOOSE, bic, holdout_split,
-                                          precision_candidates, select_n_experts, select_precision,
-                                          size_candidates)
+from moekit.estimators._selection import (
+    MIN_ROWS_TO_CHOOSE,
+    bic,
+    holdout_split,
+    precision_candidates,
+    select_n_experts,
+    select_precision,
+    size_candidates,
+)
 from moekit.exceptions import ConvergenceWarning
 from moekit.fitting.callbacks import KeepBest
 from moekit.fitting.config import TrainConfig

@@ -64,8 +64,8 @@ def bic(log_likelihood: float, n_parameters: int, n_rows: int) -> float:
     """The Bayesian information criterion, -2 log L + k log n (lower is better).
 
     Example:
-        >>> bic(-10.0, 3, 100)  # 20 + 3 log 100
-        33.81551002018838
+        >>> round(bic(-10.0, 3, 100), 4)  # 20 + 3 log 100
+        33.8155
     """
     return -2.0 * log_likelihood + n_parameters * math.log(n_rows)
 

@@ -9,7 +9,6 @@ from moekit._checks import check_choice, check_int, check_positive_float
 from moekit.experiments.piecewise import DemoConfig
 from moekit.experiments.vowels import VowelsConfig
 
-
 TASKS = ("vowels", "piecewise")
 SOLVERS = ("gd", "adam", "lbfgs", "em", "em_gaussian")
 SOLVER_LABELS = {"gd": "gradient descent (paper)", "adam": "Adam", "lbfgs": "L-BFGS",

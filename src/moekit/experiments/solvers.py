@@ -14,14 +14,14 @@ Solvers:
 - 'gd': the paper's gradient descent: full batch, fixed step, no momentum, Eq. 3. The step is the
   vowels module's choice (its exploration, :func:`moekit.experiments.vowels.run_system`); for the
   regression the same rule over ``regression_lr_grid`` (fewest mean epochs among steps where every
-  run reaches the criterion). Runs through :func:`moekit.replicates.train_replicates`, one run at a
+  run reaches the criterion). Runs through :func:`moekit.fitting.replicates.train_replicates`, one run at a
   time for the timing; one pass = one update.
-- 'adam', 'lbfgs': :func:`moekit.fit` on Eq. 3 (Adam's step chosen from ``adam_lr_grid`` by the
+- 'adam', 'lbfgs': :func:`moekit.fitting.gradient.fit` on Eq. 3 (Adam's step chosen from ``adam_lr_grid`` by the
   same rule; L-BFGS with a strong-Wolfe line search, stopped after 20 epochs without progress). One
   pass = one evaluation of the loss and its gradient (for L-BFGS, every function evaluation of the
   line search); the evaluation ``fit`` adds after each epoch for its stopping test is not counted.
-- 'em': :func:`moekit.em.fit_em`, softmax gate; 'em_gaussian': EM with the localized Gaussian gate
-  (:class:`~moekit.gaussian_gate.LocalizedMixtureOfExperts`). Passes as ``fit_em`` counts them (an
+- 'em': :func:`moekit.fitting.em.fit_em`, softmax gate; 'em_gaussian': EM with the localized Gaussian gate
+  (:class:`~moekit.nn.localized.LocalizedMixtureOfExperts`). Passes as ``fit_em`` counts them (an
   E-step, which doubles as the stopping test, and every Newton trial); ``sweeps`` in the JSON counts
   also the sweeps that form the Newton systems and normal equations.
 EM maximises the likelihood of its own model (multinomial-logit experts on the vowels, Gaussian
@@ -42,10 +42,16 @@ from pathlib import Path
 from moekit._checks import check_choice
 from moekit.data.vowels import VowelTask
 from moekit.exceptions import ConvergenceWarning
-from moekit.experiments.solver_config import (SOLVER_LABELS, SolverRow,
-                                              SolversConfig)
-from moekit.experiments.solver_runs import (em_runs, gd_runs, gradient_runs, piecewise_task,
-                                            solver_row, vowels_task, warm_up)
+from moekit.experiments.solver_config import SOLVER_LABELS, SolverRow, SolversConfig
+from moekit.experiments.solver_runs import (
+    em_runs,
+    gd_runs,
+    gradient_runs,
+    piecewise_task,
+    solver_row,
+    vowels_task,
+    warm_up,
+)
 from moekit.io.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -57,7 +63,7 @@ def compare_solvers(config: SolversConfig | None = None, *, task: VowelTask | No
 
     Args:
         config: a :class:`SolversConfig` (``quick_config()`` for a few seconds).
-        task: the vowel task, if already built (else :func:`moekit.datasets.vowel_task`).
+        task: the vowel task, if already built (else :func:`moekit.data.vowels.vowel_task`).
 
     Example:
         >>> from moekit.experiments.solver_config import quick_config

@@ -18,23 +18,35 @@ from moekit.data.vowels import VOWEL_LABELS, VowelTask, vowel_task
 from moekit.experiments.solver_config import SolverRow, SolversConfig
 from moekit.experiments.solvers import compare_solvers
 from moekit.experiments.solvers import format_table as format_solver_table
-from moekit.experiments.vowels import (SystemResult, VowelsConfig, loss_comparison_systems,
-                                       run_system, systems_of, to_jsonable)
-from moekit.experiments.vowels_summary import (Claim, Row, TTest, claims, describe_runs,
-                                               epoch_t_tests, format_table, rows_to_json,
-                                               table_rows)
+from moekit.experiments.vowels import (
+    SystemResult,
+    VowelsConfig,
+    loss_comparison_systems,
+    run_system,
+    systems_of,
+    to_jsonable,
+)
+from moekit.experiments.vowels_summary import (
+    Claim,
+    Row,
+    TTest,
+    claims,
+    describe_runs,
+    epoch_t_tests,
+    format_table,
+    rows_to_json,
+    table_rows,
+)
 from moekit.fitting.history import History
 from moekit.io.files import write_text_atomic
 from moekit.io.models import load_model, save_model
 from moekit.nn.dense import MixtureOfExperts
 from moekit.plotting.curves import plot_training_curves
-from moekit.plotting.expert_lines import (active_experts, expert_decision_lines,
-                                          plot_lines_over_time)
+from moekit.plotting.expert_lines import active_experts, expert_decision_lines, plot_lines_over_time
 from moekit.plotting.partition import plot_mixing_proportions, plot_partition
 from moekit.plotting.style import save_figure
 from moekit.reports.analysis import AnalysisInput, analysis_sections, analyze_input
 from moekit.reports.html import Section, figure, preformatted, table, text, write_report
-
 
 MODELS_DIR, ANALYSIS_DIR, HISTORY_FILE = "models", "analysis", "routing_history.json"
 FEATURE_NAMES = ("F1 (kHz)", "F2 (kHz)")

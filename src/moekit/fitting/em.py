@@ -49,7 +49,7 @@ def fit_em(model: nn.Module, x: Tensor, y: Tensor, config: EMConfig | None = Non
     ``EMConfig.init``); EM runs in float64 whatever the model's dtype. Returns an :class:`EMResult`.
 
     Example:
-        >>> from moekit import MixtureOfExperts; from moekit.datasets import piecewise_linear
+        >>> from moekit import MixtureOfExperts; from moekit.data import piecewise_linear
         >>> x, y = piecewise_linear(200, generator=torch.Generator().manual_seed(0))
         >>> moe = MixtureOfExperts(1, 1, 2, generator=torch.Generator().manual_seed(1))
         >>> result = fit_em(moe, x, y, EMConfig(progress=False))

@@ -1,4 +1,4 @@
-"""What :func:`moekit.em.fit_em` takes and returns: :class:`EMConfig` and :class:`EMResult`.
+"""What :func:`moekit.fitting.em.fit_em` takes and returns: :class:`EMConfig` and :class:`EMResult`.
 
 Shape legend: E experts.
 """

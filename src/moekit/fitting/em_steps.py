@@ -8,11 +8,11 @@ B children per gate node (B = E for a flat softmax gate).
 p(y | x) = sum_e pi_e(x) P_e(y | x), pi the gate's (path) probabilities; Gaussian experts (identity
 head) P_e = N(y | W_e^T [x; 1], sigma_e^2 I), or multinomial-logit experts (softmax head).
 E-step: h_ne = pi_e P_e(y_n | x_n) / sum_j pi_j P_j(y_n | x_n), each leaf's joint posterior; a gate
-node's targets are its children's posterior mass (:func:`moekit.hme.node_posteriors`).
+node's targets are its children's posterior mass (:func:`moekit.nn.tree_gate.node_posteriors`).
 M-step, each part maximising its term of the expected complete-data log-likelihood Q: Gaussian
 experts by weighted least squares, then sigma_e^2 = sum_n h_ne ||y_n - o_e||^2 / (O sum_n h_ne);
 logit experts and every softmax gate by IRLS (Newton steps, each halved until its term of Q does not
-fall, else not taken); the Gaussian gate analytically (:func:`gaussian_gate.gaussian_gate_m_step`).
+fall, else not taken); the Gaussian gate analytically (:func:`gaussian_gate_m_step`).
 No M-step lowers Q, so the log-likelihood never falls (generalised EM): the conditional
 sum_n log p(y_n | x_n) with softmax gates; with the Gaussian gate, the joint log p(x_n, y_n) its EM
 maximises (the conditional one is recorded too). An iteration whose log-likelihood falls is not
@@ -35,12 +35,21 @@ from torch import Tensor, nn
 from moekit._checks import check_choice, check_finite, check_matrix, check_same_rows
 from moekit.fitting.em_config import EMConfig
 from moekit.fitting.objective import prepare_targets
-from moekit.losses import (categorical_log_likelihood, gaussian_log_likelihood, log_mixture,
-                           posterior, squared_errors)
+from moekit.losses import (
+    categorical_log_likelihood,
+    gaussian_log_likelihood,
+    log_mixture,
+    posterior,
+    squared_errors,
+)
 from moekit.nn.experts import LinearExperts
 from moekit.nn.gates import SoftmaxGate
-from moekit.nn.gaussian_gate import (COVARIANCES, GaussianGate, GaussianGateParams,
-                                      gaussian_log_density)
+from moekit.nn.gaussian_gate import (
+    COVARIANCES,
+    GaussianGate,
+    GaussianGateParams,
+    gaussian_log_density,
+)
 from moekit.nn.tree_gate import TreeGate, node_posteriors, path_log_probs
 
 F64 = torch.float64

@@ -131,8 +131,8 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, config: TrainConfig | None = Non
     """Fit a mixture of experts by gradient descent on the configured error function.
 
     Args:
-        model: a layer returning :class:`~moekit.layers.MoEOutput`, with a ``config`` that has
-            ``in_features`` and ``out_features`` (e.g. :class:`~moekit.layers.MixtureOfExperts`).
+        model: a layer returning :class:`~moekit.nn.outputs.MoEOutput`, with a ``config`` that has
+            ``in_features`` and ``out_features`` (e.g. :class:`~moekit.nn.dense.MixtureOfExperts`).
         x: inputs, (N, D). y: targets, (N, O) floats or (N,) class indices.
         config: a :class:`TrainConfig`; the defaults are the paper's protocol.
         x_val, y_val: an optional validation set, evaluated every epoch as ``val_*`` metrics.

@@ -17,8 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from moekit._checks import check_finite
-from moekit.losses import (categorical_mixture_nll, competitive_loss, cooperative_loss,
-                           mixture_nll)
+from moekit.losses import categorical_mixture_nll, competitive_loss, cooperative_loss, mixture_nll
 from moekit.nn.outputs import MoEOutput
 
 # Canonical names, with the paper's equation numbers as aliases.

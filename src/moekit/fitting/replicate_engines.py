@@ -22,8 +22,13 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from moekit.fitting.objective import Targets, mixture_loss
-from moekit.losses import (categorical_log_likelihood, competitive_rows, gaussian_log_likelihood,
-                           log_mixture, squared_errors)
+from moekit.losses import (
+    categorical_log_likelihood,
+    competitive_rows,
+    gaussian_log_likelihood,
+    log_mixture,
+    squared_errors,
+)
 from moekit.nn.dense import MixtureOfExperts
 from moekit.nn.experts import ACTIVATIONS, LinearExperts, MLPExperts
 from moekit.nn.gates import SoftmaxGate

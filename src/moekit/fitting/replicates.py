@@ -5,7 +5,7 @@ Shape legend: R replicate runs, T epochs recorded (max_epochs + 1, epoch 0 inclu
 The paper reports 25 runs of each system. Rather than a Python loop over runs, the R models' parameters
 are stacked on a leading axis (``torch.func.stack_module_state``) and one ``vmap``-ed forward and
 backward serves all of them. Each run has its own step size and stops on its own: once it reaches the
-criterion it is frozen (its step becomes 0), so its result equals a single run of :func:`moekit.fit`
+criterion it is frozen (its step becomes 0), so its result equals a single run of :func:`moekit.fitting.gradient.fit`
 with the same start, step and criterion (tested).
 
 The protocol is the paper's: full batch, plain gradient descent with no momentum, one update per
@@ -21,8 +21,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from moekit._checks import (check_choice, check_finite, check_int, check_matrix,
-                            check_positive_float, check_same_rows)
+from moekit._checks import (
+    check_choice,
+    check_finite,
+    check_int,
+    check_matrix,
+    check_positive_float,
+    check_same_rows,
+)
 from moekit.fitting.objective import prepare_targets, resolve_loss_name
 from moekit.fitting.replicate_engines import StackedMixtureEngine, VmapEngine, supports_stacked
 

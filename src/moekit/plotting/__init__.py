@@ -5,10 +5,20 @@ experts' decision lines (:mod:`~moekit.plotting.expert_lines`), routing statisti
 
 from moekit.plotting.curves import plot_learning_curves, plot_training_curves
 from moekit.plotting.expert_lines import expert_decision_lines, plot_lines_over_time
-from moekit.plotting.partition import (ExpertLine, Plane, gate_probs, plot_mixing_proportions,
-                                       plot_partition)
-from moekit.plotting.routing import (plot_coactivation, plot_expert_by_label, plot_importance,
-                                     plot_load, plot_routing_over_training)
+from moekit.plotting.partition import (
+                                       ExpertLine,
+                                       Plane,
+                                       gate_probs,
+                                       plot_mixing_proportions,
+                                       plot_partition,
+)
+from moekit.plotting.routing import (
+                                       plot_coactivation,
+                                       plot_expert_by_label,
+                                       plot_importance,
+                                       plot_load,
+                                       plot_routing_over_training,
+)
 from moekit.plotting.style import expert_colors, save_figure
 
 __all__ = [

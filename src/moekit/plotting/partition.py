@@ -21,8 +21,14 @@ from matplotlib.patches import Patch
 from torch import nn
 
 from moekit.nn.outputs import MoEOutput
-from moekit.plotting.style import (draw_line, expert_colors, grid, new_figure, scatter_labels,
-                                   subsample)
+from moekit.plotting.style import (
+    draw_line,
+    expert_colors,
+    grid,
+    new_figure,
+    scatter_labels,
+    subsample,
+)
 
 GateFunction = Callable[[np.ndarray], np.ndarray]  # rows (N, D) -> mixing proportions (N, E)
 

@@ -26,8 +26,13 @@ from moekit.analysis.recorder import record_routing, row_labels
 from moekit.fitting.history import History
 from moekit.io.files import write_text_atomic
 from moekit.plotting.partition import plot_partition
-from moekit.plotting.routing import (plot_coactivation, plot_expert_by_label, plot_importance,
-                                     plot_load, plot_routing_over_training)
+from moekit.plotting.routing import (
+    plot_coactivation,
+    plot_expert_by_label,
+    plot_importance,
+    plot_load,
+    plot_routing_over_training,
+)
 from moekit.plotting.style import save_figure
 from moekit.reports.html import Section, figure, table, text, write_report
 

@@ -16,8 +16,7 @@ from moekit.plotting.curves import plot_learning_curves
 from moekit.plotting.partition import plot_partition
 from moekit.plotting.style import save_figure
 from moekit.reports import html as report
-from moekit.reports.analysis import (AnalysisInput, analysis_sections, analyze_input,
-                                     estimator_input)
+from moekit.reports.analysis import AnalysisInput, analysis_sections, analyze_input, estimator_input
 
 N_TARGET_BINS = 4
 ANALYSIS_DIR = "analysis"

@@ -20,11 +20,8 @@ import numpy as np
 import pandas as pd
 
 from moekit.data.tabular import Preprocessing, prepare_fit, read_csv
-from moekit.estimators._base import BaseMixtureEstimator
-from moekit.estimators._selection import holdout_split
-from moekit.estimators.classifier import MixtureOfExpertsClassifier
-from moekit.estimators.persistence import save_estimator
-from moekit.estimators.regressor import MixtureOfExpertsRegressor
+from moekit.estimators import (BaseMixtureEstimator, MixtureOfExpertsClassifier,
+                               MixtureOfExpertsRegressor, holdout_split, save_estimator)
 from moekit.exceptions import DataError, Setting
 from moekit.io.files import write_text_atomic
 from moekit.reports.fit import expert_loads, write_fit_report
