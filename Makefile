@@ -1,12 +1,13 @@
 # Two commands do everything on a fresh machine:
 #   make demo   set up .venv and run the main job
-#   make test   set up .venv and run the test suite (the slow tests: make test-slow)
+#   make test   set up .venv; run ruff, import-linter, the tests and the docstring examples
+#               (the slow tests: make test-slow)
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.moekit-setup
 
-.PHONY: setup demo test test-slow test-all clean
+.PHONY: setup demo lint test test-slow test-all clean
 
 setup: $(STAMP)
 
@@ -17,7 +18,11 @@ $(STAMP): pyproject.toml constraints.txt scripts/setup-venv.sh
 demo: setup
 	$(BIN)/moekit vowels
 
-test: setup
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/lint-imports
+
+test: lint
 	$(BIN)/python -m pytest -m "not slow" -q
 
 test-slow: setup

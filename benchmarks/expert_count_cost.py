@@ -97,7 +97,8 @@ def matmul_blocks(n_experts: int, rows: int, steps: int) -> list[dict]:
 
     torch.set_num_threads(2)
     out = []
-    for name, d_in, d_out in (("w13 (D -> 2H)", D_MODEL, 2 * HIDDEN), ("w2 (H -> D)", HIDDEN, D_MODEL)):
+    for name, d_in, d_out in (("w13 (D -> 2H)", D_MODEL, 2 * HIDDEN),
+                              ("w2 (H -> D)", HIDDEN, D_MODEL)):
         w_EOI = torch.randn(n_experts, d_out, d_in)  # output-first, as moekit stores them
         cases = _matmul_cases(torch.randn(n_experts, rows, d_in),
                               torch.randn(n_experts, rows, d_out), w_EOI)
@@ -116,7 +117,8 @@ def _matmul_cases(x_ECI, dy_ECO, w_EOI) -> dict:
 
     x_MI, dy_MO = x_ECI.flatten(0, 1), dy_ECO.flatten(0, 1)
     experts = range(w_EOI.shape[0])
-    y_ECO, dx_ECI, dw_EOI = torch.empty_like(dy_ECO), torch.empty_like(x_ECI), torch.empty_like(w_EOI)
+    y_ECO, dx_ECI, dw_EOI = (torch.empty_like(dy_ECO), torch.empty_like(x_ECI),
+                             torch.empty_like(w_EOI))
     y_MO, dx_MI, dw_OI = y_ECO.flatten(0, 1), dx_ECI.flatten(0, 1), dw_EOI[0]
 
     def loop(a, b, out):

@@ -44,7 +44,8 @@ from moekit.nn.grouped_mm import grouped_mm_supported
 
 
 class DenseSwiGLU(nn.Module):
-    """The ceiling: one SwiGLU MLP of hidden K*H on every token (the routed layer's useful FLOPs)."""
+    """The ceiling: one SwiGLU MLP of hidden K*H on every token (the routed layer's useful
+    FLOPs)."""
 
     def __init__(self, d_model: int, hidden: int) -> None:
         super().__init__()
@@ -93,7 +94,8 @@ def with_implementation(layer: SparseMoE, implementation: str) -> SparseMoE:
 
 
 def build_variants(args: argparse.Namespace, device: torch.device, dtype: torch.dtype
-                   ) -> dict[str, tuple[nn.Module, Callable[[nn.Module, torch.Tensor], torch.Tensor]]]:
+                   ) -> dict[str, tuple[nn.Module,
+                                    Callable[[nn.Module, torch.Tensor], torch.Tensor]]]:
     """name -> (module, how to call it)."""
     d, h, e, k = args.d_model, args.hidden, args.experts, args.top_k
     gen = torch.Generator().manual_seed(0)
@@ -227,12 +229,13 @@ def _compare_grads(grads: dict[str, dict[str, torch.Tensor]]) -> dict[str, float
 
 
 def format_table(record: dict) -> str:
-    lines = [f"{record['device']}, torch {record['torch']}, transformers {record['transformers']}, "
-             f"{record['dtype']}: {record['tokens']} tokens, D = {record['d_model']}, "
-             f"H = {record['hidden']}, E = {record['experts']}, K = {record['top_k']}; "
-             f"square matmul {record['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s",
-             "| variant | fwd+bwd ms (min-max) | fwd ms | useful TFLOP/s | of matmul rate | "
-             "of dense ceiling | max abs diff vs moekit |",
+    lines = [(f"{record['device']}, torch {record['torch']}, "
+              f"transformers {record['transformers']}, "
+              f"{record['dtype']}: {record['tokens']} tokens, D = {record['d_model']}, "
+              f"H = {record['hidden']}, E = {record['experts']}, K = {record['top_k']}; "
+              f"square matmul {record['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s"),
+             ("| variant | fwd+bwd ms (min-max) | fwd ms | useful TFLOP/s | of matmul rate | "
+              "of dense ceiling | max abs diff vs moekit |"),
              "|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
         diff = "-" if r["max_abs_diff_vs_moekit"] is None else f"{r['max_abs_diff_vs_moekit']:.3g}"

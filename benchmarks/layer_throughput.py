@@ -42,7 +42,8 @@ class Variant:
 
 
 class DenseSwiGLU(nn.Module):
-    """The ceiling: one dense SwiGLU MLP with hidden K*H, the same useful FLOPs as the routed layer."""
+    """The ceiling: one dense SwiGLU MLP with hidden K*H, the same useful FLOPs as the routed
+    layer."""
 
     def __init__(self, d: int, h: int) -> None:
         super().__init__()
@@ -87,7 +88,8 @@ def _variants(n: int, e: int, k: int, peers: set[str]) -> list[Variant]:
                     gating_top_n=max(k, 2), threshold_train=0.0)
         # st-moe routes at least 2 experts per row; its FLOPs count its own top-n.
         out.append(Variant("st-moe-pytorch (GEGLU)", layer, lambda m, x: m(x).outputs,
-                           6 * D_MODEL * HIDDEN * max(k, 2), "top-n >= 2, capacity 1.25: drops rows"))
+                           6 * D_MODEL * HIDDEN * max(k, 2),
+                           "top-n >= 2, capacity 1.25: drops rows"))
     if "lucidrains" in peers and k == 2:
         from mixture_of_experts import MoE
 
@@ -102,7 +104,8 @@ def _variants(n: int, e: int, k: int, peers: set[str]) -> list[Variant]:
                     drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=False)
         out.append(Variant("deepspeed MoE (MLP, drop_tokens=False)", layer, lambda m, x: m(x)[0],
                            mlp, "dropless top-k (capacity padded to the largest expert)"))
-    if n * e <= 2048 * 8:  # all experts on every row: E/K times the work; only where it is affordable
+    # all experts on every row: E/K times the work; only where it is affordable
+    if n * e <= 2048 * 8:
         dense = MixtureOfExperts(D_MODEL, D_MODEL, e, expert=ExpertConfig(
             kind="glu", hidden=HIDDEN, activation="silu"), generator=g)
         out.append(Variant("moekit dense 1991 mixture (all E experts)", dense,
@@ -196,7 +199,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="256 tokens, E = 8, K = 2, 1 repeat")
     parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="glibc keeps freed memory (moekit.keep_freed_memory), for every variant")
+                        help="glibc keeps freed memory (moekit.keep_freed_memory), "
+                             "for every variant")
     parser.add_argument("--json", default="benchmarks/layer_throughput.json")
     args = parser.parse_args()
     if args.quick:

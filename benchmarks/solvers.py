@@ -51,7 +51,8 @@ def main() -> None:
         verdict = "met" if ratio >= 10 else "NOT met"
         print(f"\nTarget (EM >= 10x fewer passes than the paper's gradient descent on the vowels): "
               f"{verdict} ({ratio:.1f}x).")
-    print(f"\n{seconds:.1f} s in all; load average before {load_before:.2f}, after {load_after:.2f}")
+    print(f"\n{seconds:.1f} s in all; load average before {load_before:.2f}, "
+          f"after {load_after:.2f}")
 
     record = {"torch": torch.__version__, "threads": args.threads, "python": sys.version.split()[0],
               "machine": platform.platform(), "seconds": seconds, "load_before": load_before,

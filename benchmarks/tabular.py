@@ -17,10 +17,10 @@ A second block of rows (on ``--tuned-seeds`` only: it costs 25 fits per fold) tu
 the MLP alike, each over a grid of 8 settings by 3-fold cross-validation inside each training fold
 (nested, so the test folds never choose a setting); the tuned mixture keeps alpha at 2 / n.
 
-Every finished cell (a data set, a seed's split, a model) is written to ``--out`` at once, atomically;
-``--resume`` keeps the cells already there (same --folds) and runs only the missing ones, so an
-interrupted run goes on and a run with more seeds adds only their cells. Resume only with the code
-and defaults that wrote the cells.
+Every finished cell (a data set, a seed's split, a model) is written to ``--out`` at once,
+atomically; ``--resume`` keeps the cells already there (same --folds) and runs only the missing
+ones, so an interrupted run goes on and a run with more seeds adds only their cells. Resume only
+with the code and defaults that wrote the cells.
 """
 
 from __future__ import annotations
@@ -190,8 +190,8 @@ def table_rows(cells: list[Cell], seeds: list[int]) -> list[dict[str, object]]:
 
 
 def markdown(rows: list[dict[str, object]]) -> str:
-    lines = ["| data (rows × features) | model | seeds | score (mean ± sd over folds) "
-             "| fit time (s) |", "|---|---|---|---|---|"]
+    lines = [("| data (rows × features) | model | seeds | score (mean ± sd over folds) "
+              "| fit time (s) |"), "|---|---|---|---|---|"]
     for r in rows:
         seeds = ",".join(str(s) for s in r["seeds"])
         lines.append(f"| {r['data']} ({r['rows']} × {r['features']}) | {r['model']} | {seeds} | "

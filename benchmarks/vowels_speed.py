@@ -35,13 +35,15 @@ def _models(dtype):
 
 
 def batched(engine: str, task, epochs: int, dtype) -> None:
-    config = ReplicateConfig(max_epochs=epochs, stop_metric="mse", stop_threshold=1e-9, progress=False)
+    config = ReplicateConfig(max_epochs=epochs, stop_metric="mse", stop_threshold=1e-9,
+                             progress=False)
     train_replicates(_models(dtype), task.x_train.to(dtype), task.y_train, [1.0] * RUNS, config,
                      engine=engine)
 
 
 def loop_of_replicates(task, epochs: int, dtype) -> None:
-    config = ReplicateConfig(max_epochs=epochs, stop_metric="mse", stop_threshold=1e-9, progress=False)
+    config = ReplicateConfig(max_epochs=epochs, stop_metric="mse", stop_threshold=1e-9,
+                             progress=False)
     for model in _models(dtype):
         train_replicates([model], task.x_train.to(dtype), task.y_train, [1.0], config)
 
@@ -57,19 +59,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--skip-full", action="store_true", help="skip the full `moekit vowels` run")
+    parser.add_argument("--skip-full", action="store_true",
+                        help="skip the full `moekit vowels` run")
     parser.add_argument("--json", default="benchmarks/vowels_speed.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     dtype = torch.float32
     task = vowel_task()
     load_before = os.getloadavg()[0]
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load average {load_before:.2f}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"load average {load_before:.2f}")
 
     variants = {
         "batched, stacked engine": lambda: batched("stacked", task, args.epochs, dtype),
         "batched, vmap engine": lambda: batched("vmap", task, args.epochs, dtype),
-        "loop of single runs (train_replicates, R=1)": lambda: loop_of_replicates(task, args.epochs, dtype),
+        "loop of single runs (train_replicates, R=1)":
+            lambda: loop_of_replicates(task, args.epochs, dtype),
         "loop of single runs (fit)": lambda: loop_of_fit(task, args.epochs, dtype),
     }
     batched("stacked", task, 5, dtype)  # warm-up
@@ -87,8 +92,8 @@ def main() -> None:
     rows = []
     for name, values in times.items():
         median = statistics.median(values)
-        rows.append({"variant": name, "median_s": median, "min_s": min(values), "max_s": max(values),
-                     "vs_stacked": median / base})
+        rows.append({"variant": name, "median_s": median, "min_s": min(values),
+                     "max_s": max(values), "vs_stacked": median / base})
         print(f"  {name:<46} {median:7.2f} s ({min(values):.2f}-{max(values):.2f})  "
               f"{median / base:5.1f}x the stacked engine's time")
 
@@ -105,7 +110,8 @@ def main() -> None:
     print(f"\nload average before {load_before:.2f}, after {load_after:.2f}")
     record = {"torch": torch.__version__, "threads": args.threads, "epochs": args.epochs,
               "runs": RUNS, "repeats": args.repeats, "variants": rows, "full_default_run": full,
-              "load_before": load_before, "load_after": load_after, "python": sys.version.split()[0]}
+              "load_before": load_before, "load_after": load_after,
+              "python": sys.version.split()[0]}
     Path(args.json).write_text(json.dumps(record, indent=2))
     print(f"wrote {args.json}")
 

@@ -11,8 +11,12 @@ from moekit.losses import (
     categorical_mixture_nll,
     competitive_loss,
     cooperative_loss,
+    cv_squared,
+    importance_load_loss,
+    load_balancing_loss,
     mixture_nll,
     responsibilities,
+    router_z_loss,
 )
 
 F64 = torch.float64
@@ -45,7 +49,8 @@ def test_mixture_nll_worked_example():
     # E = -log(0.5 e^{-1/2} + 0.5 e^{-1/2}) = -log(e^{-1/2}) = 0.5
     assert mixture_nll(HALF_LOGITS, OUTPUTS_0_2, TARGET_1).item() == pytest.approx(0.5)
     # variance 2: E = -log(e^{-1/4}) = 0.25
-    assert mixture_nll(HALF_LOGITS, OUTPUTS_0_2, TARGET_1, variance=2.0).item() == pytest.approx(0.25)
+    assert (mixture_nll(HALF_LOGITS, OUTPUTS_0_2, TARGET_1, variance=2.0).item()
+            == pytest.approx(0.25))
 
 
 def test_categorical_worked_example():
@@ -61,7 +66,8 @@ def test_reductions(gen):
     logits, outputs, target = _random_case(gen)
     rows = mixture_nll(logits, outputs, target, reduction="none")
     assert rows.shape == (5,)
-    assert mixture_nll(logits, outputs, target, reduction="sum").item() == pytest.approx(rows.sum().item())
+    assert (mixture_nll(logits, outputs, target, reduction="sum").item()
+            == pytest.approx(rows.sum().item()))
     assert mixture_nll(logits, outputs, target).item() == pytest.approx(rows.mean().item())
 
 
@@ -80,7 +86,8 @@ def test_gradcheck_categorical(gen):
     logits = torch.randn(6, 3, generator=gen, dtype=F64, requires_grad=True)
     expert_logits = torch.randn(6, 3, 4, generator=gen, dtype=F64, requires_grad=True)
     target = torch.randint(0, 4, (6,), generator=gen)
-    assert gradcheck(lambda lg, ex: categorical_mixture_nll(lg, ex, target), (logits, expert_logits))
+    assert gradcheck(lambda lg, ex: categorical_mixture_nll(lg, ex, target),
+                     (logits, expert_logits))
 
 
 def test_eq3_gradients_are_the_papers(gen):
@@ -115,7 +122,8 @@ def test_eq2_gradients_are_the_papers(gen):
         resid = target[:, None, :] - outputs
         sq = (resid**2).sum(-1)
         per_row_E = (p * sq).sum(-1, keepdim=True)
-    torch.testing.assert_close(outputs.grad, -2 * p[..., None] * resid)  # dE/do_i = -2 p_i (d - o_i)
+    # dE/do_i = -2 p_i (d - o_i)
+    torch.testing.assert_close(outputs.grad, -2 * p[..., None] * resid)
     torch.testing.assert_close(logits.grad, p * (sq - per_row_E))  # dE/dx_j = p_j (||d-o_j||^2 - E)
 
 
@@ -187,8 +195,6 @@ def test_mixture_loss_dispatches_on_layer_output(gen):
 
 
 # --- auxiliary losses of sparse routers ----------------------------------------------------------
-from moekit.losses import cv_squared, importance_load_loss, load_balancing_loss, router_z_loss
-
 
 def test_load_balancing_worked_examples():
     # Uniform: f_i = 1/E and P_i = 1/E, so E * sum_i f_i P_i = E * E * (1/E)(1/E) = 1.
@@ -198,7 +204,8 @@ def test_load_balancing_worked_examples():
     # Collapse on expert 0: f = (1, 0, 0, 0), P = (1, 0, 0, 0), so the loss is E = 4.
     collapsed = torch.zeros(8, 4)
     collapsed[:, 0] = 1
-    assert load_balancing_loss(collapsed, torch.zeros(8, 1, dtype=torch.long)).item() == pytest.approx(4.0)
+    assert (load_balancing_loss(collapsed, torch.zeros(8, 1, dtype=torch.long)).item()
+            == pytest.approx(4.0))
 
 
 def test_load_balancing_gradient_flows_through_probabilities(gen):

@@ -9,8 +9,7 @@ functions), ``moekit.fitting`` (gradient and EM), ``moekit.analysis`` (what the 
 ``moekit.cli``. The names below are the public surface.
 """
 
-import importlib
-from typing import Any
+import importlib as _importlib
 
 from moekit._version import __version__
 from moekit.exceptions import ConvergenceWarning, DataError, DivergenceWarning, MoekitError
@@ -114,9 +113,9 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return getattr(_importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'moekit' has no attribute {name!r}")
 
 

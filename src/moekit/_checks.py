@@ -16,7 +16,8 @@ from torch import Tensor
 
 
 def check_int(owner: str, name: str, value: Any, *, minimum: int) -> int:
-    """Return ``value`` if it is an integer >= ``minimum``; raise a ValueError naming it otherwise."""
+    """Return ``value`` if it is an integer >= ``minimum``; raise a ValueError naming it
+    otherwise."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{owner}: {name} must be an integer >= {minimum}; got {name}={value!r}.")
     return value
@@ -53,7 +54,8 @@ def check_matrix(owner: str, name: str, x: Any, *, n_columns: int | None = None)
     if n_columns is not None and x.shape[1] != n_columns:
         raise ValueError(
             f"{owner}: {name} has {x.shape[1]} features but the model expects {n_columns}; "
-            f"got {name}.shape={tuple(x.shape)}. Pass {n_columns} columns, in the order used to build it."
+            f"got {name}.shape={tuple(x.shape)}. Pass {n_columns} columns, in the order used to "
+            "build it."
         )
     return x
 
@@ -67,7 +69,8 @@ def check_finite(owner: str, name: str, x: Tensor) -> Tensor:
         count = int(bad.sum())
         raise ValueError(
             f"{owner}: {name} must be finite; got {name}[{', '.join(map(str, index))}]={value} "
-            f"({count} non-finite value{'s' if count > 1 else ''}). Drop or impute those rows first."
+            f"({count} non-finite value{'s' if count > 1 else ''}). "
+            "Drop or impute those rows first."
         )
     return x
 

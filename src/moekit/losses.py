@@ -47,11 +47,13 @@ def reduce_rows(loss_N: Tensor, reduction: str) -> Tensor:
 def _check_shapes(fn: str, gate_logits_NE: Tensor, expert_outputs_NEO: Tensor,
                   target: Tensor, *, target_is_index: bool = False) -> None:
     if gate_logits_NE.ndim != 2:
-        raise ValueError(f"{fn}: gate_logits must be (N, E); got shape {tuple(gate_logits_NE.shape)}.")
+        raise ValueError(f"{fn}: gate_logits must be (N, E); got shape "
+                         f"{tuple(gate_logits_NE.shape)}.")
     if expert_outputs_NEO.ndim != 3 or expert_outputs_NEO.shape[:2] != gate_logits_NE.shape:
         raise ValueError(
             f"{fn}: expert outputs must be (N, E, O) = ({gate_logits_NE.shape[0]}, "
-            f"{gate_logits_NE.shape[1]}, O) to match gate_logits; got {tuple(expert_outputs_NEO.shape)}."
+            f"{gate_logits_NE.shape[1]}, O) to match gate_logits; "
+            f"got {tuple(expert_outputs_NEO.shape)}."
         )
     n, _, o = expert_outputs_NEO.shape
     want = (n,) if target_is_index else (n, o)
@@ -105,7 +107,7 @@ def competitive_rows(probs: Tensor, sq_errors: Tensor, *, dim: int = -1) -> Tens
     return (probs * sq_errors).sum(dim)
 
 
-# --- the paper's error functions on (N, E, O) ------------------------------------------------------
+# --- the paper's error functions on (N, E, O) ------------------------------------------------
 
 def cooperative_loss(gate_logits_NE: Tensor, expert_outputs_NEO: Tensor, target_NO: Tensor, *,
                      reduction: str = "mean") -> Tensor:
@@ -155,7 +157,8 @@ def _gaussian_expert_log_likelihood(expert_outputs_NEO: Tensor, target_NO: Tenso
 
 def responsibilities(gate_logits_NE: Tensor, expert_outputs_NEO: Tensor, target_NO: Tensor, *,
                      variance: float = 1.0) -> Tensor:
-    """Posterior responsibilities h_i = p_i exp(-||d-o_i||^2/2v) / sum_j p_j exp(-||d-o_j||^2/2v)."""
+    """Posterior responsibilities
+    h_i = p_i exp(-||d-o_i||^2/2v) / sum_j p_j exp(-||d-o_j||^2/2v)."""
     _check_shapes("responsibilities", gate_logits_NE, expert_outputs_NEO, target_NO)
     log_lik_NE = _gaussian_expert_log_likelihood(expert_outputs_NEO, target_NO, variance)
     return posterior(torch.log_softmax(gate_logits_NE, dim=-1), log_lik_NE)
@@ -189,7 +192,7 @@ def categorical_responsibilities(gate_logits_NE: Tensor, expert_logits_NEC: Tens
     return posterior(torch.log_softmax(gate_logits_NE, dim=-1), log_lik_NE)
 
 
-# --- auxiliary losses of sparse routers -------------------------------------------------------------
+# --- auxiliary losses of sparse routers ----------------------------------------------------------
 
 def load_balancing_loss(probs_NE: Tensor, experts_NK: Tensor, mask_NK: Tensor | None = None
                         ) -> Tensor:
@@ -221,5 +224,6 @@ def importance_load_loss(probs_NE: Tensor, load_E: Tensor) -> Tensor:
 
 
 def router_z_loss(logits_NE: Tensor) -> Tensor:
-    """ST-MoE (Zoph et al. 2022, Eq. 5): mean over rows of logsumexp(logits)^2; keeps logits small."""
+    """ST-MoE (Zoph et al. 2022, Eq. 5): mean over rows of logsumexp(logits)^2; keeps logits
+    small."""
     return torch.logsumexp(logits_NE, dim=-1).square().mean()

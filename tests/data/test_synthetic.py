@@ -15,7 +15,8 @@ def test_pieces_without_noise_follow_the_lines():
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="pieces must have len\\(breaks\\) \\+ 1 = 2 entries; got 3"):
+    with pytest.raises(ValueError,
+                       match="pieces must have len\\(breaks\\) \\+ 1 = 2 entries; got 3"):
         piecewise_linear(10, breaks=(0.5,), pieces=((1, 0), (1, 0), (1, 0)))
     with pytest.raises(ValueError, match="breaks must be increasing and inside"):
         piecewise_linear(10, breaks=(1.5,))

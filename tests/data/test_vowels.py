@@ -22,15 +22,18 @@ def test_the_1952_table(table):
     assert len(four) == 608  # 76 speakers x 4 vowels x 2 tokens
     assert Counter(four.vowel.tolist()) == {"iy": 152, "ih": 152, "aa": 152, "ah": 152}
     # speakers 1-33 men, 34-61 women, 62-76 children
-    assert set(table.type[table.speaker <= 33]) == {"m"} and set(table.type[table.speaker >= 62]) == {"c"}
-    assert table.to_records()[0] == {"speaker": 1, "type": "m", "sex": "m", "vowel": "iy", "ipa": "i",
-                                     "f0": 160.0, "f1": 240.0, "f2": 2280.0, "f3": 2850.0}
+    assert (set(table.type[table.speaker <= 33]) == {"m"}
+            and set(table.type[table.speaker >= 62]) == {"c"})
+    assert table.to_records()[0] == {"speaker": 1, "type": "m", "sex": "m", "vowel": "iy",
+                                     "ipa": "i", "f0": 160.0, "f1": 240.0, "f2": 2280.0,
+                                     "f3": 2850.0}
 
 
 def test_the_papers_split(table):
     task = vowel_task(table=table)
     assert task.x_train.shape == (400, 2) and task.x_test.shape == (200, 2)
-    assert set(task.speakers_train) == set(range(1, 51)) and set(task.speakers_test) == set(range(51, 76))
+    assert (set(task.speakers_train) == set(range(1, 51))
+            and set(task.speakers_test) == set(range(51, 76)))
     assert Counter(task.y_train.tolist()) == {0: 100, 1: 100, 2: 100, 3: 100}
     # inputs are (F1, F2) / 1000: speaker 1's first [i] is (240, 2280) Hz
     assert task.x_train[0].tolist() == [0.24, 2.28] and task.y_train[0].item() == 0

@@ -1,4 +1,7 @@
-"""The scikit-learn estimators: what they learn, their attributes, and their use in sklearn tools."""
+"""The scikit-learn estimators: what they learn, their attributes, and their use in sklearn
+tools."""
+
+from itertools import pairwise
 
 import numpy as np
 import pandas as pd
@@ -82,7 +85,8 @@ def test_same_random_state_same_model_and_clone_is_unfitted(iris):
 
 def test_pipeline_grid_search_and_cross_validation(iris):
     X, y = iris
-    pipe = make_pipeline(StandardScaler(), MixtureOfExpertsClassifier(max_epochs=40, random_state=0))
+    pipe = make_pipeline(StandardScaler(),
+                         MixtureOfExpertsClassifier(max_epochs=40, random_state=0))
     search = GridSearchCV(pipe, {"mixtureofexpertsclassifier__n_experts": [1, 2]}, cv=3).fit(X, y)
     assert search.best_params_["mixtureofexpertsclassifier__n_experts"] in (1, 2)
     scores = cross_val_score(MixtureOfExpertsClassifier(n_experts=2, max_epochs=40, random_state=0),
@@ -128,8 +132,9 @@ def test_auto_picks_by_bic_and_keeps_the_curve():
 
 def test_auto_by_validation_loss(iris):
     X, y = iris
-    clf = MixtureOfExpertsClassifier(n_experts="auto", auto_candidates=(1, 2), auto_criterion="validation",
-                                     max_epochs=30, random_state=0).fit(X, y)
+    clf = MixtureOfExpertsClassifier(n_experts="auto", auto_candidates=(1, 2),
+                                     auto_criterion="validation", max_epochs=30,
+                                     random_state=0).fit(X, y)
     assert set(clf.n_experts_curve_) == {"n_experts", "validation"}
 
 
@@ -192,7 +197,7 @@ def test_em_solver_fits_in_few_iterations_with_a_monotone_likelihood(iris, gate)
                                      random_state=0).fit(X, y)
     assert clf.score(X, y) > 0.95 and clf.n_iter_ <= 60
     log_lik = clf.history_[:, "log_likelihood"]
-    assert all(b >= a - 1e-12 for a, b in zip(log_lik, log_lik[1:]))
+    assert all(b >= a - 1e-12 for a, b in pairwise(log_lik))
     Xr, yr = piecewise()
     reg = MixtureOfExpertsRegressor(n_experts=2, solver="em", gate=gate, random_state=0).fit(Xr, yr)
     assert reg.score(Xr, yr) > 0.99 and reg.expert_variance_.shape == (2,)
@@ -202,16 +207,19 @@ def test_em_round_trips_through_a_model_folder(tmp_path):
     from moekit.estimators.persistence import load_estimator, save_estimator
 
     X, y = piecewise()
-    reg = MixtureOfExpertsRegressor(n_experts=2, solver="em", gate="gaussian", random_state=0).fit(X, y)
+    reg = MixtureOfExpertsRegressor(n_experts=2, solver="em", gate="gaussian",
+                                    random_state=0).fit(X, y)
     again = load_estimator(save_estimator(reg, tmp_path / "m"))
     np.testing.assert_array_equal(again.predict(X), reg.predict(X))
     np.testing.assert_array_equal(again.expert_variance_, reg.expert_variance_)
 
 
 @pytest.mark.parametrize("params, match", [
-    ({"gate": "gaussian"}, "gate='gaussian' .* is fitted by EM; got solver='adam'. Pass solver='em'"),
+    ({"gate": "gaussian"},
+     "gate='gaussian' .* is fitted by EM; got solver='adam'. Pass solver='em'"),
     ({"solver": "em", "expert": "mlp"}, "solver='em' needs expert='linear'; got expert='mlp'"),
-    ({"solver": "em", "loss": "competitive"}, "solver='em' needs loss='nll'; got loss='competitive'"),
+    ({"solver": "em", "loss": "competitive"},
+     "solver='em' needs loss='nll'; got loss='competitive'"),
     ({"solver": "em", "early_stopping": True}, "solver='em' needs early_stopping=False"),
 ])
 def test_em_refuses_what_it_cannot_honour(iris, params, match):
@@ -329,7 +337,8 @@ def test_auto_alpha_scores_each_candidate_on_the_same_held_out_rows(iris, monkey
     assert sorted(map(tuple, together)) == sorted(map(tuple, x_ND.numpy()))
     assert (decay_a, decay_b) == (2.0 / len(train_a), 0.5 / len(train_a))
     with torch.no_grad():  # the curve holds each candidate's held-out log-loss
-        proba = [m(val_a).output[torch.arange(15), torch.as_tensor(t_a)] for m in (model_a, model_b)]
+        proba = [m(val_a).output[torch.arange(15), torch.as_tensor(t_a)]
+                 for m in (model_a, model_b)]
     expected = [float(-p.log().mean()) for p in proba]
     np.testing.assert_allclose(auto.alpha_curve_["val_loss"], expected, rtol=1e-12)
     rows_losses = np.stack([-p.log().numpy() for p in proba])  # the choice follows the 1-SE rule

@@ -69,8 +69,9 @@ def test_vowels_em_needs_ten_times_fewer_passes_than_the_paper():
 
 def test_pass_ratio_worked_example():
     def row(solver, passes):
-        return SolverRow(task="t", solver=solver, setting="", runs=1, reached=int(passes is not None),
-                         passes=passes, seconds=1.0, train_score=0.0, test_score=0.0, score="mse")
+        return SolverRow(task="t", solver=solver, setting="", runs=1,
+                         reached=int(passes is not None), passes=passes, seconds=1.0,
+                         train_score=0.0, test_score=0.0, score="mse")
 
     assert pass_ratio([row("gd", 300.0), row("em", 10.0)], "t") == 30.0
     assert pass_ratio([row("gd", None), row("em", 10.0)], "t") is None

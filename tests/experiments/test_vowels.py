@@ -32,10 +32,12 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     out = tmp_path / "vowels"
     assert main(["vowels", "--quick", "--out", str(out), "--no-progress"]) == 0
     printed = capsys.readouterr().out
-    assert "4 Experts" in printed and "BP 12 Hid" in printed and "[1124]" in printed  # beside the paper
+    # beside the paper
+    assert "4 Experts" in printed and "BP 12 Hid" in printed and "[1124]" in printed
     assert "The paper's claims on this run" in printed
     results = json.loads((out / "results.json").read_text())
-    assert [row["system"] for row in results["table"]] == ["4 Experts", "8 Experts", "BP 6 Hid", "BP 12 Hid"]
+    assert [row["system"] for row in results["table"]] == ["4 Experts", "8 Experts", "BP 6 Hid",
+                                                           "BP 12 Hid"]
     assert {r["system"] for r in results["runs"]} >= {"4 Experts (eq1)", "4 Experts (eq2)"}
     assert all(len(r["epochs"]) == 3 for r in results["runs"])
     assert results["runs"][0]["exploration"][0]["lr"] == 4.0
@@ -98,11 +100,12 @@ def test_stopping_hopeless_steps_early_changes_nothing(task, monkeypatch):
                           progress=False)
     system = System("mixture", 4, "eq3")
     pruned = run_system(system, task, config)
-    monkeypatch.setattr(vowels, "_lower_bound_rule", lambda *a: lambda epoch, state: state.active_R & False)
+    monkeypatch.setattr(vowels, "_lower_bound_rule",
+                        lambda *a: lambda epoch, state: state.active_R & False)
     full = run_system(system, task, config)
     assert pruned.lr == full.lr == 4.0
     assert pruned.epochs_R.tolist() == full.epochs_R.tolist()
-    assert [t.mean_epochs for t in full.trials][0] > full.epochs_R.mean()  # step 1 was slower
+    assert next(t.mean_epochs for t in full.trials) > full.epochs_R.mean()  # step 1 was slower
     assert pruned.trials[0].pruned == 3 and full.trials[0].pruned == 0
 
 

@@ -1,5 +1,5 @@
-"""EM (moekit.fitting.em): it recovers known pieces, its log-likelihood never falls, it agrees with gradient
-training, and it says clearly what it cannot fit."""
+"""EM (moekit.fitting.em): it recovers known pieces, its log-likelihood never falls, it agrees with
+gradient training, and it says clearly what it cannot fit."""
 
 import math
 from itertools import pairwise
@@ -23,7 +23,7 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-# --- data sets -------------------------------------------------------------------------------------
+# --- data sets ------------------------------------------------------------------------------------
 
 def piecewise_1d(seed, n=300):
     return piecewise_linear(n, breaks=(0.4,), pieces=((2.0, 0.0), (-3.0, 2.0)), noise=0.05,
@@ -77,7 +77,7 @@ def build(kind, data, seed):
     return model.double(), x, y
 
 
-# --- the worked example of the issue ---------------------------------------------------------------
+# --- the worked example of the issue --------------------------------------------------------------
 
 def test_two_experts_recover_the_break_and_the_slopes():
     # y = 2x on [0, 0.4), y = 2 - 3x on [0.4, 1], noise sd 0.05.
@@ -87,7 +87,7 @@ def test_two_experts_recover_the_break_and_the_slopes():
     assert result.converged and result.stop_reason == "converged"
     slopes = sorted(moe.experts.w_EDO.flatten().tolist())
     intercepts = [b for _, b in sorted(zip(moe.experts.w_EDO.flatten().tolist(),
-                                           moe.experts.b_EO.flatten().tolist()))]
+                                           moe.experts.b_EO.flatten().tolist(), strict=True))]
     assert slopes == pytest.approx([-3.0, 2.0], abs=0.1)
     assert intercepts == pytest.approx([2.0, 0.0], abs=0.05)
     # Where the gate's top choice switches: the break at 0.4.
@@ -100,7 +100,7 @@ def test_two_experts_recover_the_break_and_the_slopes():
     assert result.variance_E.tolist() == pytest.approx([0.0025, 0.0025], rel=0.25)
 
 
-# --- monotone log-likelihood -----------------------------------------------------------------------
+# --- monotone log-likelihood ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("kind, data", [
@@ -145,11 +145,11 @@ def test_classification_likelihood_from_the_model():
     assert result.history[-1]["train_accuracy"] > 0.7
 
 
-# --- EM and gradient descent agree -----------------------------------------------------------------
+# --- EM and gradient descent agree ----------------------------------------------------------------
 
 def test_em_and_gradient_training_reach_the_same_solution():
-    # With the variance held at Eq. 3's value, EM and Adam maximise the same likelihood; on data from
-    # a smooth-gated mixture the maximum is finite and both get there from the same start.
+    # With the variance held at Eq. 3's value, EM and Adam maximise the same likelihood; on data
+    # from a smooth-gated mixture the maximum is finite and both get there from the same start.
     x, y = soft_mixture(seed=0)
     variance = 0.25
     by_em = MixtureOfExperts(1, 1, 2, generator=_gen(2)).double()
@@ -166,7 +166,8 @@ def test_em_and_gradient_training_reach_the_same_solution():
     assert losses[0] == pytest.approx(losses[1], rel=1e-7)
     assert gap < 1e-3
     for m in (by_em, by_grad):  # the true lines, 1 + 2x and -1 - x, and the gate's slope 1.5
-        lines = sorted(zip(m.experts.w_EDO.flatten().tolist(), m.experts.b_EO.flatten().tolist()))
+        lines = sorted(zip(m.experts.w_EDO.flatten().tolist(), m.experts.b_EO.flatten().tolist(),
+                           strict=True))
         assert lines == [pytest.approx((-1.0, -1.0), abs=0.2), pytest.approx((2.0, 1.0), abs=0.2)]
     torch.testing.assert_close(by_em.experts.w_EDO, by_grad.experts.w_EDO, atol=1e-4, rtol=0)
     gate_slope = [(m.gate.w_DE[0, 1] - m.gate.w_DE[0, 0]).item() for m in (by_em, by_grad)]
@@ -188,7 +189,7 @@ def test_depth_one_tree_is_the_flat_mixture():
     assert a.passes == b.passes
 
 
-# --- bookkeeping -----------------------------------------------------------------------------------
+# --- bookkeeping ----------------------------------------------------------------------------------
 
 def test_passes_and_sweeps_are_counted():
     # Gaussian experts + softmax gate, one Newton step: per iteration one E-step and at least one
@@ -237,7 +238,7 @@ def test_a_dead_expert_keeps_its_weights():
     assert all(math.isfinite(v) for v in result.log_likelihood)
 
 
-# --- bad input -------------------------------------------------------------------------------------
+# --- bad input ------------------------------------------------------------------------------------
 
 def test_singular_least_squares_warns_and_fits():
     # The second feature is twice the first: every expert's weighted least squares is singular.
@@ -269,7 +270,8 @@ def test_non_linear_experts_are_rejected():
 def test_classification_needs_class_indices():
     x, y = blobs(seed=0)
     model = MixtureOfExperts(2, 3, 2, expert=ExpertConfig(head="softmax")).double()
-    with pytest.raises(ValueError, match=r"need integer class indices in y; got dtype=torch.float64"):
+    with pytest.raises(ValueError,
+                       match=r"need integer class indices in y; got dtype=torch.float64"):
         fit_em(model, x, y.double(), EMConfig(**QUIET))
     with pytest.raises(ValueError, match=r"class indices in y must lie in \[0, 3\)"):
         fit_em(model, x, y + 1, EMConfig(**QUIET))

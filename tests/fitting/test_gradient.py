@@ -1,4 +1,5 @@
-"""The fitting loop: it learns the pieces, stops when told, is reproducible, and rejects bad data."""
+"""The fitting loop: it learns the pieces, stops when told, is reproducible, and rejects bad
+data."""
 
 import math
 
@@ -41,7 +42,8 @@ def test_two_linear_experts_fit_both_pieces():
     # The best single line, by least squares on the same training data.
     design = torch.cat([x, torch.ones_like(x)], dim=1)
     coef = torch.linalg.lstsq(design, y).solution
-    line_mse = (torch.cat([x_test, torch.ones_like(x_test)], 1) @ coef - y_test).square().mean().item()
+    line_mse = ((torch.cat([x_test, torch.ones_like(x_test)], 1) @ coef - y_test)
+                .square().mean().item())
     # Noise variance is 0.05^2 = 0.0025; a line cannot follow the bend (its error is ~0.3).
     assert test_mse < 0.01 and test_mse < line_mse / 20
 
@@ -61,7 +63,7 @@ def test_same_seed_same_result():
     moe_a, result_a = _fit_once()
     moe_b, result_b = _fit_once()
     assert result_a.history.to_list() == result_b.history.to_list()
-    for pa, pb in zip(moe_a.parameters(), moe_b.parameters()):
+    for pa, pb in zip(moe_a.parameters(), moe_b.parameters(), strict=True):
         assert torch.equal(pa, pb)
     _, result_c = _fit_once(seed=12)  # another shuffle order gives another path
     assert result_c.history[:, "train_loss"] != result_a.history[:, "train_loss"]
@@ -84,7 +86,8 @@ def test_threshold_stop_on_the_papers_metric():
     result = fit(moe, x, y, config)
     sse = result.history[:, "train_sse"]
     assert result.stop_reason == "threshold" and result.reached_threshold
-    assert sse[-1] <= 0.05 and all(v > 0.05 for v in sse[:-1])  # stopped at the first epoch under it
+    # stopped at the first epoch under it
+    assert sse[-1] <= 0.05 and all(v > 0.05 for v in sse[:-1])
     assert result.epochs == len(sse) < 2000
 
 
@@ -158,7 +161,7 @@ def test_divergence_stops_with_a_warning():
 def test_resume_continues_exactly(tmp_path):
     checkpoint = str(tmp_path / "run.ckpt")
     _, straight = _fit_once(max_epochs=20)
-    moe, _ = _fit_once(max_epochs=10, checkpoint_path=checkpoint, checkpoint_every=5)
+    _moe, _ = _fit_once(max_epochs=10, checkpoint_path=checkpoint, checkpoint_every=5)
     x, y = _piecewise(seed=3, n=120)
     fresh = MixtureOfExperts(1, 1, 3, generator=torch.Generator().manual_seed(99)).double()
     resumed = fit(fresh, x, y, TrainConfig(max_epochs=20, batch_size=32, lr=0.1, progress=False,
@@ -204,7 +207,8 @@ class TestBadInput:
             fit(self.moe, self.x, torch.randn(10, 2, dtype=F64), self.config)
 
     def test_dtype_mismatch(self):
-        with pytest.raises(TypeError, match=r"x has dtype torch.float32 but the model's weights are torch.float64"):
+        with pytest.raises(TypeError, match=r"x has dtype torch.float32 but the model's weights "
+                                            r"are torch.float64"):
             fit(self.moe, self.x.float(), self.y, self.config)
 
     def test_class_index_out_of_range(self):
@@ -220,12 +224,14 @@ class TestBadInput:
             TrainConfig(loss="mse")
 
     @pytest.mark.parametrize("kwargs, message", [
-        ({"optimizer": "rmsprop"}, r"optimizer must be one of 'sgd', 'adam', 'lbfgs'; got optimizer='rmsprop'"),
+        ({"optimizer": "rmsprop"},
+         r"optimizer must be one of 'sgd', 'adam', 'lbfgs'; got optimizer='rmsprop'"),
         ({"lr": -1.0}, r"lr must be a finite number > 0; got lr=-1.0"),
         ({"max_epochs": 0}, r"max_epochs must be an integer >= 1; got max_epochs=0"),
         ({"batch_size": 0}, r"batch_size must be an integer >= 1; got batch_size=0"),
         ({"stop_metric": "train_sse"}, r"stop_metric and stop_threshold go together"),
-        ({"stop_metric": "train_r2", "stop_threshold": 1.0}, r"stop_metric must be one of .*got stop_metric='train_r2'"),
+        ({"stop_metric": "train_r2", "stop_threshold": 1.0},
+         r"stop_metric must be one of .*got stop_metric='train_r2'"),
         ({"patience": 0}, r"patience must be an integer >= 1; got patience=0"),
     ])
     def test_bad_config(self, kwargs, message):
@@ -249,13 +255,13 @@ def test_weight_decay_shrinks_the_weights_and_rejects_negative_values():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"stop_metric": "val_mse", "stop_threshold": 0.1},
-     r"fit: stop_metric='val_mse' needs a validation set; pass x_val and y_val, or use "
-     r"stop_metric='train_mse'"),
+     (r"fit: stop_metric='val_mse' needs a validation set; pass x_val and y_val, or use "
+      r"stop_metric='train_mse'")),
     ({"patience": 3, "monitor": "val_loss"},
      r"fit: monitor='val_loss' needs a validation set"),
     ({"stop_metric": "train_accuracy", "stop_threshold": 0.9},
-     r"fit: stop_metric='train_accuracy' needs class-index targets .*y holds floats.*"
-     r"stop_metric='train_mse'"),
+     (r"fit: stop_metric='train_accuracy' needs class-index targets .*y holds floats.*"
+      r"stop_metric='train_mse'")),
     ({"patience": 3, "monitor": "train_accuracy"},
      r"fit: monitor='train_accuracy' needs class-index targets"),
 ])

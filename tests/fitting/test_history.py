@@ -13,5 +13,6 @@ def test_slicing_like_skorch():
 
 
 def test_unknown_metric_lists_the_known_ones():
-    with pytest.raises(KeyError, match=r"History has no metric 'val_loss'; it has \['epoch', 'train_loss'\]"):
+    with pytest.raises(KeyError, match=r"History has no metric 'val_loss'; "
+                                       r"it has \['epoch', 'train_loss'\]"):
         History([{"epoch": 1, "train_loss": 1.0}])["val_loss"]

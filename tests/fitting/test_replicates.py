@@ -35,14 +35,16 @@ def test_batched_runs_equal_single_runs(gen, loss, expert, engine):
     config = ReplicateConfig(loss=loss, max_epochs=400, stop_metric="mse", stop_threshold=0.12,
                              progress=False)
     result = train_replicates(batched, x, y, lrs, config, engine=engine)
-    for r, (seed, lr) in enumerate(zip(seeds, lrs)):
+    for r, (seed, lr) in enumerate(zip(seeds, lrs, strict=True)):
         single = _models([seed], expert=expert)[0]
-        one = fit(single, x, y, TrainConfig(loss=loss, lr=lr, max_epochs=400, stop_metric="train_mse",
-                                            stop_threshold=0.12, progress=False))
+        one = fit(single, x, y, TrainConfig(loss=loss, lr=lr, max_epochs=400,
+                                            stop_metric="train_mse", stop_threshold=0.12,
+                                            progress=False))
         assert int(result.epochs_R[r]) == one.epochs
         assert bool(result.reached_R[r]) == one.reached_threshold
-        torch.testing.assert_close(result.metric_RT[r, one.epochs].item(), one.history[-1]["train_mse"])
-        for p_batched, p_single in zip(batched[r].parameters(), single.parameters()):
+        torch.testing.assert_close(result.metric_RT[r, one.epochs].item(),
+                                   one.history[-1]["train_mse"])
+        for p_batched, p_single in zip(batched[r].parameters(), single.parameters(), strict=True):
             torch.testing.assert_close(p_batched, p_single)
     assert result.reached_R.any() and result.epochs_R.unique().numel() > 1  # not a trivial case
 

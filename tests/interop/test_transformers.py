@@ -1,12 +1,13 @@
-"""Weights from and to transformers' Mixtral and Qwen3-MoE blocks give the same outputs (1e-5, fp32)."""
+"""Weights from and to transformers' Mixtral and Qwen3-MoE blocks give the same outputs (1e-5,
+fp32)."""
 
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
-
 from moekit.interop.transformers import from_transformers, to_transformers, transformers_block
 from moekit.nn.sparse import SparseMoE
+
+transformers = pytest.importorskip("transformers")
 
 
 def _mixtral(seed):
@@ -64,7 +65,7 @@ def test_export_back(gen, family):
     x = _hidden(gen)
     torch.testing.assert_close(block(x), layer(x).output, rtol=1e-5, atol=1e-5)
     again = from_transformers(block)
-    for a, b in zip(again.parameters(), layer.parameters()):
+    for a, b in zip(again.parameters(), layer.parameters(), strict=True):
         assert torch.equal(a, b)
 
 

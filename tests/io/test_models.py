@@ -42,9 +42,14 @@ def test_config_file_is_readable_json(tmp_path):
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     target = tmp_path / "results.json"
     write_text_atomic(target, "old")
-    with pytest.raises(RuntimeError, match="crash"), atomic_path(target) as tmp:
-        tmp.write_text("half-writ")
-        raise RuntimeError("crash")
+
+    def crash_while_writing():
+        with atomic_path(target) as tmp:
+            tmp.write_text("half-writ")
+            raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError, match="crash"):
+        crash_while_writing()
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary left behind
 
@@ -62,14 +67,14 @@ def test_missing_folder(tmp_path):
 
 def test_foreign_folder(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(ValueError, match="is not a moekit model folder: it needs config.json"):
+    with pytest.raises(ValueError, match=r"is not a moekit model folder: it needs config\.json"):
         load_model(tmp_path)
 
 
 def test_corrupted_config(tmp_path):
     save_model(MixtureOfExperts(2, 1, 3), tmp_path)
     (tmp_path / CONFIG_FILE).write_text("{not json")
-    with pytest.raises(ValueError, match="is not valid JSON .* the folder is corrupted"):
+    with pytest.raises(ValueError, match=r"is not valid JSON .* the folder is corrupted"):
         load_model(tmp_path)
 
 
@@ -83,7 +88,7 @@ def test_foreign_json(tmp_path):
 def test_corrupted_weights(tmp_path):
     save_model(MixtureOfExperts(2, 1, 3), tmp_path)
     (tmp_path / WEIGHTS_FILE).write_bytes(b"\x00garbage")
-    with pytest.raises(ValueError, match="cannot read model.safetensors"):
+    with pytest.raises(ValueError, match=r"cannot read model\.safetensors"):
         load_model(tmp_path)
 
 

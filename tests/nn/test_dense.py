@@ -10,7 +10,8 @@ from moekit.nn.outputs import Routing
 F64 = torch.float64
 
 
-@pytest.mark.parametrize("expert", [ExpertConfig(), ExpertConfig(kind="mlp", hidden=4, head="softmax"),
+@pytest.mark.parametrize("expert", [ExpertConfig(),
+                                    ExpertConfig(kind="mlp", hidden=4, head="softmax"),
                                     ExpertConfig(head="sigmoid")])
 def test_output_is_gate_weighted_sum_of_expert_outputs(gen, expert):
     moe = MixtureOfExperts(3, 2, 4, expert=expert, generator=gen).double()
@@ -56,7 +57,8 @@ def test_config_round_trip(gen):
 
 def test_wrong_feature_count_names_it(gen):
     moe = MixtureOfExperts(2, 1, 3, generator=gen)
-    with pytest.raises(ValueError, match=r"x has 3 features but the model expects 2; got x.shape=\(4, 3\)"):
+    with pytest.raises(ValueError,
+                       match=r"x has 3 features but the model expects 2; got x.shape=\(4, 3\)"):
         moe(torch.randn(4, 3))
     with pytest.raises(ValueError, match=r"x must be 2-D"):
         moe(torch.randn(4))
@@ -64,5 +66,6 @@ def test_wrong_feature_count_names_it(gen):
 
 @pytest.mark.parametrize("n_experts", [0, -2])
 def test_n_experts_below_one(n_experts):
-    with pytest.raises(ValueError, match=rf"n_experts must be an integer >= 1; got n_experts={n_experts}"):
+    with pytest.raises(ValueError,
+                       match=rf"n_experts must be an integer >= 1; got n_experts={n_experts}"):
         MixtureOfExperts(2, 1, n_experts)

@@ -28,7 +28,7 @@ def _compare_with_reference(bank, reference, gen):
     weights = torch.randn_like(fast)
     grads_fast = torch.autograd.grad((fast * weights).sum(), list(bank.parameters()))
     grads_slow = torch.autograd.grad((slow * weights).sum(), list(bank.parameters()))
-    for gf, gs in zip(grads_fast, grads_slow):
+    for gf, gs in zip(grads_fast, grads_slow, strict=True):
         torch.testing.assert_close(gf, gs)
 
 
@@ -67,7 +67,8 @@ def test_config_builds_the_right_bank():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"kind": "conv"}, r"ExpertConfig: kind must be one of 'linear', 'mlp', 'glu'; got kind='conv'"),
+    ({"kind": "conv"},
+     r"ExpertConfig: kind must be one of 'linear', 'mlp', 'glu'; got kind='conv'"),
     ({"hidden": 0}, r"ExpertConfig: hidden must be an integer >= 1; got hidden=0"),
     ({"activation": "swish"}, r"ExpertConfig: activation must be one of .*got activation='swish'"),
     ({"head": "tanh"}, r"ExpertConfig: head must be one of .*got head='tanh'"),
@@ -78,5 +79,6 @@ def test_bad_config(kwargs, message):
 
 
 def test_bad_bank_sizes():
-    with pytest.raises(ValueError, match=r"LinearExperts: n_experts must be an integer >= 1; got n_experts=0"):
+    with pytest.raises(ValueError,
+                       match=r"LinearExperts: n_experts must be an integer >= 1; got n_experts=0"):
         LinearExperts(2, 1, 0)

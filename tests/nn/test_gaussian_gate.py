@@ -23,7 +23,8 @@ def random_params(gen, n_experts=3, d=2):
     a = torch.randn(n_experts, d, d, generator=gen, dtype=F64)
     cov = a @ a.transpose(1, 2) + 0.5 * torch.eye(d, dtype=F64)
     shares = torch.softmax(torch.randn(n_experts, generator=gen, dtype=F64), -1)
-    return GaussianGateParams(shares.log(), torch.randn(n_experts, d, generator=gen, dtype=F64), cov)
+    return GaussianGateParams(shares.log(), torch.randn(n_experts, d, generator=gen, dtype=F64),
+                              cov)
 
 
 @pytest.mark.parametrize("covariance", ["full", "diag"])
@@ -31,8 +32,9 @@ def test_gate_is_the_normalised_weighted_density(gen, covariance):
     gate = GaussianGate(2, 3, covariance=covariance).double()
     params = random_params(gen)
     if covariance == "diag":
-        params = GaussianGateParams(params.log_shares_E, params.means_ED,
-                                    torch.diag_embed(params.covariances_EDD.diagonal(dim1=1, dim2=2)))
+        params = GaussianGateParams(
+            params.log_shares_E, params.means_ED,
+            torch.diag_embed(params.covariances_EDD.diagonal(dim1=1, dim2=2)))
     gate.set_params(params)
     x = torch.randn(6, 2, generator=gen, dtype=F64)
     # Independently: torch.distributions' multivariate normal, a_j N(x|m_j,S_j) / sum_i (...).
@@ -51,7 +53,8 @@ def test_gate_is_the_normalised_weighted_density(gen, covariance):
 
 def test_log_density_worked_example():
     # N(x = (1, 0) | 0, diag(4, 1)): -log(2 pi) - log(2) - (1/4) / 2.
-    value = gaussian_log_density(torch.tensor([[1.0, 0.0]], dtype=F64), torch.zeros(1, 2, dtype=F64),
+    value = gaussian_log_density(torch.tensor([[1.0, 0.0]], dtype=F64),
+                                 torch.zeros(1, 2, dtype=F64),
                                  torch.diag(torch.tensor([2.0, 1.0], dtype=F64)).unsqueeze(0))
     assert value.item() == pytest.approx(-math.log(2 * math.pi) - math.log(2) - 0.125)
 
@@ -100,7 +103,8 @@ def test_m_step_maximises_the_expected_log_likelihood(gen, covariance):
         if covariance == "diag":
             cov_noise = torch.diag_embed(cov_noise.diagonal(dim1=1, dim2=2))
         nudged = GaussianGateParams(
-            torch.log_softmax(new.log_shares_E + 0.05 * torch.randn(3, generator=gen, dtype=F64), -1),
+            torch.log_softmax(new.log_shares_E
+                              + 0.05 * torch.randn(3, generator=gen, dtype=F64), -1),
             new.means_ED + 0.05 * torch.randn(3, 2, generator=gen, dtype=F64),
             new.covariances_EDD + cov_noise)
         assert q(nudged) <= best
@@ -193,6 +197,6 @@ def test_bad_input():
     with pytest.raises(ValueError, match=r"LocalizedMixtureOfExperts: n_experts must be an integer "
                                          r">= 1; got n_experts=0"):
         LocalizedMoEConfig(2, 1, 0)
-    with pytest.raises(ValueError, match=r"LocalizedMixtureOfExperts: x has 1 features but the model "
-                                         r"expects 2"):
+    with pytest.raises(ValueError, match=r"LocalizedMixtureOfExperts: x has 1 features but the "
+                                         r"model expects 2"):
         LocalizedMixtureOfExperts(2, 1, 3)(torch.randn(4, 1))

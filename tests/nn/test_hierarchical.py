@@ -69,7 +69,7 @@ def test_gradients_match_the_reference(gen):
     sq = (y.unsqueeze(1) - hme.experts(x)).square().sum(-1)
     slow_loss = -torch.log((probs * torch.exp(-sq / 2)).sum(-1)).mean()
     slow = torch.autograd.grad(slow_loss, params)
-    for gf, gs in zip(fast, slow):
+    for gf, gs in zip(fast, slow, strict=True):
         torch.testing.assert_close(gf, gs)
 
 

@@ -6,7 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moekit.nn.gates import GateConfig, SoftmaxGate
+from moekit.nn.init import uniform_fan_in_
 from moekit.nn.outputs import Routing
+from moekit.nn.routers import ExpertChoiceRouter, RouterConfig, SigmoidBiasRouter, TopKRouter
 
 
 def test_worked_example():
@@ -18,7 +20,8 @@ def test_worked_example():
         gate.b_E.zero_()
     routing = gate(torch.tensor([[2.0]]))
     torch.testing.assert_close(routing.logits_NE, torch.tensor([[2.0, -2.0]]))
-    torch.testing.assert_close(routing.probs_NE, torch.tensor([[0.98201, 0.01799]]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(routing.probs_NE, torch.tensor([[0.98201, 0.01799]]), atol=1e-5,
+                               rtol=0)
 
 
 @settings(max_examples=30, deadline=None)
@@ -46,15 +49,15 @@ def test_no_bias():
 
 
 def test_bad_arguments_name_the_parameter():
-    with pytest.raises(ValueError, match=r"SoftmaxGate: n_experts must be an integer >= 1; got n_experts=0"):
+    with pytest.raises(ValueError,
+                       match=r"SoftmaxGate: n_experts must be an integer >= 1; got n_experts=0"):
         SoftmaxGate(2, 0)
-    with pytest.raises(ValueError, match=r"GateConfig: kind must be one of 'softmax'; got kind='topk'"):
+    with pytest.raises(ValueError,
+                       match=r"GateConfig: kind must be one of 'softmax'; got kind='topk'"):
         GateConfig(kind="topk")
 
 
 # --- sparse routers ------------------------------------------------------------------------------
-from moekit.nn.routers import ExpertChoiceRouter, RouterConfig, SigmoidBiasRouter, TopKRouter
-
 
 def _router(gen, **kwargs):
     return RouterConfig(**kwargs).build(6, 5, generator=gen)
@@ -76,7 +79,8 @@ def test_topk_chooses_the_highest_logits(gen, renormalize):
 
 def test_switch_is_top_one(gen):
     routing = _router(gen, kind="switch")(torch.randn(4, 6, generator=gen))
-    assert routing.top_k == 1 and torch.equal(routing.experts_NK[:, 0], routing.logits_NE.argmax(-1))
+    assert (routing.top_k == 1
+            and torch.equal(routing.experts_NK[:, 0], routing.logits_NE.argmax(-1)))
     torch.testing.assert_close(routing.weights_NK, torch.ones(4, 1))
 
 
@@ -138,7 +142,8 @@ def test_sigmoid_bias_moves_toward_balance(gen):
 def test_router_config_errors():
     with pytest.raises(ValueError, match=r"top_k must be in \[1, n_experts=5\]; got top_k=7"):
         RouterConfig(top_k=7).build(6, 5)
-    with pytest.raises(ValueError, match=r"noise='gaussian' \(noisy top-k\) needs kind 'topk' or 'switch'"):
+    with pytest.raises(ValueError,
+                       match=r"noise='gaussian' \(noisy top-k\) needs kind 'topk' or 'switch'"):
         RouterConfig(kind="expert_choice", noise="gaussian")
     with pytest.raises(ValueError, match=r"kind must be one of .*got kind='hash'"):
         RouterConfig(kind="hash")
@@ -146,8 +151,6 @@ def test_router_config_errors():
 
 
 # --- shared helpers ------------------------------------------------------------------------------
-from moekit.nn.init import uniform_fan_in_
-
 
 def test_make_dense_is_every_expert_weighted_by_its_probability():
     logits = torch.tensor([[0.0, 1.0, 2.0], [2.0, 0.0, -1.0]])
@@ -213,5 +216,6 @@ def test_choose_among_the_experts_kept(gen, kind):
 
 def test_choose_refuses_fewer_experts_than_top_k(gen):
     router = _router(gen, kind="topk", top_k=2)
-    with pytest.raises(ValueError, match="top_k=2 experts per row cannot be chosen from the 1 left"):
+    with pytest.raises(ValueError,
+                       match="top_k=2 experts per row cannot be chosen from the 1 left"):
         router.choose(torch.randn(3, 5), torch.tensor([True, False, False, False, False]))

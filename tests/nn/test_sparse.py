@@ -1,4 +1,5 @@
-"""Sparse routed layers against a slow reference (a loop over rows), in float64, gradients included."""
+"""Sparse routed layers against a slow reference (a loop over rows), in float64, gradients
+included."""
 
 import math
 
@@ -63,9 +64,10 @@ def _compare(layer, x_ND):
     torch.testing.assert_close(out.output, slow)
     assert out.dispatch.rows_M.numel() == n_kept
     probe = torch.randn_like(slow)
-    params = [p for p in layer.parameters()]
-    grads_fast = torch.autograd.grad((out.output * probe).sum(), [x_fast] + params, allow_unused=True)
-    grads_slow = torch.autograd.grad((slow * probe).sum(), [x_slow] + params, allow_unused=True)
+    params = list(layer.parameters())
+    grads_fast = torch.autograd.grad((out.output * probe).sum(), [x_fast, *params],
+                                     allow_unused=True)
+    grads_slow = torch.autograd.grad((slow * probe).sum(), [x_slow, *params], allow_unused=True)
     for gf, gs in zip(grads_fast, grads_slow, strict=True):
         if gs is None:
             assert gf is None or torch.count_nonzero(gf) == 0
@@ -190,11 +192,14 @@ def test_leading_axes_are_kept(gen):
 def test_bad_arguments():
     with pytest.raises(ValueError, match=r"top_k must be in \[1, n_experts=4\]; got top_k=6"):
         SparseMoE(8, 4, 6)
-    with pytest.raises(ValueError, match=r"experts must be one of 'swiglu', 'mlp'; got experts='conv'"):
+    with pytest.raises(ValueError,
+                       match=r"experts must be one of 'swiglu', 'mlp'; got experts='conv'"):
         SparseMoE(8, 4, 2, experts="conv")
-    with pytest.raises(ValueError, match=r"x has 5 features in its last axis but the layer expects d_model=8"):
+    with pytest.raises(ValueError, match=r"x has 5 features in its last axis but the layer "
+                                         r"expects d_model=8"):
         SparseMoE(8, 4, 2)(torch.randn(3, 5))
-    with pytest.raises(ValueError, match=r"capacity_factor must be a finite number > 0; got capacity_factor=0"):
+    with pytest.raises(ValueError, match=r"capacity_factor must be a finite number > 0; "
+                                         r"got capacity_factor=0"):
         SparseMoE(8, 4, 2, capacity_factor=0)
 
 
@@ -212,7 +217,8 @@ def test_noise_comes_from_the_callers_generator(gen):
     x = torch.randn(16, 8, generator=gen)
     a = layer(x, generator=torch.Generator().manual_seed(3))
     b = layer(x, generator=torch.Generator().manual_seed(3))
-    assert torch.equal(a.output, b.output) and torch.equal(a.routing.experts_NK, b.routing.experts_NK)
+    assert (torch.equal(a.output, b.output)
+            and torch.equal(a.routing.experts_NK, b.routing.experts_NK))
 
 
 def test_aux_loss_parts_are_kept_for_logging(gen):
@@ -226,3 +232,56 @@ def test_aux_loss_parts_are_kept_for_logging(gen):
     torch.testing.assert_close(out.aux_loss, expected)
     out.aux_loss.backward()
     assert layer.router.w_noise_DE.grad is not None  # the smooth load trains the noise scale
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "padded", "loop"])
+def test_experts_implementation_is_reachable_from_the_layer_and_saved(gen, implementation,
+                                                                      tmp_path):
+    """float32, where grouped_mm runs on a CPU: every implementation gives the loop's outputs and
+    gradients, and the choice is part of the saved config."""
+    from moekit import load_model, save_model
+
+    reference = SparseMoE(16, 4, 2, hidden=8, experts_implementation="loop", generator=gen)
+    layer = SparseMoE(16, 4, 2, hidden=8, experts_implementation=implementation)
+    layer.load_state_dict(reference.state_dict())
+    x = torch.randn(3, 7, 16, generator=gen)
+    got, want = layer(x).output, reference(x).output
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    grads = [torch.autograd.grad(out.square().sum(), m.experts.w13_EFD)[0]
+             for out, m in ((got, layer), (want, reference))]
+    torch.testing.assert_close(*grads, rtol=1e-5, atol=1e-5)
+    again = load_model(save_model(layer, tmp_path / "layer"))
+    assert again.config.experts_implementation == implementation
+
+
+def test_grouped_mm_where_it_cannot_run_is_refused_with_the_alternatives(gen):
+    layer = SparseMoE(6, 4, 2, hidden=5, experts_implementation="grouped_mm",
+                      generator=gen).double()
+    with pytest.raises(ValueError, match=r"experts_implementation='grouped_mm' cannot run "
+                                         r"torch.float64 rows .* use 'auto', 'padded' or 'loop'"):
+        layer(torch.randn(3, 6, dtype=F64))
+
+
+def test_an_unknown_experts_implementation_names_the_parameter():
+    with pytest.raises(ValueError, match=r"SparseMoE: experts_implementation must be one of "
+                                         r"'auto', 'grouped_mm', 'padded', 'loop'; got "
+                                         r"experts_implementation='fast'"):
+        SparseMoE(6, 4, 2, experts_implementation="fast")
+
+
+def test_a_top_k_that_conflicts_with_the_router_config_is_refused():
+    with pytest.raises(ValueError, match=r"SparseMoE: top_k=3 conflicts with "
+                                         r"router=RouterConfig\(top_k=2"):
+        SparseMoE(8, 4, 3, router=RouterConfig(kind="topk", top_k=2))
+    agreed = SparseMoE(8, 4, 2, router=RouterConfig(kind="topk", top_k=2))
+    assert agreed.config.router.top_k == 2
+    assert SparseMoE(8, 4, router="switch").config.router.top_k == 1
+
+
+def test_expert_banks_take_per_expert_counts(gen):
+    layer = SparseMoE(6, 3, 1, hidden=4, generator=gen).double()
+    x_MD = torch.randn(5, 6, generator=gen, dtype=F64)
+    counts_E = torch.tensor([2, 0, 3])
+    y_MD = layer.experts.forward_grouped(x_MD, counts_E)
+    rows = [expert_on_row(layer.experts, e, x_MD[m]) for m, e in enumerate([0, 0, 2, 2, 2])]
+    torch.testing.assert_close(y_MD, torch.stack(rows))

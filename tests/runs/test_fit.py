@@ -234,3 +234,23 @@ def test_report_and_analyze_leave_out_rows_without_a_target_as_fitting_did(tmp_p
     assert main(["predict", str(out), str(path), "--out", str(tmp_path / "p.csv")]) == 0
     assert len(pd.read_csv(tmp_path / "p.csv")) == 90
     assert "accuracy against the target column" in capsys.readouterr().err
+
+
+def test_moekit_fit_and_the_estimators_share_one_source_of_defaults():
+    from moekit.estimators import MixtureOfExpertsClassifier
+    from moekit.runs.fit import ESTIMATOR_PARAMETERS, FitRunConfig, _estimator
+
+    estimator = _estimator(FitRunConfig(data="d.csv", target="t"), "classify")
+    defaults = MixtureOfExpertsClassifier().get_params()
+    for field, param in ESTIMATOR_PARAMETERS.items():
+        assert getattr(FitRunConfig, field) == defaults[param], field
+        assert estimator.get_params()[param] == defaults[param], param
+    assert FitRunConfig.hidden == 64  # the flat layout's `moekit fit` used 32, the estimators 64
+
+
+def test_fit_help_shows_the_estimators_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "hidden units of an mlp expert (default 64)" in text
+    assert "epoch cap (default 500)" in text and "step size (default 0.01)" in text

@@ -96,8 +96,9 @@ def expert_importance(model: nn.Module, x: Tensor, y: Tensor | None = None,
         layer: the mixture layer inside ``model`` to intervene on (default: ``model`` itself).
         temperatures: gate temperatures to try.
         load_E: each expert's load where it is known already (say ``Recording.stats.load_E`` from
-            :func:`~moekit.analysis.recorder.record_routing` on the same ``x``), which saves a pass over
-            ``x``; None measures it when ``layer`` is ``model`` (and leaves it nan otherwise).
+            :func:`~moekit.analysis.recorder.record_routing` on the same ``x``), which saves a
+            pass over ``x``; None measures it when ``layer`` is ``model`` (and leaves it nan
+            otherwise).
 
     Example:
         >>> from moekit import MixtureOfExperts

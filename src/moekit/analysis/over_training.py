@@ -26,9 +26,10 @@ def routing_summary(model: nn.Module, x: Tensor, *, batch_size: int = 4096) -> d
 
 
 class RoutingHistory(Callback):
-    """A :func:`moekit.fitting.gradient.fit` callback that adds the routing on ``x`` to each epoch's record
-    of the history, as ``routing_load_<e>``, ``routing_entropy_ratio``, ``routing_cv`` and
-    ``routing_dead``; plot them with :func:`moekit.plotting.routing.plot_routing_over_training`.
+    """A :func:`moekit.fitting.gradient.fit` callback that adds the routing on ``x`` to each
+    epoch's record of the history, as ``routing_load_<e>``, ``routing_entropy_ratio``,
+    ``routing_cv`` and ``routing_dead``; plot them with
+    :func:`moekit.plotting.routing.plot_routing_over_training`.
 
     Example:
         >>> fit(moe, x, y, config, callbacks=[RoutingHistory(x)])  # doctest: +SKIP

@@ -21,14 +21,19 @@ from moekit.exceptions import NAME_ONLY, DataError, Setting
 EPILOG = """examples:
   moekit vowels                    reproduce Jacobs et al. (1991) Table 1 and Figures 2-3
   moekit vowels --quick            the same, debug-sized (a few seconds)
-  moekit demo                      fit a 4-expert mixture to a 3-piece line, show what each expert took
+  moekit demo                      fit a 4-expert mixture to a 3-piece line, show what each \
+expert took
   moekit demo --experts 6 --seed 3 --out runs/demo6
   moekit fit data.csv --target label --experts auto --out runs/mine
   moekit predict runs/mine new.csv --proba --out predictions.csv
   moekit report runs/mine
-  moekit analyze runs/vowels       routing statistics, interventions and figures for each saved model
-  moekit compare-solvers           passes to the paper's criterion: gradient descent, Adam, L-BFGS, EM
+  moekit analyze runs/vowels       routing statistics, interventions and figures for each saved \
+model
+  moekit compare-solvers           passes to the paper's criterion: gradient descent, Adam, \
+L-BFGS, EM
 """
+__all__ = ["build_parser", "flag", "main"]
+
 # Python parameters whose flag is not their name with dashes.
 FLAGS = {"n_experts": "--experts", "data": "--data"}
 

@@ -14,25 +14,30 @@ def add_vowels(subparsers: argparse._SubParsersAction) -> None:
         help="reproduce Jacobs et al. (1991) Table 1 and Figures 2-3 on Peterson & Barney",
         description="Mixtures of 4 and 8 linear experts against backprop nets with 6 and 12 hidden "
                     "units on the Peterson & Barney vowels [i] [I] [a] [\u039b], 25 runs each, "
-                    "the paper's protocol; writes the table, results.json, figures and report.html.")
+                    "the paper's protocol; writes the table, results.json, figures and "
+                    "report.html.")
     p.add_argument("--runs", type=int, help="runs per system (default 25; 3 with --quick)")
     p.add_argument("--experts", type=int_list, help="mixture sizes (default 4,8)")
     p.add_argument("--hidden", type=int_list, help="backprop hidden sizes (default 6,12)")
     p.add_argument("--seed", type=int, help="seed of the initial weights (default 0)")
-    p.add_argument("--lr", type=float, help="one fixed step for every system (skips the exploration)")
+    p.add_argument("--lr", type=float,
+                   help="one fixed step for every system (skips the exploration)")
     p.add_argument("--lr-grid", type=float_list, help="steps to explore (default 0.5,1,2,4)")
     p.add_argument("--expert-head", choices=("softmax", "identity", "sigmoid"),
                    help="the experts' outputs: a class distribution (default) or linear/logistic")
-    p.add_argument("--criterion", type=float, help="stop at this average squared error (default 0.08)")
+    p.add_argument("--criterion", type=float,
+                   help="stop at this average squared error (default 0.08)")
     p.add_argument("--average", choices=("unit", "case"),
                    help="average the squared error per output unit (default) or per case")
     p.add_argument("--max-epochs", type=int, help="epoch cap per run (default 5000)")
-    p.add_argument("--loss", choices=("eq1", "eq2", "eq3"), help="mixture error function (default eq3)")
+    p.add_argument("--loss", choices=("eq1", "eq2", "eq3"),
+                   help="mixture error function (default eq3)")
     p.add_argument("--no-loss-comparison", action="store_true",
                    help="skip the Eq. 1 / Eq. 2 / Eq. 3 comparison")
     p.add_argument("--no-solver-comparison", action="store_true",
                    help="skip the comparison with Adam, L-BFGS and EM")
-    p.add_argument("--include-speaker-76", action="store_true", help="add speaker 76 to the test set")
+    p.add_argument("--include-speaker-76", action="store_true",
+                   help="add speaker 76 to the test set")
     p.add_argument("--dtype", choices=("float32", "float64"), help="precision (default float32)")
     p.add_argument("--out", help="output folder (default runs/vowels)")
     p.add_argument("--quick", action="store_true", help="a debug-sized run in a few seconds")
@@ -80,7 +85,8 @@ def _run_vowels(args: argparse.Namespace) -> int:
 
 def add_demo(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "demo", allow_abbrev=False, help="fit a small mixture of linear experts and print what each expert took",
+        "demo", allow_abbrev=False,
+        help="fit a small mixture of linear experts and print what each expert took",
         description="Fit a mixture of linear experts to a 1-D function with three straight pieces "
                     "(breaks at 1/3 and 2/3) and print which piece each expert took.",
     )
@@ -122,7 +128,8 @@ def add_compare_solvers(subparsers: argparse._SubParsersAction) -> None:
         epilog="example: moekit compare-solvers --runs 5 --out runs/solvers")
     p.add_argument("--tasks", type=list_of(str, "task names", "vowels,piecewise"),
                    help="vowels and/or piecewise (default both)")
-    p.add_argument("--runs", type=int, help="initial weights per solver (default 5; 1 with --quick)")
+    p.add_argument("--runs", type=int,
+                   help="initial weights per solver (default 5; 1 with --quick)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--out", default="runs/solvers", help="folder for solvers.json and solvers.md")
     p.add_argument("--quick", action="store_true", help="a debug-sized comparison in seconds")

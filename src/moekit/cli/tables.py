@@ -64,7 +64,8 @@ def add_fit(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-epochs", type=int, help="epoch cap")
     p.add_argument("--validation-fraction", type=float,
                    help="rows held out to score the model (0 for none)")
-    p.add_argument("--one-hot", action="store_true", help="encode text feature columns as 0/1 columns")
+    p.add_argument("--one-hot", action="store_true",
+                   help="encode text feature columns as 0/1 columns")
     p.add_argument("--missing", choices=("error", "drop", "impute"), default="error",
                    help="missing values: stop with an error (default), drop the rows, or impute")
     p.add_argument("--seed", type=int, help="random seed")
@@ -85,7 +86,8 @@ def _run_fit(args: argparse.Namespace) -> int:
     s = run_fit(config).summary
     plural = "s" if s["n_experts"] != 1 else ""
     print(f"Fitted {s['n_experts']} expert{plural} ({s['task']}) to {s['rows']} rows x "
-          f"{len(s['inputs'])} inputs in {s['epochs']} epochs ({s['stop_reason']}), {s['seconds']} s.")
+          f"{len(s['inputs'])} inputs in {s['epochs']} epochs ({s['stop_reason']}), "
+          f"{s['seconds']} s.")
     val = "-" if s["validation_score"] is None else f"{s['validation_score']:.4f}"
     print(f"{s['score_name']}: training {s['train_score']:.4f}, validation {val} "
           f"({s['validation_rows']} rows)")
@@ -123,7 +125,8 @@ def _run_predict(args: argparse.Namespace) -> int:
     else:
         print(f"Wrote {len(outcome.predictions)} predictions to {outcome.path}", file=sys.stderr)
     if outcome.score is not None:
-        print(f"{outcome.score_name} against the target column: {outcome.score:.4f}", file=sys.stderr)
+        print(f"{outcome.score_name} against the target column: {outcome.score:.4f}",
+              file=sys.stderr)
     return 0
 
 
@@ -146,7 +149,8 @@ def _run_report(args: argparse.Namespace) -> int:
 
 def add_analyze(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "analyze", allow_abbrev=False, help="what each expert does: routing statistics, interventions",
+        "analyze", allow_abbrev=False,
+        help="what each expert does: routing statistics, interventions",
         description="Analyse the routing of every model in a `moekit vowels` or `moekit fit` run "
                     "folder: loads, entropy, dead experts, expert by class, KL(h || p), agreement "
                     "between runs, and the effect of removing or forcing each expert. Writes "

@@ -1,5 +1,5 @@
-"""Data: the Peterson & Barney (1952) vowels of the 1991 paper (:mod:`~moekit.data.vowels`), synthetic
-tasks with a known answer (:mod:`~moekit.data.synthetic`), and a user's CSV table
+"""Data: the Peterson & Barney (1952) vowels of the 1991 paper (:mod:`~moekit.data.vowels`),
+synthetic tasks with a known answer (:mod:`~moekit.data.synthetic`), and a user's CSV table
 (:mod:`~moekit.data.tabular`)."""
 
 from moekit.data.synthetic import piecewise_linear

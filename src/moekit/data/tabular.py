@@ -2,8 +2,9 @@
 
 Every problem with the data is a :class:`~moekit.exceptions.DataError` that says what is wrong,
 where, and the fix (naming this module's parameters, which the command line spells as its flags),
-and is raised before anything is written. The encoding (feature columns, one-hot categories, fill values)
-is a :class:`Preprocessing` saved in the model folder as JSON, so predictions see what fitting saw.
+and is raised before anything is written. The encoding (feature columns, one-hot categories, fill
+values) is a :class:`Preprocessing` saved in the model folder as JSON, so predictions see what
+fitting saw.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def _rows(mask: pd.Series) -> str:
     integer_index = pd.api.types.is_integer_dtype(mask.index)
     rows = (np.asarray(mask.index[positions] if integer_index else positions) + 1).tolist()
     shown = ", ".join(map(str, rows[:5]))
-    return f"row{'s' if len(rows) > 1 else ''} {shown}" + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
+    return (f"row{'s' if len(rows) > 1 else ''} {shown}"
+            + (f" and {len(rows) - 5} more" if len(rows) > 5 else ""))
 
 
 def infer_task(y: pd.Series) -> str:
@@ -144,8 +146,8 @@ class Preprocessing:
             text = values.astype(str)
             unknown = sorted(set(text) - set(cats))
             if unknown:
-                raise DataError(f"column {column!r} has categories not seen when fitting: {unknown}; "
-                                f"known: {cats}.")
+                raise DataError(f"column {column!r} has categories not seen when fitting: "
+                                f"{unknown}; known: {cats}.")
             blocks.append((text.to_numpy()[:, None] == np.array(cats)[None, :]).astype(np.float64))
         return np.hstack(blocks) if blocks else np.empty((len(features), 0))
 
@@ -163,7 +165,8 @@ def _numeric(values: pd.Series, column: str) -> np.ndarray:
 
 def prepare_fit(frame: pd.DataFrame, target: str, *, task: str | None = None, one_hot: bool = False,
                 missing: str = "error") -> tuple[np.ndarray, np.ndarray, Preprocessing]:
-    """Check a table and split it into inputs X (N, D), targets y (N,) and its :class:`Preprocessing`.
+    """Check a table and split it into inputs X (N, D), targets y (N,) and its
+    :class:`Preprocessing`.
 
     Example:
         >>> frame = pd.DataFrame({"a": [1.0, 2.0, 3.0], "c": ["x", "y", "x"], "t": [0, 1, 0]})

@@ -28,8 +28,8 @@ _KNOWN_HOD_F1_F2 = (740.0, 1070.0)
 _KNOWN_HUD_F1_F2 = (590.0, 1250.0)
 
 
-_PRAAT_COLUMNS = {"speaker": "Speaker", "type": "Type", "sex": "Sex", "vowel": "Vowel", "ipa": "IPA",
-                  "f0": "F0", "f1": "F1", "f2": "F2", "f3": "F3"}
+_PRAAT_COLUMNS = {"speaker": "Speaker", "type": "Type", "sex": "Sex", "vowel": "Vowel",
+                  "ipa": "IPA", "f0": "F0", "f1": "F1", "f2": "F2", "f3": "F3"}
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,8 @@ class FormantTable:
 
     def to_records(self) -> list[dict[str, object]]:
         names = [f.name for f in fields(self)]
-        return [dict(zip(names, (getattr(self, n)[i].item() for n in names))) for i in range(len(self))]
+        return [dict(zip(names, (getattr(self, n)[i].item() for n in names), strict=True))
+                for i in range(len(self))]
 
 
 def peterson_barney() -> FormantTable:
@@ -145,7 +146,8 @@ def vowel_task(*, train_speakers: Sequence[int] = range(1, 51),
     test = list(test_speakers) + ([76] if include_speaker_76 and 76 not in test_speakers else [])
     overlap = sorted(set(train_speakers) & set(test))
     if overlap:
-        raise ValueError(f"vowel_task: speakers {overlap} are in both train_speakers and test_speakers.")
+        raise ValueError(f"vowel_task: speakers {overlap} are in both train_speakers and "
+                         "test_speakers.")
     table = table.select(np.isin(table.vowel, VOWEL_CODES))
     class_of = {code: i for i, code in enumerate(VOWEL_CODES)}
 

@@ -334,7 +334,8 @@ class BaseMixtureEstimator(BaseEstimator, abc.ABC):
                            progress=bool(self.verbose))
 
     def _holdout_rows(self, t: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-        """Training and held-out positions, ``validation_fraction`` held out, stratified by class."""
+        """Training and held-out positions, ``validation_fraction`` held out, stratified by
+        class."""
         labels = t if t.ndim == 1 and t.dtype.kind == "i" else None  # class indices
         return holdout_split(len(t), self.validation_fraction, seed, labels)
 

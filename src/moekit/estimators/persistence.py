@@ -1,8 +1,8 @@
 """Saving and reloading fitted scikit-learn estimators as moekit model folders.
 
-The folder is the one :func:`moekit.io.models.save_model` writes (safetensors weights + config.json); the
-estimator's parameters, class labels, feature names and scalers go in the config's metadata, so the
-folder holds no pickle and loads in any moekit of the same format version.
+The folder is the one :func:`moekit.io.models.save_model` writes (safetensors weights +
+config.json); the estimator's parameters, class labels, feature names and scalers go in the config's
+metadata, so the folder holds no pickle and loads in any moekit of the same format version.
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ def load_estimator(directory: Path | str) -> Any:
         if state["feature_names"]:
             estimator.feature_names_in_ = np.asarray(state["feature_names"], dtype=object)
         estimator.scaler_ = _scaler_from_dict(state["scaler"])
-        estimator.n_experts_, estimator.n_experts_curve_ = state["n_experts"], state["n_experts_curve"]
+        estimator.n_experts_, estimator.n_experts_curve_ = (state["n_experts"],
+                                                            state["n_experts_curve"])
         estimator.n_iter_, estimator.stop_reason_ = state["n_iter"], state["stop_reason"]
         # folders saved before alpha was chosen by the fit record neither (None)
         estimator.alpha_, estimator.alpha_curve_ = state.get("alpha"), state.get("alpha_curve")

@@ -1,6 +1,7 @@
 """The built-in demo: a mixture of linear experts on a 1-D function made of straight pieces.
 
-Each expert should take one piece: the gate learns where the breaks are, each expert learns one line.
+Each expert should take one piece: the gate learns where the breaks are, each expert learns one
+line.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ class DemoConfig:
     noise: float = 0.05
     epochs: int = 1000
     lr: float = 0.05
-    # Eq. 3's variance: near the noise level, so the posteriors are sharp enough to split the pieces.
+    # Eq. 3's variance: near the noise level, so the posteriors are sharp enough to split the
+    # pieces.
     variance: float = 0.02
     seed: int = 0
     out: str = "runs/demo"
@@ -64,7 +66,8 @@ class DemoResult:
 @torch.no_grad()
 def summarize_experts(model: MixtureOfExperts, x_N1: torch.Tensor,
                       min_share: float = 0.02) -> list[ExpertSummary]:
-    """For each expert of a 1-D linear mixture: rows it wins under the gate, their x range, its line."""
+    """For each expert of a 1-D linear mixture: rows it wins under the gate, their x range, its
+    line."""
     winner_N = model(x_N1).routing.probs_NE.argmax(-1)
     summaries = []
     for e in range(model.config.n_experts):
@@ -87,8 +90,9 @@ def run_demo(config: DemoConfig) -> DemoResult:
                             generator=data_gen, dtype=torch.float64)
     model = MixtureOfExperts(1, 1, config.n_experts,
                              generator=torch.Generator().manual_seed(config.seed + 1)).double()
-    train = TrainConfig(loss="mixture_nll", variance=config.variance, optimizer="adam", lr=config.lr,
-                        max_epochs=config.epochs, seed=config.seed, progress=config.progress)
+    train = TrainConfig(loss="mixture_nll", variance=config.variance, optimizer="adam",
+                        lr=config.lr, max_epochs=config.epochs, seed=config.seed,
+                        progress=config.progress)
     result = fit(model, x, y, train)
     out = Path(config.out)
     save_model(model, out / "model", metadata={"demo": asdict(config)})

@@ -78,9 +78,9 @@ def vowels_task(config: SolversConfig, task: VowelTask | None) -> SolverTask:
         return LocalizedMixtureOfExperts(2, 4, size, expert=ExpertConfig(head=vowels.expert_head),
                                          generator=run_generator(config, r)).to(dtype)
 
-    return SolverTask("vowels", task.x_train.to(dtype), task.y_train, task.x_test.to(dtype), task.y_test,
-                 vowels.criterion, build, build_gaussian, loss_variance=1.0, score="accuracy %",
-                 extras={"task": task, "system": system})
+    return SolverTask("vowels", task.x_train.to(dtype), task.y_train, task.x_test.to(dtype),
+                      task.y_test, vowels.criterion, build, build_gaussian, loss_variance=1.0,
+                      score="accuracy %", extras={"task": task, "system": system})
 
 
 def piecewise_task(config: SolversConfig) -> SolverTask:
@@ -182,7 +182,8 @@ def fit_run(t: SolverTask, r: int, optimizer: str, lr: float, config: SolversCon
     return SolverRun(passes[0], result.epochs, result.reached_threshold, seconds, model)
 
 
-def gradient_runs(t: SolverTask, optimizer: str, config: SolversConfig) -> tuple[float, list[SolverRun]]:
+def gradient_runs(t: SolverTask, optimizer: str,
+                  config: SolversConfig) -> tuple[float, list[SolverRun]]:
     grid = config.adam_lr_grid if optimizer == "adam" else (config.lbfgs_lr,)
     trials = [[fit_run(t, r, optimizer, lr, config) for r in range(config.runs)] for lr in grid]
     epochs = torch.tensor([[run.passes for run in runs] for runs in trials])
@@ -200,8 +201,8 @@ def em_runs(t: SolverTask, gaussian: bool, config: SolversConfig) -> list[Solver
         start = time.perf_counter()
         result = fit_em(model, t.x_train, t.y_train, em)
         seconds = time.perf_counter() - start
-        runs.append(SolverRun(result.passes, result.n_iter, result.stop_reason == "threshold", seconds,
-                         model, result.sweeps))
+        runs.append(SolverRun(result.passes, result.n_iter, result.stop_reason == "threshold",
+                              seconds, model, result.sweeps))
     return runs
 
 

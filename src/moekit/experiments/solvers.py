@@ -14,16 +14,17 @@ Solvers:
 - 'gd': the paper's gradient descent: full batch, fixed step, no momentum, Eq. 3. The step is the
   vowels module's choice (its exploration, :func:`moekit.experiments.vowels.run_system`); for the
   regression the same rule over ``regression_lr_grid`` (fewest mean epochs among steps where every
-  run reaches the criterion). Runs through :func:`moekit.fitting.replicates.train_replicates`, one run at a
-  time for the timing; one pass = one update.
-- 'adam', 'lbfgs': :func:`moekit.fitting.gradient.fit` on Eq. 3 (Adam's step chosen from ``adam_lr_grid`` by the
-  same rule; L-BFGS with a strong-Wolfe line search, stopped after 20 epochs without progress). One
-  pass = one evaluation of the loss and its gradient (for L-BFGS, every function evaluation of the
-  line search); the evaluation ``fit`` adds after each epoch for its stopping test is not counted.
-- 'em': :func:`moekit.fitting.em.fit_em`, softmax gate; 'em_gaussian': EM with the localized Gaussian gate
-  (:class:`~moekit.nn.localized.LocalizedMixtureOfExperts`). Passes as ``fit_em`` counts them (an
-  E-step, which doubles as the stopping test, and every Newton trial); ``sweeps`` in the JSON counts
-  also the sweeps that form the Newton systems and normal equations.
+  run reaches the criterion). Runs through :func:`moekit.fitting.replicates.train_replicates`, one
+  run at a time for the timing; one pass = one update.
+- 'adam', 'lbfgs': :func:`moekit.fitting.gradient.fit` on Eq. 3 (Adam's step chosen from
+  ``adam_lr_grid`` by the same rule; L-BFGS with a strong-Wolfe line search, stopped after 20
+  epochs without progress). One pass = one evaluation of the loss and its gradient (for L-BFGS,
+  every function evaluation of the line search); the evaluation ``fit`` adds after each epoch for
+  its stopping test is not counted.
+- 'em': :func:`moekit.fitting.em.fit_em`, softmax gate; 'em_gaussian': EM with the localized
+  Gaussian gate (:class:`~moekit.nn.localized.LocalizedMixtureOfExperts`). Passes as ``fit_em``
+  counts them (an E-step, which doubles as the stopping test, and every Newton trial); ``sweeps``
+  in the JSON counts also the sweeps that form the Newton systems and normal equations.
 EM maximises the likelihood of its own model (multinomial-logit experts on the vowels, Gaussian
 experts with learned variances on the regression), not Eq. 3; the criterion is the same for all.
 Wall time covers the training call only (model construction and scoring excluded).
@@ -125,7 +126,8 @@ def format_table(rows: Sequence[SolverRow]) -> str:
     for row in rows:
         passes = "not reached" if row.passes is None else f"{row.passes:g}"
         reached_R = row.reached_R or (True,) * len(row.passes_R)
-        per_run = ", ".join(f"{p}{'' if ok else '*'}" for p, ok in zip(row.passes_R, reached_R))
+        per_run = ", ".join(f"{p}{'' if ok else '*'}"
+                            for p, ok in zip(row.passes_R, reached_R, strict=True))
         scores = [f"{v:.1f}%" if row.score.startswith("accuracy") else f"{v:.4f}"
                   for v in (row.train_score, row.test_score)]
         lines.append(f"| {row.task} ({row.criterion}) | {row.label} | {row.setting} | "

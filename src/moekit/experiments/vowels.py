@@ -4,14 +4,15 @@ Shape legend: R runs, N rows, E experts.
 
 Protocol (the paper's, with our readings made explicit and configurable):
 - data: Peterson & Barney [i] [I] [a] [Λ], inputs (F1, F2) / 1000, speakers 1-50 train, 51-75 test;
-- systems: mixtures of 4 and 8 linear experts (softmax outputs over the 4 classes) with a softmax gate,
-  trained on Eq. 3; backprop nets with 6 and 12 logistic hidden units and logistic outputs, trained
-  on squared error;
+- systems: mixtures of 4 and 8 linear experts (softmax outputs over the 4 classes) with a softmax
+  gate, trained on Eq. 3; backprop nets with 6 and 12 logistic hidden units and logistic outputs,
+  trained on squared error;
 - full-batch gradient descent, fixed step, no momentum, one update per epoch (error averaged over
   cases, so the step does not depend on the training-set size);
 - stop when the average squared error of the output on the training set reaches 0.08. "Average" is
   read as per output unit (mean over cases and the 4 outputs): per case (summed over outputs) the
-  error never gets to 0.08 on this data, even at convergence; ``average='case'`` selects that reading;
+  error never gets to 0.08 on this data, even at convergence; ``average='case'`` selects that
+  reading;
 - the step of each system is chosen by a limited exploration: a grid, the same 25 initial weights
   for every step, keeping the step with the fewest mean epochs among those where every run reaches
   the criterion. Steps that cannot win are stopped early (the lower bound on their mean epochs
@@ -104,7 +105,8 @@ def quick_config(**overrides: object) -> VowelsConfig:
 
 @dataclass(frozen=True)
 class System:
-    """One row of Table 1: a mixture of ``size`` experts or a backprop net of ``size`` hidden units."""
+    """One row of Table 1: a mixture of ``size`` experts or a backprop net of ``size`` hidden
+    units."""
 
     kind: str  # 'mixture' | 'backprop'
     size: int
@@ -124,7 +126,8 @@ class System:
             model = MixtureOfExperts(2, 4, self.size, expert=ExpertConfig(head=self.expert_head),
                                      generator=generator)
         else:
-            expert = ExpertConfig(kind="mlp", hidden=self.size, activation="sigmoid", head="sigmoid")
+            expert = ExpertConfig(kind="mlp", hidden=self.size, activation="sigmoid",
+                                  head="sigmoid")
             model = MixtureOfExperts(2, 4, 1, expert=expert, generator=generator)
         return model.to(dtype)
 
@@ -218,7 +221,8 @@ def run_system(system: System, task: VowelTask, config: VowelsConfig, *,
     logger.info("%s: %d runs x %d steps", system.name, config.runs, len(steps))
     result = train_replicates(models, x_train, task.y_train, lrs, replicate,
                               prune=_lower_bound_rule(len(steps), config.runs),
-                              track=[g * config.runs for g in range(len(steps))] if track_epochs else (),
+                              track=([g * config.runs for g in range(len(steps))]
+                                     if track_epochs else ()),
                               track_epochs=track_epochs, description=system.name)
     trials = _trials(steps, config.runs, result)
     best = choose_step(trials)
@@ -287,7 +291,8 @@ def loss_comparison_systems(config: VowelsConfig) -> list[System]:
     if not config.compare_losses or not config.experts:
         return []
     size = min(config.experts)
-    return [System("mixture", size, loss, config.expert_head) for loss in ("eq1", "eq2", "eq3") if loss != config.loss]
+    return [System("mixture", size, loss, config.expert_head) for loss in ("eq1", "eq2", "eq3")
+            if loss != config.loss]
 
 
 def to_jsonable(config: VowelsConfig) -> dict[str, object]:

@@ -65,7 +65,8 @@ class VowelsOutcome:
     seconds: float
     files: dict[str, Path] = field(default_factory=dict)
     analyses: dict[str, dict] = field(default_factory=dict)  # model name -> routing statistics
-    solver_rows: list[SolverRow] = field(default_factory=list)  # EM and the others, to the criterion
+    # EM and the others, to the criterion
+    solver_rows: list[SolverRow] = field(default_factory=list)
 
 
 SOLVER_RUNS = 5  # initial weights per solver in the comparison: it shows passes, not spread
@@ -120,13 +121,13 @@ def run_vowels(config: VowelsConfig, task: VowelTask | None = None) -> VowelsOut
     rows, loss_rows = table_rows(results), table_rows(loss_results)
     if loss_rows:  # the main error function's row of the same mixture completes the comparison
         sizes = {r.system.size for r in loss_results}
-        main_rows = [row for row, r in zip(rows, results)
+        main_rows = [row for row, r in zip(rows, results, strict=True)
                      if r.system.kind == "mixture" and r.system.size in sizes]
         loss_rows = sorted(loss_rows + main_rows, key=lambda r: r.system)
     tests = epoch_t_tests(results)
     found = claims(rows, tests, loss_rows)
-    outcome = VowelsOutcome(config, rows, loss_rows, tests, found, format_table(rows, tests, config),
-                            seconds, solver_rows=solver_rows)
+    outcome = VowelsOutcome(config, rows, loss_rows, tests, found,
+                            format_table(rows, tests, config), seconds, solver_rows=solver_rows)
     out = Path(config.out)
     outcome.files.update(_figures(results, task, config, out))
     saved = save_vowels_models(results, config, out, task)
@@ -310,8 +311,8 @@ def _write_html(outcome: VowelsOutcome, results: list[SystemResult], path: Path)
     sections = [
         Section("What this run reproduces", verdicts),
         Section("Table 1 beside the paper's", preformatted(outcome.table_text) + text(
-            f"Protocol: full-batch gradient descent, fixed step, no momentum; stop when the average "
-            f"squared error on the training set reaches {config.criterion} "
+            f"Protocol: full-batch gradient descent, fixed step, no momentum; stop when the "
+            f"average squared error on the training set reaches {config.criterion} "
             f"({'per output unit' if config.average == 'unit' else 'per case'}); epoch cap "
             f"{config.max_epochs}; {config.runs} runs per system; train speakers 1-50, test 51-75"
             f"{' and 76' if config.include_speaker_76 else ''}. Accuracies are at the criterion. "
@@ -330,7 +331,8 @@ def _write_html(outcome: VowelsOutcome, results: list[SystemResult], path: Path)
              for r in outcome.loss_rows])))
     if outcome.solver_rows:
         sections.append(_solver_section(outcome.solver_rows))
-    figures = "".join(figure(p, _caption(k)) for k, p in outcome.files.items() if p.suffix == ".png")
+    figures = "".join(figure(p, _caption(k)) for k, p in outcome.files.items()
+                      if p.suffix == ".png")
     sections.append(Section("Figures", figures))
     for name, stats in outcome.analyses.items():
         sections += analysis_sections(stats, path.parent / ANALYSIS_DIR / name,

@@ -89,14 +89,16 @@ class Claim:
 
 
 def claims(rows: list[Row], tests: list[TTest], loss_rows: list[Row]) -> list[Claim]:
-    """The paper's claims about Table 1, Figures 2-3 and the error functions, checked on this run."""
+    """The paper's claims about Table 1, Figures 2-3 and the error functions, checked on this
+    run."""
     found: list[Claim] = []
     mixtures = [r for r in rows if r.paper and "Experts" in r.system]
     nets = [r for r in rows if r.paper and "BP" in r.system]
     if tests:
         halves = [t for t in tests if t.ratio >= 1.5 and t.p_less < 0.001]  # nan compares False
         faster = [t for t in tests if t.ratio > 1 and t.p_less < 0.05]
-        ratios = ", ".join(f"{t.backprop}/{t.mixture} = {t.ratio:.2f} (p = {t.p_less:.2g})" for t in tests)
+        ratios = ", ".join(f"{t.backprop}/{t.mixture} = {t.ratio:.2f} (p = {t.p_less:.2g})"
+                           for t in tests)
         verdict = "reproduced" if len(halves) == len(tests) else "not reproduced"
         summary = (f"Mixtures are significantly faster (p < 0.05) in {len(faster)} of {len(tests)} "
                    f"comparisons, by a factor of {min(t.ratio for t in tests):.2f} to "
@@ -118,14 +120,16 @@ def claims(rows: list[Row], tests: list[TTest], loss_rows: list[Row]) -> list[Cl
         spread_train = max(r.train for r in every) - min(r.train for r in every)
         found.append(Claim("All four systems have the same accuracy (the misclassified set is "
                            "insensitive to small boundary changes).",
-                           "reproduced" if max(spread_test, spread_train) <= 2.0 else "not reproduced",
-                           f"Across systems, training accuracies span {spread_train:.1f} points and "
-                           f"test accuracies {spread_test:.1f} points."))
+                           "reproduced" if max(spread_test, spread_train) <= 2.0 else
+                           "not reproduced",
+                           f"Across systems, training accuracies span {spread_train:.1f} points "
+                           f"and test accuracies {spread_test:.1f} points."))
         easier = [r for r in mixtures + nets if r.test >= r.train]
         found.append(Claim("The test set is easier than the training set.",
                            "reproduced" if len(easier) == len(mixtures + nets) else
                            ("partly" if easier else "not reproduced"),
-                           f"Test >= train accuracy for {len(easier)} of {len(mixtures + nets)} systems."))
+                           f"Test >= train accuracy for {len(easier)} of {len(mixtures + nets)} "
+                           "systems."))
     if mixtures:
         active = ", ".join(f"{r.system}: {r.active_experts:.1f}" for r in mixtures)
         ok = all(2.0 <= r.active_experts <= 3.0 for r in mixtures)
@@ -154,34 +158,41 @@ def _loss_claims(rows: list[Row], loss_rows: list[Row]) -> list[Claim]:
     pairs = [(row(s, "eq3"), row(s, "eq2")) for s in sizes]
     pairs = [(a, b) for a, b in pairs if a and b]
     if pairs:
-        text = "; ".join(f"{a.system}: Eq. 3 {a.epochs:.0f} vs Eq. 2 {b.epochs:.0f} epochs" for a, b in pairs)
+        text = "; ".join(f"{a.system}: Eq. 3 {a.epochs:.0f} vs Eq. 2 {b.epochs:.0f} epochs"
+                         for a, b in pairs)
         faster = sum(a.epochs < b.epochs for a, b in pairs)
         out.append(Claim("Eq. 3 learns faster than Eq. 2.",
-                         "reproduced" if faster == len(pairs) else ("partly" if faster else "not reproduced"),
+                         "reproduced" if faster == len(pairs) else
+                         ("partly" if faster else "not reproduced"),
                          text + " (each at its own best step)."))
-    triples = [(row(s, "eq1"), row(s, "eq2"), row(s, "eq3")) for s in sizes]
-    triples = [t for t in triples if all(t)]
+    # each size with its three rows, where all three ran (the size stays paired with its rows)
+    sized = [(s, t) for s in sizes if all(t := (row(s, "eq1"), row(s, "eq2"), row(s, "eq3")))]
+    triples = [t for _, t in sized]
     if triples:
-        text = "; ".join(f"{s} experts: Eq. 1 {a.experts_per_case:.2f}, Eq. 2 {b.experts_per_case:.2f}, "
-                         f"Eq. 3 {c.experts_per_case:.2f}" for s, (a, b, c) in zip(sizes, triples))
-        most = sum(a.experts_per_case > max(b.experts_per_case, c.experts_per_case) for a, b, c in triples)
+        text = "; ".join(f"{s} experts: Eq. 1 {a.experts_per_case:.2f}, "
+                         f"Eq. 2 {b.experts_per_case:.2f}, Eq. 3 {c.experts_per_case:.2f}"
+                         for s, (a, b, c) in sized)
+        most = sum(a.experts_per_case > max(b.experts_per_case, c.experts_per_case)
+                   for a, b, c in triples)
         out.append(Claim("Eq. 1 (cooperative) uses many experts per case; Eqs. 2-3 use about one.",
-                         "reproduced" if most == len(triples) else ("partly" if most else "not reproduced"),
-                         "Effective experts blended per case, exp(entropy of the gate): " + text + "."))
+                         "reproduced" if most == len(triples) else
+                         ("partly" if most else "not reproduced"),
+                         "Effective experts blended per case, exp(entropy of the gate): "
+                         + text + "."))
     return out
 
 
 def format_table(rows: list[Row], tests: list[TTest], config: VowelsConfig) -> str:
     """Table 1 as plain text, each system beside the paper's numbers."""
     average = "per output unit" if config.average == "unit" else "per case"
-    lines = [f"Table 1: stop at average squared error {config.criterion} ({average}); "
-             f"mean over runs, paper's value in brackets",
-             f"{'System':<18}{'step':>6}{'reached':>9}{'Train %':>15}{'Test %':>15}"
-             f"{'Avg epochs':>18}{'SD':>13}{'active':>8}{'rising':>8}"]
+    lines = [(f"Table 1: stop at average squared error {config.criterion} ({average}); "
+              f"mean over runs, paper's value in brackets"),
+             (f"{'System':<18}{'step':>6}{'reached':>9}{'Train %':>15}{'Test %':>15}"
+              f"{'Avg epochs':>18}{'SD':>13}{'active':>8}{'rising':>8}")]
     for r in rows:
         p = r.paper or {}
 
-        def cell(value: float, key: str, fmt: str) -> str:
+        def cell(value: float, key: str, fmt: str, p: dict[str, float] = p) -> str:
             ref = f" [{p[key]:{fmt}}]" if key in p else ""
             return f"{value:{fmt}}{ref}"
 
@@ -193,12 +204,11 @@ def format_table(rows: list[Row], tests: list[TTest], config: VowelsConfig) -> s
                  "the training error went up")
     short = [r for r in rows if r.reached < r.runs]
     lines.append("Every run reached the criterion." if not short else
-                 f"Runs that did not reach the criterion within the cap of {config.max_epochs} epochs "
-                 "(counted where they stopped): " + ", ".join(f"{r.system} {r.runs - r.reached}/{r.runs}"
-                                                      for r in short) + ".")
-    for t in tests:
-        lines.append(f"t-test {t.mixture} vs {t.backprop}: backprop needs {t.ratio:.2f}x the epochs; "
-                     f"t = {t.t:.2f}, one-sided p = {t.p_less:.3g}")
+                 f"Runs that did not reach the criterion within the cap of {config.max_epochs} "
+                 "epochs (counted where they stopped): "
+                 + ", ".join(f"{r.system} {r.runs - r.reached}/{r.runs}" for r in short) + ".")
+    lines.extend(f"t-test {t.mixture} vs {t.backprop}: backprop needs {t.ratio:.2f}x the epochs; "
+                 f"t = {t.t:.2f}, one-sided p = {t.p_less:.3g}" for t in tests)
     return "\n".join(lines)
 
 

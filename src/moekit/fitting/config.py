@@ -39,8 +39,8 @@ class TrainConfig:
             objective that is minimised (the ``loss`` metrics do not include it); 0 disables it.
         seed: seeds the generator that shuffles minibatches (model weights come from the caller).
         progress: show a progress bar (on stderr).
-        checkpoint_path: if set, a checkpoint is written there every ``checkpoint_every`` epochs and at
-            the end; ``fit(..., resume=True)`` continues from it.
+        checkpoint_path: if set, a checkpoint is written there every ``checkpoint_every`` epochs
+            and at the end; ``fit(..., resume=True)`` continues from it.
     """
 
     loss: str = "mixture_nll"
@@ -71,7 +71,8 @@ class TrainConfig:
             check_int(owner, "batch_size", self.batch_size, minimum=1)
         if (self.stop_metric is None) != (self.stop_threshold is None):
             raise ValueError(f"{owner}: stop_metric and stop_threshold go together; got "
-                             f"stop_metric={self.stop_metric!r}, stop_threshold={self.stop_threshold!r}.")
+                             f"stop_metric={self.stop_metric!r}, "
+                             f"stop_threshold={self.stop_threshold!r}.")
         for name in ("stop_metric", "monitor"):
             value = getattr(self, name)
             if value is not None:

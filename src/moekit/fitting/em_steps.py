@@ -1,5 +1,6 @@
-"""The steps of EM for mixtures of linear experts (:func:`moekit.fitting.em.fit_em` runs them): flat (Jacobs et al. 1991), hierarchical (Jordan & Jacobs
-1994), and with the localized Gaussian gate (Xu, Jordan & Hinton 1995).
+"""The steps of EM for mixtures of linear experts (:func:`moekit.fitting.em.fit_em` runs them):
+flat (Jacobs et al. 1991), hierarchical (Jordan & Jacobs 1994), and with the localized Gaussian
+gate (Xu, Jordan & Hinton 1995).
 
 Shape legend: N rows, D input features, P = D + 1 (inputs and a constant 1), Q the gate's input
 columns (P, or D without bias), O outputs, C classes (C = O), E experts (leaves), G gate nodes,

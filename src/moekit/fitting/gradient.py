@@ -70,7 +70,8 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     return RestartingLBFGS(params, lr=config.lr, max_iter=1, line_search_fn="strong_wolfe")
 
 
-def _batches(n_rows: int, batch_size: int | None, generator: torch.Generator) -> list[Tensor | None]:
+def _batches(n_rows: int, batch_size: int | None,
+             generator: torch.Generator) -> list[Tensor | None]:
     if batch_size is None or batch_size >= n_rows:
         return [None]  # full batch: no indexing, no shuffling
     order = torch.randperm(n_rows, generator=generator)
@@ -102,9 +103,10 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x_ND: Tensor
 def _update_stopping(state: TrainState, record: dict[str, float]) -> None:
     config = state.config
     if not math.isfinite(record["train_loss"]):
-        warnings.warn(f"fit: the training loss became {record['train_loss']} at epoch {state.epoch} "
-                      f"with optimizer={config.optimizer!r}, lr={config.lr}; training stopped. "
-                      "Lower lr (or use optimizer='adam').", DivergenceWarning, stacklevel=3)
+        warnings.warn(f"fit: the training loss became {record['train_loss']} at epoch "
+                      f"{state.epoch} with optimizer={config.optimizer!r}, lr={config.lr}; "
+                      "training stopped. Lower lr (or use optimizer='adam').",
+                      DivergenceWarning, stacklevel=3)
         state.stop, state.stop_reason = True, "diverged"
         return
     if config.stop_metric is not None:
@@ -156,7 +158,8 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, config: TrainConfig | None = Non
     if (x_val is None) != (y_val is None):
         raise ValueError("fit: pass x_val and y_val together, or neither.")
     if x_val is not None:
-        val = _checked_data(model, "x_val", "y_val", x_val, y_val, config, in_features, out_features)
+        val = _checked_data(model, "x_val", "y_val", x_val, y_val, config, in_features,
+                            out_features)
     _check_metrics_produced(config, targets, None if val is None else val[1])
 
     optimizer = make_optimizer(model, config)

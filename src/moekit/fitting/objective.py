@@ -93,11 +93,12 @@ def prepare_targets(owner: str, name: str, y: Tensor, *, out_features: int, loss
         raise TypeError(f"{owner}: {name} must be a torch.Tensor; got {type(y).__name__}.")
     if not y.is_floating_point():
         if y.ndim != 1:
-            raise ValueError(f"{owner}: class-index {name} must be 1-D; got shape {tuple(y.shape)}.")
+            raise ValueError(f"{owner}: class-index {name} must be 1-D; got shape "
+                             f"{tuple(y.shape)}.")
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= out_features):
-            raise ValueError(f"{owner}: class indices in {name} must lie in [0, {out_features}) for a "
-                             f"model with out_features={out_features}; got values from {int(y.min())} "
-                             f"to {int(y.max())}.")
+            raise ValueError(f"{owner}: class indices in {name} must lie in [0, {out_features}) "
+                             f"for a model with out_features={out_features}; got values from "
+                             f"{int(y.min())} to {int(y.max())}.")
         classes_N = y.long()
         dense_NO = dense_targets(classes_N, out_features, dtype)
         return Targets(classes_N if loss == "categorical_nll" else dense_NO, dense_NO, classes_N)
@@ -107,7 +108,7 @@ def prepare_targets(owner: str, name: str, y: Tensor, *, out_features: int, loss
     check_finite(owner, name, y)
     dense_NO = y.reshape(-1, 1) if y.ndim == 1 else y
     if dense_NO.ndim != 2 or dense_NO.shape[1] != out_features:
-        raise ValueError(f"{owner}: {name} must have shape (N, {out_features}) to match the model's "
-                         f"out_features={out_features}; got {tuple(y.shape)}.")
+        raise ValueError(f"{owner}: {name} must have shape (N, {out_features}) to match the "
+                         f"model's out_features={out_features}; got {tuple(y.shape)}.")
     dense_NO = dense_NO.to(dtype)
     return Targets(dense_NO, dense_NO, None)

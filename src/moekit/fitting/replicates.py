@@ -1,12 +1,13 @@
 """Independent replicate runs (seeds, step sizes) trained as one batched computation.
 
-Shape legend: R replicate runs, T epochs recorded (max_epochs + 1, epoch 0 included), N rows, O outputs.
+Shape legend: R replicate runs, T epochs recorded (max_epochs + 1, epoch 0 included), N rows,
+O outputs.
 
-The paper reports 25 runs of each system. Rather than a Python loop over runs, the R models' parameters
-are stacked on a leading axis (``torch.func.stack_module_state``) and one ``vmap``-ed forward and
-backward serves all of them. Each run has its own step size and stops on its own: once it reaches the
-criterion it is frozen (its step becomes 0), so its result equals a single run of :func:`moekit.fitting.gradient.fit`
-with the same start, step and criterion (tested).
+The paper reports 25 runs of each system. Rather than a Python loop over runs, the R models'
+parameters are stacked on a leading axis (``torch.func.stack_module_state``) and one ``vmap``-ed
+forward and backward serves all of them. Each run has its own step size and stops on its own: once
+it reaches the criterion it is frozen (its step becomes 0), so its result equals a single run of
+:func:`moekit.fitting.gradient.fit` with the same start, step and criterion (tested).
 
 The protocol is the paper's: full batch, plain gradient descent with no momentum, one update per
 epoch, stop when the training error of the blended output reaches a threshold.
@@ -45,8 +46,8 @@ class ReplicateConfig:
     Attributes:
         loss, variance: the error function minimised (see :mod:`moekit.losses`).
         max_epochs: the cap; a run that has not reached the criterion by then is reported as such.
-        stop_metric: 'sse', squared error of the blended output per case (summed over outputs, averaged
-            over cases), or 'mse', per output unit (averaged over cases and outputs).
+        stop_metric: 'sse', squared error of the blended output per case (summed over outputs,
+            averaged over cases), or 'mse', per output unit (averaged over cases and outputs).
         stop_threshold: stop a run once its stop_metric is at or below this (0.08 in the paper).
         progress: show a progress bar.
     """
@@ -104,8 +105,8 @@ class ReplicateResult:
         return ~(self.reached_R | self.diverged_R | self.pruned_R)
 
 
-def train_replicates(models: Sequence[nn.Module], x: Tensor, y: Tensor, lrs: Sequence[float] | Tensor,
-                     config: ReplicateConfig | None = None, *,
+def train_replicates(models: Sequence[nn.Module], x: Tensor, y: Tensor,
+                     lrs: Sequence[float] | Tensor, config: ReplicateConfig | None = None, *,
                      track: Sequence[int] = (), track_epochs: Sequence[int] = (),
                      prune: PruneRule | None = None, engine: str = "auto",
                      description: str = "runs") -> ReplicateResult:
@@ -141,7 +142,8 @@ def train_replicates(models: Sequence[nn.Module], x: Tensor, y: Tensor, lrs: Seq
         raise ValueError(f"train_replicates: lrs must have one step size per model ({n_runs}); "
                          f"got {lr_R.numel()}.")
     if not bool((lr_R > 0).all()) or not bool(torch.isfinite(lr_R).all()):
-        raise ValueError(f"train_replicates: every lr must be a finite number > 0; got {lr_R.tolist()}.")
+        raise ValueError(f"train_replicates: every lr must be a finite number > 0; "
+                         f"got {lr_R.tolist()}.")
     first = models[0]
     check_matrix("train_replicates", "x", x, n_columns=first.config.in_features)
     check_finite("train_replicates", "x", x)
@@ -187,7 +189,7 @@ def train_replicates(models: Sequence[nn.Module], x: Tensor, y: Tensor, lrs: Seq
         grads = torch.autograd.grad(loss_W.sum(), list(work.values()))
         step_W = lr_R[rows] * keep_W.to(lr_R.dtype)  # runs that stopped this epoch take no step
         with torch.no_grad():
-            for p, g in zip(work.values(), grads):
+            for p, g in zip(work.values(), grads, strict=True):
                 p.sub_(step_W.view(-1, *(1,) * (p.ndim - 1)) * g)
         if not keep_W.all():  # drop the runs that stopped from the batch
             _scatter(params, work, rows)
@@ -229,7 +231,8 @@ def _update_state(state: ReplicateState, rows: Tensor, epoch: int, loss_W: Tenso
 def _snapshot(snapshots: dict[int, list[tuple[int, dict[str, Tensor]]]], runner,
               params: dict[str, Tensor], epoch: int | None, *, active_R: Tensor | None = None,
               final_epochs: Tensor | None = None) -> None:
-    """Copy the tracked runs' weights: at ``epoch`` for runs still active, or each run's last epoch."""
+    """Copy the tracked runs' weights: at ``epoch`` for runs still active, or each run's last
+    epoch."""
     for r, frames in snapshots.items():
         if active_R is not None and not bool(active_R[r]):
             continue

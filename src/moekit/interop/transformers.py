@@ -1,10 +1,11 @@
 """Weights to and from the MoE blocks of Hugging Face transformers (Mixtral, Qwen3-MoE).
 
-transformers is an optional dependency (``pip install moekit[interop]``); this module imports it only
-inside :func:`transformers_block`. Layout of a transformers (>= 5) sparse MoE block:
+transformers is an optional dependency (``pip install moekit[interop]``); this module imports it
+only inside :func:`transformers_block`. Layout of a transformers (>= 5) sparse MoE block:
 
     gate.weight               (E, D)       router logits = x @ gate.weight.T
-    experts.gate_up_proj      (E, 2H, D)   rows [0, H) the gate projection, [H, 2H) the up projection
+    experts.gate_up_proj      (E, 2H, D)   rows [0, H) the gate projection, [H, 2H) the up
+                                           projection
     experts.down_proj         (E, D, H)
 
 Mixtral renormalises the top-k probabilities; Qwen3-MoE does when ``norm_topk_prob`` is set. Both
@@ -28,8 +29,8 @@ def _family(block: nn.Module) -> str:
         return "mixtral"
     if name == "Qwen3MoeSparseMoeBlock":
         return "qwen3_moe"
-    raise TypeError(f"from_transformers: expected a MixtralSparseMoeBlock or Qwen3MoeSparseMoeBlock; "
-                    f"got {name}.")
+    raise TypeError(f"from_transformers: expected a MixtralSparseMoeBlock or "
+                    f"Qwen3MoeSparseMoeBlock; got {name}.")
 
 
 def from_transformers(block: nn.Module) -> SparseMoE:
@@ -53,7 +54,8 @@ def from_transformers(block: nn.Module) -> SparseMoE:
 
 
 def to_transformers(layer: SparseMoE, block: nn.Module) -> nn.Module:
-    """Copy a SwiGLU top-k :class:`SparseMoE`'s weights into a transformers block of the same sizes."""
+    """Copy a SwiGLU top-k :class:`SparseMoE`'s weights into a transformers block of the same
+    sizes."""
     _family(block)
     c = layer.config
     if c.experts != "swiglu" or c.router.kind not in ("topk", "switch") or c.n_shared:
@@ -63,7 +65,8 @@ def to_transformers(layer: SparseMoE, block: nn.Module) -> nn.Module:
     want = (c.n_experts, 2 * c.hidden, c.d_model)
     if tuple(block.experts.gate_up_proj.shape) != want or block.gate.top_k != c.router.top_k:
         raise ValueError(f"to_transformers: the block's experts.gate_up_proj is "
-                         f"{tuple(block.experts.gate_up_proj.shape)} with top_k={block.gate.top_k}; "
+                         f"{tuple(block.experts.gate_up_proj.shape)} "
+                         f"with top_k={block.gate.top_k}; "
                          f"this layer needs {want} with top_k={c.router.top_k}.")
     with torch.no_grad():
         block.gate.weight.copy_(layer.router.w_DE.T)
@@ -77,7 +80,8 @@ def transformers_block(layer: SparseMoE, family: str = "mixtral", **config_kwarg
     """A new transformers block of ``family`` with this layer's sizes and weights; ``config_kwargs``
     go to the transformers config (e.g. ``experts_implementation='grouped_mm'``)."""
     if family not in FAMILIES:
-        raise ValueError(f"transformers_block: family must be one of {FAMILIES}; got family={family!r}.")
+        raise ValueError(f"transformers_block: family must be one of {FAMILIES}; "
+                         f"got family={family!r}.")
     c = layer.config
     if family == "mixtral":
         from transformers import MixtralConfig

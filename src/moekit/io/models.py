@@ -49,13 +49,13 @@ def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"{cls.__name__}: unknown config keys {unknown}; known keys: {sorted(names)}.")
+        raise ValueError(f"{cls.__name__}: unknown config keys {unknown}; "
+                         f"known keys: {sorted(names)}.")
     kwargs = {}
     for name, value in data.items():
         field_type = hints[name]
-        if dataclasses.is_dataclass(field_type) and isinstance(value, dict):
-            value = config_from_dict(field_type, value)
-        kwargs[name] = value
+        nested = dataclasses.is_dataclass(field_type) and isinstance(value, dict)
+        kwargs[name] = config_from_dict(field_type, value) if nested else value
     return cls(**kwargs)
 
 
@@ -63,7 +63,8 @@ def save_model(model: nn.Module, directory: Path | str, *,
                metadata: dict[str, Any] | None = None) -> Path:
     """Save ``model`` (weights and config) into ``directory``, creating it; returns the folder.
 
-    ``metadata`` is any JSON-serialisable dict stored beside the config (feature names, class labels).
+    ``metadata`` is any JSON-serialisable dict stored beside the config (feature names, class
+    labels).
 
     Example:
         >>> from moekit import MixtureOfExperts
@@ -71,7 +72,8 @@ def save_model(model: nn.Module, directory: Path | str, *,
     """
     name = type(model).__name__
     if name not in MODEL_CLASSES:
-        raise TypeError(f"save_model: cannot save a {name}; savable classes: {sorted(MODEL_CLASSES)}.")
+        raise TypeError(f"save_model: cannot save a {name}; "
+                        f"savable classes: {sorted(MODEL_CLASSES)}.")
     directory = Path(directory)
     header = {
         "format": FORMAT,
@@ -105,7 +107,8 @@ def read_header(directory: Path | str) -> dict[str, Any]:
                          "is corrupted.") from err
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise ValueError(f"load_model: {str(config_path)!r} is not a moekit model config "
-                         f"(format={header.get('format') if isinstance(header, dict) else None!r}).")
+                         f"(format="
+                         f"{header.get('format') if isinstance(header, dict) else None!r}).")
     if header.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"load_model: format_version={header.get('format_version')!r} is not "
                          f"supported by moekit {__version__} (supports {FORMAT_VERSION}).")
@@ -131,7 +134,8 @@ def load_model(directory: Path | str, *, map_location: str | torch.device = "cpu
     try:
         state = load_file(str(directory / WEIGHTS_FILE), device=str(map_location))
     except (SafetensorError, OSError) as err:
-        raise ValueError(f"load_model: cannot read {WEIGHTS_FILE} in {str(directory)!r}: {err}") from err
+        raise ValueError(f"load_model: cannot read {WEIGHTS_FILE} in {str(directory)!r}: "
+                         f"{err}") from err
     dtypes = {t.dtype for t in state.values()}
     if len(dtypes) == 1:
         model = model.to(dtype=dtypes.pop())

@@ -1,11 +1,11 @@
 """The model: gates and routers, expert banks, dispatch and combine, and the layers built from them.
 
-Read bottom up: :mod:`~moekit.nn.outputs` (the records every stage passes on), :mod:`~moekit.nn.init`,
-the gates (:mod:`~moekit.nn.gates`, :mod:`~moekit.nn.routers`, :mod:`~moekit.nn.gaussian_gate`,
-:mod:`~moekit.nn.tree_gate`), :mod:`~moekit.nn.dispatch` and :mod:`~moekit.nn.grouped_mm` (only the
-chosen experts run), :mod:`~moekit.nn.experts`, then the layers: the dense mixtures of 1991
-(:mod:`~moekit.nn.dense`, :mod:`~moekit.nn.hierarchical`, :mod:`~moekit.nn.localized`) and the
-routed block (:mod:`~moekit.nn.sparse`).
+Read bottom up: :mod:`~moekit.nn.outputs` (the records every stage passes on),
+:mod:`~moekit.nn.init`, the gates (:mod:`~moekit.nn.gates`, :mod:`~moekit.nn.routers`,
+:mod:`~moekit.nn.gaussian_gate`, :mod:`~moekit.nn.tree_gate`), :mod:`~moekit.nn.dispatch` and
+:mod:`~moekit.nn.grouped_mm` (only the chosen experts run), :mod:`~moekit.nn.experts`, then the
+layers: the dense mixtures of 1991 (:mod:`~moekit.nn.dense`, :mod:`~moekit.nn.hierarchical`,
+:mod:`~moekit.nn.localized`) and the routed block (:mod:`~moekit.nn.sparse`).
 """
 
 from moekit.nn.dense import DenseMixture, MixtureOfExperts, MoEConfig

@@ -59,8 +59,9 @@ class GaussianGateParams:
 class GaussianGate(nn.Module):
     """The localized gate of Xu, Jordan & Hinton (1995): g_j(x) = a_j N(x|m_j,S_j) / sum_i (...).
 
-    Returns a dense :class:`~moekit.nn.outputs.Routing` whose ``logits_NE`` are log(a_j N(x|m_j,S_j))
-    (a softmax of them is the gate); :meth:`input_log_density` is log p(x), their logsumexp.
+    Returns a dense :class:`~moekit.nn.outputs.Routing` whose ``logits_NE`` are
+    log(a_j N(x|m_j,S_j)) (a softmax of them is the gate); :meth:`input_log_density` is log p(x),
+    their logsumexp.
 
     Args:
         in_features: D. n_experts: E.

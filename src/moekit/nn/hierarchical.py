@@ -41,7 +41,8 @@ class HMEConfig:
         depth: L >= 1, the number of gate levels (1 is the flat mixture).
         branching: B >= 2, the children of every gate.
         expert: the leaves' :class:`~moekit.nn.experts.ExpertConfig` (EM needs linear experts).
-        gate: every node's :class:`~moekit.nn.gates.GateConfig` (a softmax gate, with or without bias).
+        gate: every node's :class:`~moekit.nn.gates.GateConfig` (a softmax gate, with or without
+            bias).
     """
 
     in_features: int
@@ -77,10 +78,10 @@ class HierarchicalMixtureOfExperts(DenseMixture):
     """A hierarchical mixture of experts (Jordan & Jacobs 1994): a tree of softmax gates of depth L
     and branching B, with E = B**L experts at the leaves.
 
-    The output record is the flat layer's :class:`~moekit.nn.outputs.MoEOutput`: ``routing.probs_NE``
-    are the leaves' path probabilities (dense), ``expert_outputs`` every leaf's output (N, E, O), so
-    the losses of :mod:`moekit.losses` and ``moekit.fit`` work unchanged. Per-node gate
-    probabilities: ``model.gate.node_probs(x)`` (N, G, B).
+    The output record is the flat layer's :class:`~moekit.nn.outputs.MoEOutput`:
+    ``routing.probs_NE`` are the leaves' path probabilities (dense), ``expert_outputs`` every leaf's
+    output (N, E, O), so the losses of :mod:`moekit.losses` and ``moekit.fit`` work unchanged.
+    Per-node gate probabilities: ``model.gate.node_probs(x)`` (N, G, B).
 
     Args:
         in_features: D. out_features: O.

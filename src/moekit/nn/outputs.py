@@ -132,10 +132,11 @@ class MoEOutput:
         """``result`` if a forward returned a MoEOutput; else a TypeError saying what to pass.
 
         Example:
-            >>> MoEOutput.check(torch.zeros(2), "record_routing")
+            >>> MoEOutput.check(torch.zeros(2), "record_routing")  # doctest: +NORMALIZE_WHITESPACE
             Traceback (most recent call last):
             ...
-            TypeError: record_routing: the model must return a MoEOutput; got Tensor. Pass the mixture-of-experts layer itself (e.g. model.moe).
+            TypeError: record_routing: the model must return a MoEOutput; got Tensor. Pass the
+            mixture-of-experts layer itself (e.g. model.moe).
         """
         if not isinstance(result, MoEOutput):
             raise TypeError(f"{owner}: the model must return a MoEOutput; got "

@@ -47,10 +47,11 @@ class RouterConfig:
     Example:
         >>> RouterConfig(kind="switch").top_k
         1
-        >>> RouterConfig(kind="switch", top_k=2)
+        >>> RouterConfig(kind="switch", top_k=2)  # doctest: +NORMALIZE_WHITESPACE
         Traceback (most recent call last):
         ...
-        ValueError: RouterConfig: kind='switch' routes every row to one expert, top_k=1; got top_k=2. Use kind='topk' for top-2 routing, or leave top_k unset.
+        ValueError: RouterConfig: kind='switch' routes every row to one expert, top_k=1; got
+        top_k=2. Use kind='topk' for top-2 routing, or leave top_k unset.
     """
 
     kind: str = "topk"
@@ -122,8 +123,8 @@ class LinearScores(nn.Module):
 class TopKRouter(LinearScores):
     """Token choice: each row takes its K highest-scoring experts (switch routing is K = 1).
 
-    With ``noise='gaussian'`` (Shazeer et al. 2017): H = x W + eps * softplus(x W_noise), eps ~ N(0, 1)
-    from the caller's generator, and ``Routing.load_E`` holds the smooth load estimate
+    With ``noise='gaussian'`` (Shazeer et al. 2017): H = x W + eps * softplus(x W_noise),
+    eps ~ N(0, 1) from the caller's generator, and ``Routing.load_E`` holds the smooth load estimate
     sum_n P(expert e stays in row n's top K under fresh noise).
     """
 
@@ -174,12 +175,13 @@ def smooth_load(clean_NE: Tensor, noisy_NE: Tensor, std_NE: Tensor, k: int) -> T
 
 
 class ExpertChoiceRouter(LinearScores):
-    """Expert choice (Zhou et al. 2022): scores S = softmax_E(x W); each expert takes the C rows with
-    its highest scores, C = capacity_factor * N * top_k / E. A row may get any number of experts,
-    including none; ``Routing.mask_NK`` marks the real choices (K = E, weight 0 where unchosen)."""
+    """Expert choice (Zhou et al. 2022): scores S = softmax_E(x W); each expert takes the C rows
+    with its highest scores, C = capacity_factor * N * top_k / E. A row may get any number of
+    experts, including none; ``Routing.mask_NK`` marks the real choices (K = E, weight 0 where
+    unchosen)."""
 
     def capacity(self, n_rows: int) -> int:
-        c = int(math.ceil(self.config.capacity_factor * n_rows * self.config.top_k / self.n_experts))
+        c = math.ceil(self.config.capacity_factor * n_rows * self.config.top_k / self.n_experts)
         return max(1, min(n_rows, c))
 
     def choose(self, logits_NE: Tensor, keep_E: Tensor | None = None) -> Routing:
@@ -198,8 +200,8 @@ class ExpertChoiceRouter(LinearScores):
 
 class SigmoidBiasRouter(LinearScores):
     """DeepSeek-V3 (2024) auxiliary-loss-free balancing: scores s = sigmoid(x W); the top K of
-    s + b choose the experts (b only steers the choice), weights are s over the chosen, renormalised.
-    In training mode every forward moves b by ``bias_update_rate`` toward balance:
+    s + b choose the experts (b only steers the choice), weights are s over the chosen,
+    renormalised. In training mode every forward moves b by ``bias_update_rate`` toward balance:
     b_e += rate * sign(mean load - load_e). No gradient flows into b."""
 
     def __init__(self, d_model: int, n_experts: int, config: RouterConfig, *,
@@ -230,5 +232,6 @@ class SigmoidBiasRouter(LinearScores):
     @torch.no_grad()
     def update_bias(self, experts_NK: Tensor) -> None:
         """Move the load bias one step toward balance, from the experts these rows chose."""
-        load_E = torch.bincount(experts_NK.flatten(), minlength=self.n_experts).to(self.bias_E.dtype)
+        load_E = torch.bincount(experts_NK.flatten(),
+                                minlength=self.n_experts).to(self.bias_E.dtype)
         self.bias_E += self.config.bias_update_rate * torch.sign(load_E.mean() - load_E)

@@ -91,7 +91,8 @@ def _router_config(router: str | RouterConfig, top_k: int | None) -> RouterConfi
 
 
 class SparseMoE(nn.Module):
-    """A routed mixture-of-experts feed-forward block: (..., D) -> (..., D); only chosen experts run.
+    """A routed mixture-of-experts feed-forward block: (..., D) -> (..., D); only chosen experts
+    run.
 
     Args:
         d_model: D. n_experts: E. top_k: K, experts per row (default: the router's, 2; 1 for

@@ -90,8 +90,9 @@ def node_posteriors(h_NE: Tensor, depth: int, branching: int) -> Tensor:
 class TreeGate(nn.Module):
     """All the softmax gates of a tree, stacked: ``w_GDB`` (G, D, B) and ``b_GB`` (G, B).
 
-    Calling it returns a dense :class:`~moekit.nn.outputs.Routing` over the leaves: ``probs_NE`` are the
-    path probabilities, ``logits_NE`` their logs (already normalised, so a softmax returns them).
+    Calling it returns a dense :class:`~moekit.nn.outputs.Routing` over the leaves: ``probs_NE``
+    are the path probabilities, ``logits_NE`` their logs (already normalised, so a softmax returns
+    them).
 
     Example:
         >>> gate = TreeGate(2, depth=2, branching=3, generator=torch.Generator().manual_seed(0))

@@ -79,8 +79,9 @@ class Plane:
 
 @dataclass(frozen=True)
 class ExpertLine:
-    """A line drawn over the partition, {x : normal . x + offset = 0}, in expert ``expert``'s colour:
-    a linear expert's decision line (:func:`moekit.plotting.expert_lines.expert_decision_lines`)."""
+    """A line drawn over the partition, {x : normal . x + offset = 0}, in expert ``expert``'s
+    colour: a linear expert's decision line
+    (:func:`moekit.plotting.expert_lines.expert_decision_lines`)."""
 
     expert: int
     normal: np.ndarray

@@ -3,8 +3,8 @@ co-activation, and expert importance.
 
 Shape legend: E experts, C classes (or target bins).
 
-Experts keep one colour across every figure (:func:`~moekit.plotting.style.expert_colors`); heat maps
-use cividis. Each function returns a Figure; write it with
+Experts keep one colour across every figure (:func:`~moekit.plotting.style.expert_colors`); heat
+maps use cividis. Each function returns a Figure; write it with
 :func:`~moekit.plotting.style.save_figure`. The gate's partition is in
 :mod:`moekit.plotting.partition`.
 """

@@ -59,7 +59,8 @@ def _summary_section(summary: dict[str, Any]) -> report.Section:
         criterion = next(k for k in curve if k != "n_experts")
         body += report.text(f"The number of experts was chosen by {criterion}:")
         body += report.table(["experts", criterion],
-                             [(n, f"{v:.2f}") for n, v in zip(curve["n_experts"], curve[criterion])])
+                             [(n, f"{v:.2f}")
+                              for n, v in zip(curve["n_experts"], curve[criterion], strict=True)])
     return report.Section("Summary", body)
 
 
@@ -80,7 +81,8 @@ def write_fit_report(path: Path, estimator: Any, inputs: pd.DataFrame, y: np.nda
     figures = path.parent / "figures"
     sections = [_summary_section(summary)]
     if len(estimator.history_) and "train_loss" in estimator.history_.keys:
-        curves = save_figure(plot_learning_curves(estimator.history_), figures / "learning_curves.png")
+        curves = save_figure(plot_learning_curves(estimator.history_),
+                             figures / "learning_curves.png")
         sections.append(report.Section("Learning curves", report.figure(
             curves, "Training loss (and accuracy) per epoch, on the training rows.")))
     if inputs.shape[1] == 2:

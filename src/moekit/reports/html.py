@@ -46,7 +46,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]], *,
     body = []
     for i, row in enumerate(rows):
         css = f' class="{row_classes[i]}"' if row_classes else ""
-        body.append(f"<tr{css}>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>")
+        body.append(f"<tr{css}>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row)
+                    + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
@@ -63,7 +64,8 @@ def figure(path: Path | str, caption: str, *, link_from: Path | str | None = Non
 
 
 def render(title: str, sections: Sequence[Section]) -> str:
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+    parts = [(f"<!doctype html><html><head><meta charset='utf-8'>"
+              f"<title>{html.escape(title)}</title>"),
              f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
     parts += [f"<h2>{html.escape(s.title)}</h2>{s.body}" for s in sections]
     parts.append("</body></html>")
