@@ -42,19 +42,8 @@ from moekit import SparseMoE
 from moekit.interop import to_transformers
 from moekit.nn.grouped_mm import grouped_mm_supported
 
-
-class DenseSwiGLU(nn.Module):
-    """The ceiling: one SwiGLU MLP of hidden K*H on every token (the routed layer's useful
-    FLOPs)."""
-
-    def __init__(self, d_model: int, hidden: int) -> None:
-        super().__init__()
-        self.w13 = nn.Linear(d_model, 2 * hidden, bias=False)
-        self.w2 = nn.Linear(hidden, d_model, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(nn.functional.silu(gate) * up)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from layer_throughput import DenseSwiGLU  # the same ceiling as the CPU benchmark
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], None]], float]:

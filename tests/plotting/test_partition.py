@@ -9,19 +9,12 @@ from moekit import MixtureOfExperts, SparseMoE
 from moekit.plotting.expert_lines import expert_decision_lines
 from moekit.plotting.partition import Plane, gate_probs, plot_partition
 from moekit.plotting.routing import plot_load
-from moekit.plotting.style import expert_colors, save_figure
+from moekit.plotting.style import expert_colors
 
 F64 = torch.float64
 
 
-def _png(fig, tmp_path, name):
-    path = save_figure(fig, tmp_path / f"{name}.png")
-    data = path.read_bytes()
-    assert data.startswith(b"\x89PNG") and len(data) > 8_000
-    return path
-
-
-def test_partition_of_a_plane_shows_each_winning_expert(gen, tmp_path):
+def test_partition_of_a_plane_shows_each_winning_expert(gen, png):
     moe = MixtureOfExperts(2, 1, 3, generator=gen).double()
     with torch.no_grad():  # three sectors: expert e wins where x points along angle 2 pi e / 3
         angles = torch.arange(3, dtype=F64) * 2 * torch.pi / 3
@@ -39,10 +32,10 @@ def test_partition_of_a_plane_shows_each_winning_expert(gen, tmp_path):
     assert legend == ["expert 0", "expert 1", "expert 2", "a", "b", "c"]
     image = left.images[0].get_array()
     assert len({tuple(np.round(px, 3)) for px in image.reshape(-1, 3)}) == 3  # three regions
-    _png(fig, tmp_path, "partition")
+    png(fig, "partition")
 
 
-def test_partition_of_many_features_is_a_principal_plane(gen, tmp_path):
+def test_partition_of_many_features_is_a_principal_plane(gen, png):
     moe = SparseMoE(5, 4, 2, hidden=4, generator=gen).eval()
     x = torch.randn(200, 5, generator=gen).numpy()
     plane = Plane.of(x)
@@ -50,16 +43,16 @@ def test_partition_of_many_features_is_a_principal_plane(gen, tmp_path):
     fig = plot_partition(moe, x)
     assert fig.axes[0].get_xlabel() == "principal component 1"
     assert "slice through the data mean" in fig._suptitle.get_text()
-    _png(fig, tmp_path, "pca")
+    png(fig, "pca")
 
 
-def test_partition_of_one_feature_stacks_the_proportions(gen, tmp_path):
+def test_partition_of_one_feature_stacks_the_proportions(gen, png):
     moe = MixtureOfExperts(1, 1, 3, generator=gen).double()
     fig = plot_partition(moe, torch.rand(100, 1, generator=gen, dtype=F64).numpy(),
                          feature_names=["x"])
     ax = fig.axes[0]
     assert ax.get_ylabel() == "mixing proportion p_e(x)" and len(ax.collections) >= 3
-    _png(fig, tmp_path, "oned")
+    png(fig, "oned")
 
 
 def test_more_than_eight_experts_keep_their_colours_in_every_figure(gen):
@@ -78,7 +71,7 @@ def test_more_than_eight_experts_keep_their_colours_in_every_figure(gen):
     assert [to_hex(b.get_facecolor()) for b in bars] == expert_colors(10)
 
 
-def test_a_gate_function_in_the_datas_units_draws_one_panel_without_soft(gen, tmp_path):
+def test_a_gate_function_in_the_datas_units_draws_one_panel_without_soft(gen, png):
     """`moekit fit`'s report: the estimator's gate_proba on raw units, argmax panel only."""
     moe = MixtureOfExperts(2, 1, 2, generator=gen).double()
     x = 1000 + 50 * torch.randn(100, 2, generator=gen, dtype=F64).numpy()  # far from the origin
@@ -93,7 +86,7 @@ def test_a_gate_function_in_the_datas_units_draws_one_panel_without_soft(gen, tm
     assert len(fig.axes) == 1 and calls and calls[0][1] == 2
     left, right = fig.axes[0].get_xlim()
     assert left < x[:, 0].min() < x[:, 0].max() < right  # the grid is in the data's units
-    _png(fig, tmp_path, "raw")
+    png(fig, "raw")
 
 
 def test_expert_lines_need_two_features(gen):
