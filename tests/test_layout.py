@@ -72,6 +72,16 @@ def test_every_subpackage_reexports_an_explicit_sorted_all(package):
         getattr(t, "id", None) == "__all__" for t in node.targets) for node in tree.body)
 
 
+def test_no_source_file_is_hidden_by_an_ignore_rule():
+    """A file git ignores never reaches a commit: `runs/` in .gitignore once hid moekit/runs/."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    paths = [str(p.relative_to(ROOT)) for p in [*_modules(), *(ROOT / "tests").rglob("*.py")]]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=ROOT, capture_output=True,
+                             text=True, check=False, timeout=60).stdout.split()
+    assert not ignored
+
+
 def test_no_file_is_over_four_hundred_lines():
     long = {_name(p): n for p in _modules() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long
