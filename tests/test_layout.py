@@ -77,8 +77,9 @@ def test_no_source_file_is_hidden_by_an_ignore_rule():
     if not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
     paths = [str(p.relative_to(ROOT)) for p in [*_modules(), *(ROOT / "tests").rglob("*.py")]]
-    ignored = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=ROOT, capture_output=True,
-                             text=True, check=False, timeout=60).stdout.split()
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=ROOT,
+                             capture_output=True, text=True, check=False,
+                             timeout=60).stdout.split()
     assert not ignored
 
 

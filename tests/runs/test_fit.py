@@ -1,4 +1,5 @@
-"""`moekit fit / predict / report` on CSV files, end to end, and every bad input they must refuse."""
+"""`moekit fit / predict / report` on CSV files, end to end, and every bad input they must
+refuse."""
 
 import json
 import shutil
@@ -12,7 +13,8 @@ from moekit.cli import main
 from moekit.estimators.persistence import load_estimator
 
 DATA = Path(__file__).parents[1] / "assets"
-CLASSES, WITH_TEXT, TWO_LINES = DATA / "classes.csv", DATA / "classes_with_text.csv", DATA / "two_lines.csv"
+CLASSES, WITH_TEXT = DATA / "classes.csv", DATA / "classes_with_text.csv"
+TWO_LINES = DATA / "two_lines.csv"
 QUICK = ["--no-progress", "--max-epochs", "150"]
 
 
@@ -39,7 +41,8 @@ def test_fit_writes_model_summary_and_report(class_run, capsys):
     assert figures == {"learning_curves.png", "gate_partition.png"}
     # the report carries the same routing analysis `moekit analyze` writes
     stats = json.loads((class_run / "analysis" / "model" / "analysis.json").read_text())
-    assert stats["n_experts"] == 3 and stats["expert_by_label"]["labels"] == ["left", "middle", "right"]
+    assert stats["n_experts"] == 3
+    assert stats["expert_by_label"]["labels"] == ["left", "middle", "right"]
     estimator = load_estimator(class_run / "model")
     assert estimator.feature_names_in_.tolist() == ["x1", "x2"]
     assert estimator.metadata_["preprocessing"]["target"] == "label"

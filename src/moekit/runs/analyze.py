@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from moekit.exceptions import DataError, Setting
 from moekit.experiments.vowels_run import load_vowels_run
 from moekit.reports.analysis import AnalysisInput, analyze_input

@@ -20,8 +20,13 @@ import numpy as np
 import pandas as pd
 
 from moekit.data.tabular import Preprocessing, prepare_fit, read_csv
-from moekit.estimators import (BaseMixtureEstimator, MixtureOfExpertsClassifier,
-                               MixtureOfExpertsRegressor, holdout_split, save_estimator)
+from moekit.estimators import (
+    BaseMixtureEstimator,
+    MixtureOfExpertsClassifier,
+    MixtureOfExpertsRegressor,
+    holdout_split,
+    save_estimator,
+)
 from moekit.exceptions import DataError, Setting
 from moekit.io.files import write_text_atomic
 from moekit.reports.fit import expert_loads, write_fit_report
@@ -31,7 +36,8 @@ logger = logging.getLogger(__name__)
 
 # The estimators' defaults, read from their signature.
 ESTIMATOR_DEFAULTS: dict[str, Any] = {
-    name: p.default for name, p in inspect.signature(BaseMixtureEstimator.__init__).parameters.items()
+    name: p.default
+    for name, p in inspect.signature(BaseMixtureEstimator.__init__).parameters.items()
     if p.default is not inspect.Parameter.empty}
 # FitRunConfig field -> the estimator parameter it sets.
 ESTIMATOR_PARAMETERS = {"n_experts": "n_experts", "expert": "expert", "hidden": "expert_hidden",

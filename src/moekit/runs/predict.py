@@ -41,7 +41,7 @@ def predict_run(run: Path | str, data: Path | str, *, proba: bool = False,
         predicted = estimator.predict(d.inputs)
     predictions = pd.DataFrame({"row": d.rows + 1, f"predicted_{prep.target}": predicted})
     if proba:
-        for c, column in zip(estimator.classes_, proba_NC.T):
+        for c, column in zip(estimator.classes_, proba_NC.T, strict=True):
             predictions[f"p({c})"] = column
     score, score_name = None, scores_name(prep.task)
     if d.known is not None and d.known.any():
