@@ -154,7 +154,8 @@ def _figures(results: list[SystemResult], task: VowelTask, config: VowelsConfig,
         fig = plot_partition(model, x_train, y_train, task.labels, feature_names=FEATURE_NAMES,
                              soft=False,
                              lines=expert_decision_lines(model, x_train, y_train, task.labels),
-                             title=f"{first.system.name}, run 0, epoch {first.epochs_R[0]}; {note}")
+                             title=f"{first.system.name}, run 0, epoch {first.epochs_R[0]}",
+                             note=note)
         files["figure2"] = save_figure(fig, out / "figure2_partition.png")
         tracked = next((r for r in mixtures if r.snapshots), None)
         if tracked is not None:

@@ -98,8 +98,8 @@ def _gate_function(gate: nn.Module | GateFunction) -> GateFunction:
 def plot_partition(gate: nn.Module | GateFunction, x_ND: np.ndarray,
                    labels_N: np.ndarray | None = None, label_names: Sequence[str] | None = None,
                    *, feature_names: Sequence[str] | None = None, title: str = "",
-                   soft: bool = True, lines: Sequence[ExpertLine] = (), steps: int = 160
-                   ) -> Figure:
+                   note: str = "", soft: bool = True, lines: Sequence[ExpertLine] = (),
+                   steps: int = 160) -> Figure:
     """The gate's partition of the input plane: the most probable expert (left, its boundaries in
     black) and, with ``soft``, the soft proportions (right, each point's colour the p-weighted
     blend of the experts' colours), with the data on top (one marker per label). One feature: the
@@ -109,7 +109,8 @@ def plot_partition(gate: nn.Module | GateFunction, x_ND: np.ndarray,
         gate: a module returning MoEOutput, or a function from rows (N, D) to proportions (N, E)
             (e.g. an estimator's ``gate_proba``, in the data's own units).
         x_ND: the data; labels_N: each row's label index, or None; label_names: their names.
-        feature_names: the axes' names (two features). title: a name put on the figure.
+        feature_names: the axes' names (two features). title: a name put on the figure; note: a
+            line under it.
         lines: lines to draw over the left panel (two features only): the paper's Figure 2 draws
             each active expert's decision line.
     """
@@ -155,8 +156,8 @@ def plot_partition(gate: nn.Module | GateFunction, x_ND: np.ndarray,
                labels=[h.get_label() for h in handles] + data_names,
                loc="outside right center", fontsize=8, frameon=False)
     slice_note = "" if x_ND.shape[1] == 2 else " (slice through the data mean)"
-    fig.suptitle((title + ": " if title else "") + "how the gate divides the input" + slice_note,
-                 fontsize=11)
+    fig.suptitle((title + ": " if title else "") + "how the gate divides the input" + slice_note
+                 + (f"\n{note}" if note else ""), fontsize=11)
     return fig
 
 
