@@ -108,7 +108,8 @@ def test_analyze_input_uses_a_subfolder(gen, tmp_path):
 
 def test_vowels_run_saves_models_that_load_back_for_analysis(tmp_path):
     from moekit.experiments.vowels import VowelsConfig
-    from moekit.experiments.vowels_run import load_vowels_run, run_vowels
+    from moekit.experiments.vowels_models import load_vowels_run
+    from moekit.experiments.vowels_run import run_vowels
 
     config = VowelsConfig(runs=2, experts=(2,), hidden=(), lr_grid=(4.0,), max_epochs=30,
                           compare_losses=False, compare_solvers=False, progress=False,

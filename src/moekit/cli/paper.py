@@ -22,7 +22,8 @@ def add_vowels(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="seed of the initial weights (default 0)")
     p.add_argument("--lr", type=float,
                    help="one fixed step for every system (skips the exploration)")
-    p.add_argument("--lr-grid", type=float_list, help="steps to explore (default 0.5,1,2,4)")
+    p.add_argument("--lr-grid", type=float_list,
+                   help="steps to explore (default x sqrt 2 from 0.5 to 32: 0.5,0.7071,1,...,32)")
     p.add_argument("--expert-head", choices=("softmax", "identity", "sigmoid"),
                    help="the experts' outputs: a class distribution (default) or linear/logistic")
     p.add_argument("--criterion", type=float,
@@ -32,6 +33,18 @@ def add_vowels(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-epochs", type=int, help="epoch cap per run (default 5000)")
     p.add_argument("--loss", choices=("eq1", "eq2", "eq3"),
                    help="mixture error function (default eq3)")
+    p.add_argument("--gate-init", choices=("zero", "uniform", "fan-in"),
+                   help="the gate's start: zero (default: equal proportions, the paper's unbiased "
+                        "start), uniform (U(-0.1, 0.1)) or fan-in (nn.Linear's range)")
+    p.add_argument("--backprop-error", choices=("half", "full"),
+                   help="backprop nets' error: half (default: 1/2 ||d - o||^2, Eq. 3 for one "
+                        "expert) or full (||d - o||^2)")
+    p.add_argument("--t-test", choices=("pooled", "welch"),
+                   help="variance of the t-tests: pooled (default, the paper's: 48 df) or welch")
+    p.add_argument("--common-step", type=float,
+                   help="reading (b): every system at this one step (default 1)")
+    p.add_argument("--no-readings", action="store_true",
+                   help="skip readings (b) and (c) beside Table 1")
     p.add_argument("--no-loss-comparison", action="store_true",
                    help="skip the Eq. 1 / Eq. 2 / Eq. 3 comparison")
     p.add_argument("--no-solver-comparison", action="store_true",
@@ -48,7 +61,9 @@ def add_vowels(subparsers: argparse._SubParsersAction) -> None:
 _VOWELS_OPTIONS = {"runs": "runs", "experts": "experts", "hidden": "hidden", "seed": "seed",
                    "lr": "lr", "lr_grid": "lr_grid", "criterion": "criterion",
                    "average": "average", "max_epochs": "max_epochs", "loss": "loss",
-                   "dtype": "dtype", "out": "out", "expert_head": "expert_head"}
+                   "dtype": "dtype", "out": "out", "expert_head": "expert_head",
+                   "gate_init": "gate_init", "backprop_error": "backprop_error",
+                   "t_test": "t_test", "common_step": "common_step"}
 
 
 def _run_vowels(args: argparse.Namespace) -> int:
@@ -57,12 +72,13 @@ def _run_vowels(args: argparse.Namespace) -> int:
 
     given = {field: getattr(args, arg) for arg, field in _VOWELS_OPTIONS.items()
              if getattr(args, arg) is not None}
-    given.update(compare_losses=not args.no_loss_comparison,
+    given.update(readings=not args.no_readings, compare_losses=not args.no_loss_comparison,
                  compare_solvers=not args.no_solver_comparison,
                  include_speaker_76=args.include_speaker_76, progress=not args.no_progress)
     config = quick_config(**given) if args.quick else VowelsConfig(**given)
     outcome = run_vowels(config)
     print(outcome.table_text)
+    print("\n" + outcome.readings_text)
     if outcome.loss_rows:
         print("\nError functions (each at its own best step):")
         for r in outcome.loss_rows:

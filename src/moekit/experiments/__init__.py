@@ -8,7 +8,8 @@ from moekit.experiments.piecewise import DemoConfig, run_demo
 from moekit.experiments.solver_config import SolversConfig
 from moekit.experiments.solvers import compare_solvers, write_comparison
 from moekit.experiments.vowels import VowelsConfig
-from moekit.experiments.vowels_run import load_vowels_run, run_vowels
+from moekit.experiments.vowels_models import load_vowels_run
+from moekit.experiments.vowels_run import run_vowels
 
 __all__ = ["DemoConfig", "SolversConfig", "VowelsConfig", "compare_solvers", "load_vowels_run",
            "run_demo", "run_vowels", "write_comparison"]

@@ -5,18 +5,23 @@ Shape legend: R runs, N rows, E experts.
 Protocol (the paper's, with our readings made explicit and configurable):
 - data: Peterson & Barney [i] [I] [a] [Λ], inputs (F1, F2) / 1000, speakers 1-50 train, 51-75 test;
 - systems: mixtures of 4 and 8 linear experts (softmax outputs over the 4 classes) with a softmax
-  gate, trained on Eq. 3; backprop nets with 6 and 12 logistic hidden units and logistic outputs,
-  trained on squared error;
+  gate that starts unbiased (zero weights: equal mixing proportions, ``gate_init``), trained on
+  Eq. 3; backprop nets with 6 and 12 logistic hidden units and logistic outputs, trained on
+  1/2 ||d - o||^2, which is Eq. 3 for one expert (``backprop_error='full'``: ||d - o||^2);
 - full-batch gradient descent, fixed step, no momentum, one update per epoch (error averaged over
   cases, so the step does not depend on the training-set size);
 - stop when the average squared error of the output on the training set reaches 0.08. "Average" is
   read as per output unit (mean over cases and the 4 outputs): per case (summed over outputs) the
   error never gets to 0.08 on this data, even at convergence; ``average='case'`` selects that
   reading;
-- the step of each system is chosen by a limited exploration: a grid, the same 25 initial weights
-  for every step, keeping the step with the fewest mean epochs among those where every run reaches
-  the criterion. Steps that cannot win are stopped early (the lower bound on their mean epochs
-  already exceeds the best complete mean), which changes nothing in the choice.
+- the step of each system is chosen by a limited exploration: a grid (x sqrt 2 from 0.5 to 32,
+  which reaches past the steps where runs start failing), the same 25 initial weights for every
+  step, keeping the step with the fewest mean epochs among those where every run reaches the
+  criterion; a choice at either end of the grid is flagged (``SystemResult.edge``). Steps that
+  cannot win are stopped early (the lower bound on their mean epochs already exceeds the best
+  complete mean), which changes nothing in the choice.
+
+The readings the verdict depends on, run side by side: :mod:`moekit.experiments.vowels_readings`.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from torch import Tensor
 
 from moekit._checks import check_choice, check_int, check_positive_float
 from moekit.data.vowels import VowelTask
+from moekit.experiments.vowels_partition import partition_kind, vowel_groups
 from moekit.fitting.replicates import ReplicateConfig, ReplicateResult, train_replicates
 from moekit.nn.dense import MixtureOfExperts
 from moekit.nn.experts import ExpertConfig
@@ -45,8 +51,11 @@ PAPER_TABLE = {
     "BP 6 Hid": {"train": 88.0, "test": 90.0, "epochs": 2209.0, "sd": 83.0},
     "BP 12 Hid": {"train": 88.0, "test": 90.0, "epochs": 2435.0, "sd": 124.0},
 }
-DEFAULT_LR_GRID = (0.5, 1.0, 2.0, 4.0)
-QUICK_LR_GRID = (4.0,)
+# x sqrt 2 from 0.5 to 32: every system's runs converge somewhere inside, and fail beyond 16-22.6.
+DEFAULT_LR_GRID = tuple(round(0.5 * 2 ** (k / 2), 4) for k in range(13))
+QUICK_LR_GRID = (4.0, 8.0)
+GATE_INITS = ("zero", "uniform", "fan-in")
+T_TESTS = ("pooled", "welch")
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,11 @@ class VowelsConfig:
     average: str = "unit"
     max_epochs: int = 5000
     loss: str = "eq3"
+    gate_init: str = "zero"  # the paper's unbiased start: equal mixing proportions
+    backprop_error: str = "half"  # 1/2 ||d - o||^2, Eq. 3 for one expert; 'full': ||d - o||^2
+    t_test: str = "pooled"  # the paper's: pooled variance (48 df for 25 and 25 runs); or 'welch'
+    common_step: float = 1.0  # reading (b): every system at this one step
+    readings: bool = True  # readings (b) and (c) and the one-expert control beside Table 1
     compare_losses: bool = True
     compare_solvers: bool = True
     include_speaker_76: bool = False
@@ -87,6 +101,10 @@ class VowelsConfig:
         check_choice(owner, "loss", self.loss, ("eq1", "eq2", "eq3"))
         check_choice(owner, "dtype", self.dtype, ("float32", "float64"))
         check_choice(owner, "expert_head", self.expert_head, ("softmax", "identity", "sigmoid"))
+        check_choice(owner, "gate_init", self.gate_init, GATE_INITS)
+        check_choice(owner, "backprop_error", self.backprop_error, ("half", "full"))
+        check_choice(owner, "t_test", self.t_test, T_TESTS)
+        check_positive_float(owner, "common_step", self.common_step)
 
     @property
     def steps(self) -> tuple[float, ...]:
@@ -112,19 +130,28 @@ class System:
     size: int
     loss: str
     expert_head: str = "softmax"
+    gate_init: str = "zero"
 
     @property
     def name(self) -> str:
-        if self.kind == "mixture":
-            return f"{self.size} Experts" + ("" if self.loss == "eq3" else f" ({self.loss})")
-        return f"BP {self.size} Hid"
+        if self.kind == "backprop":
+            return f"BP {self.size} Hid"
+        if self.size == 1:
+            return "1 Expert (no gate)"
+        head = None if self.expert_head == "softmax" else f"{self.expert_head} experts"
+        notes = [n for n in (None if self.loss == "eq3" else self.loss, head) if n]
+        return f"{self.size} Experts" + (f" ({', '.join(notes)})" if notes else "")
 
     def build(self, generator: torch.Generator, dtype: torch.dtype) -> MixtureOfExperts:
-        """A backprop net is the one-expert case: an MLP expert with the gate fixed at p = 1, and
-        Eq. 1 on one expert is plain squared error."""
+        """A backprop net is the one-expert case: an MLP expert with the gate fixed at p = 1; Eq. 3
+        on one expert is 1/2 ||d - o||^2, Eq. 1 is ||d - o||^2. A one-expert mixture is a softmax
+        layer (the control). The gate's ``gate_init``: 'zero' (equal proportions: the paper's
+        unbiased start), 'uniform' (U(-0.1, 0.1)) or 'fan-in' (nn.Linear's range); the experts'
+        weights are the same whichever is chosen."""
         if self.kind == "mixture":
             model = MixtureOfExperts(2, 4, self.size, expert=ExpertConfig(head=self.expert_head),
                                      generator=generator)
+            _init_gate(model, self.gate_init, generator)
         else:
             expert = ExpertConfig(kind="mlp", hidden=self.size, activation="sigmoid",
                                   head="sigmoid")
@@ -137,6 +164,17 @@ class System:
         return gate + sum(p.numel() for p in model.experts.parameters())
 
 
+@torch.no_grad()
+def _init_gate(model: MixtureOfExperts, gate_init: str, generator: torch.Generator) -> None:
+    """Re-draw the gate after the experts, so that the experts' weights do not depend on
+    ``gate_init``."""
+    for weight in (model.gate.w_DE, model.gate.b_E):
+        if gate_init == "zero":
+            weight.zero_()
+        elif gate_init == "uniform":
+            weight.uniform_(-0.1, 0.1, generator=generator)
+
+
 @dataclass
 class StepTrial:
     """How one step size of the exploration fared."""
@@ -147,6 +185,7 @@ class StepTrial:
     hit_cap: int
     pruned: int
     mean_epochs: float | None  # when every run reached the criterion
+    rising: float = 0.0  # % of this step's updates after which the training error went up
 
     @property
     def status(self) -> str:
@@ -173,12 +212,23 @@ class SystemResult:
     active_experts_R: np.ndarray
     experts_per_case_R: np.ndarray
     curves_RT: np.ndarray  # stop metric per epoch (NaN after the run stopped)
+    partition_R: list[str]  # how the gate divides the vowels at the stopping point, per run
+    groups_R: list[str]  # which vowels each expert takes (by majority), per run
     models: list[MixtureOfExperts] = field(repr=False)
     snapshots: list[tuple[int, dict[str, Tensor]]] = field(default_factory=list, repr=False)
 
     @property
     def all_reached(self) -> bool:
         return bool(self.reached_R.all())
+
+    @property
+    def edge(self) -> str | None:
+        """'low' or 'high' when the chosen step is the first or the last of the grid explored (a
+        wider grid could choose another), else None; a single fixed step has no edge."""
+        steps = [t.lr for t in self.trials]
+        if len(steps) < 2 or self.lr not in (steps[0], steps[-1]):
+            return None
+        return "low" if self.lr == steps[0] else "high"
 
 
 def _lower_bound_rule(n_steps: int, n_runs: int):
@@ -205,13 +255,11 @@ def run_seed(seed: int, run: int) -> int:
     return seed * 100_003 + run
 
 
-def run_system(system: System, task: VowelTask, config: VowelsConfig, *,
-               track_epochs: tuple[int, ...] = ()) -> SystemResult:
-    """Explore the step grid for one system (runs x steps batched) and keep the best step's runs."""
-    steps = config.steps
+def _train(system: System, task: VowelTask, config: VowelsConfig, steps: tuple[float, ...], *,
+           prune: bool, track_epochs: tuple[int, ...] = ()):
+    """Train ``config.runs`` runs of ``system`` at every step, as one batched computation; run r of
+    every step starts from the same weights (seed (seed, r))."""
     dtype = config.torch_dtype
-    x_train, x_test = task.x_train.to(dtype), task.x_test.to(dtype)
-    # The same initial weights for every step: run r of every step starts from seed (seed, r).
     models = [system.build(torch.Generator().manual_seed(run_seed(config.seed, r)), dtype)
               for _ in steps for r in range(config.runs)]
     lrs = [lr for lr in steps for _ in range(config.runs)]
@@ -219,25 +267,60 @@ def run_system(system: System, task: VowelTask, config: VowelsConfig, *,
                                 stop_metric="mse" if config.average == "unit" else "sse",
                                 stop_threshold=config.criterion, progress=config.progress)
     logger.info("%s: %d runs x %d steps", system.name, config.runs, len(steps))
-    result = train_replicates(models, x_train, task.y_train, lrs, replicate,
-                              prune=_lower_bound_rule(len(steps), config.runs),
+    result = train_replicates(models, task.x_train.to(dtype), task.y_train, lrs, replicate,
+                              prune=_lower_bound_rule(len(steps), config.runs) if prune else None,
                               track=([g * config.runs for g in range(len(steps))]
                                      if track_epochs else ()),
                               track_epochs=track_epochs, description=system.name)
-    trials = _trials(steps, config.runs, result)
-    best = choose_step(trials)
-    chosen = slice(best * config.runs, (best + 1) * config.runs)
-    chosen_models = models[chosen]
+    return models, result
+
+
+def _result(system: System, task: VowelTask, config: VowelsConfig, models: list,
+            result: ReplicateResult, trials: list[StepTrial], g: int, lr: float) -> SystemResult:
+    """The runs of the batch's step ``g`` (at ``lr``; ``trials``: what the result reports of the
+    steps tried), measured at their stopping point."""
+    x_train = task.x_train.to(config.torch_dtype)
+    x_test = task.x_test.to(config.torch_dtype)
+    part = slice(g * config.runs, (g + 1) * config.runs)
+    mine = models[part]
     return SystemResult(
-        system=system, lr=steps[best], trials=trials,
-        epochs_R=result.epochs_R[chosen].numpy(), reached_R=result.reached_R[chosen].numpy(),
-        train_acc_R=_accuracies(chosen_models, x_train, task.y_train),
-        test_acc_R=_accuracies(chosen_models, x_test, task.y_test),
-        active_experts_R=np.array([_active_experts(m, x_train) for m in chosen_models]),
-        experts_per_case_R=np.array([_experts_per_case(m, x_train) for m in chosen_models]),
-        curves_RT=result.metric_RT[chosen].numpy(), models=chosen_models,
-        snapshots=result.snapshots.get(best * config.runs, []),
-    )
+        system=system, lr=lr, trials=trials,
+        epochs_R=result.epochs_R[part].numpy(), reached_R=result.reached_R[part].numpy(),
+        train_acc_R=_accuracies(mine, x_train, task.y_train),
+        test_acc_R=_accuracies(mine, x_test, task.y_test),
+        active_experts_R=np.array([_active_experts(m, x_train) for m in mine]),
+        experts_per_case_R=np.array([_experts_per_case(m, x_train) for m in mine]),
+        curves_RT=result.metric_RT[part].numpy(),
+        partition_R=[partition_kind(m, x_train, task.y_train) for m in mine],
+        groups_R=[vowel_groups(m, x_train, task.y_train) for m in mine],
+        models=mine, snapshots=result.snapshots.get(g * config.runs, []))
+
+
+def run_system(system: System, task: VowelTask, config: VowelsConfig, *,
+               track_epochs: tuple[int, ...] = ()) -> SystemResult:
+    """Explore the step grid for one system (runs x steps batched) and keep the best step's runs."""
+    models, result = _train(system, task, config, config.steps, prune=True,
+                            track_epochs=track_epochs)
+    trials = _trials(config.steps, config.runs, result)
+    best = choose_step(trials)
+    return _result(system, task, config, models, result, trials, best, trials[best].lr)
+
+
+def run_steps(system: System, task: VowelTask, config: VowelsConfig,
+              steps: tuple[float, ...]) -> list[SystemResult]:
+    """The system's runs at each of ``steps``, every run to its end (no choice between the steps,
+    so none is stopped early), batched as one computation; a result per step."""
+    models, result = _train(system, task, config, steps, prune=False)
+    trials = _trials(steps, config.runs, result)
+    return [_result(system, task, config, models, result, [trials[g]], g, lr)
+            for g, lr in enumerate(steps)]
+
+
+def rising_epochs(curves_RT: np.ndarray) -> float:
+    """The percentage of updates after which the training error was higher than before."""
+    steps_RT = np.diff(curves_RT, axis=1)
+    valid = ~np.isnan(steps_RT)
+    return float(100.0 * (steps_RT[valid] > 0).mean()) if valid.any() else 0.0
 
 
 def _trials(steps: tuple[float, ...], n_runs: int, result: ReplicateResult) -> list[StepTrial]:
@@ -248,7 +331,8 @@ def _trials(steps: tuple[float, ...], n_runs: int, result: ReplicateResult) -> l
         trials.append(StepTrial(
             lr=lr, reached=int(reached.sum()), diverged=int(result.diverged_R[part].sum()),
             hit_cap=int(result.hit_cap_R[part].sum()), pruned=int(result.pruned_R[part].sum()),
-            mean_epochs=float(result.epochs_R[part].double().mean()) if reached.all() else None))
+            mean_epochs=float(result.epochs_R[part].double().mean()) if reached.all() else None,
+            rising=rising_epochs(result.metric_RT[part].numpy())))
     return trials
 
 
@@ -281,8 +365,17 @@ def _experts_per_case(model: MixtureOfExperts, x: Tensor) -> float:
 
 
 def systems_of(config: VowelsConfig) -> list[System]:
-    mixtures = [System("mixture", e, config.loss, config.expert_head) for e in config.experts]
-    return mixtures + [System("backprop", h, "eq1") for h in config.hidden]
+    """Table 1's systems: the mixtures, then the backprop nets."""
+    mixtures = [System("mixture", e, config.loss, config.expert_head, config.gate_init)
+                for e in config.experts]
+    error = "eq3" if config.backprop_error == "half" else "eq1"
+    return mixtures + [System("backprop", h, error) for h in config.hidden]
+
+
+def control_system(config: VowelsConfig) -> System:
+    """The one-expert "mixture": a softmax layer with no gate to speak of (its one proportion is
+    1), trained under the same protocol; what a mixture does beyond it is the mechanism's."""
+    return System("mixture", 1, config.loss, config.expert_head, config.gate_init)
 
 
 def loss_comparison_systems(config: VowelsConfig) -> list[System]:
@@ -291,8 +384,8 @@ def loss_comparison_systems(config: VowelsConfig) -> list[System]:
     if not config.compare_losses or not config.experts:
         return []
     size = min(config.experts)
-    return [System("mixture", size, loss, config.expert_head) for loss in ("eq1", "eq2", "eq3")
-            if loss != config.loss]
+    return [System("mixture", size, loss, config.expert_head, config.gate_init)
+            for loss in ("eq1", "eq2", "eq3") if loss != config.loss]
 
 
 def to_jsonable(config: VowelsConfig) -> dict[str, object]:

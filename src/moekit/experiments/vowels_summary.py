@@ -1,4 +1,5 @@
-"""Table 1 beside the paper's, the t-tests, and a plain verdict on each of the paper's claims."""
+"""Table 1 beside the paper's, and the t-tests of the epochs (the verdict on each claim is in
+:mod:`moekit.experiments.vowels_verdict`)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from moekit.experiments.vowels import PAPER_TABLE, SystemResult, VowelsConfig
-from moekit.plotting.expert_lines import INACTIVE_PROPORTION
-
-# Accuracy within this many points of the paper's counts as reproduced.
-ACCURACY_TOLERANCE = 4.0
+from moekit.experiments.vowels import PAPER_TABLE, SystemResult, VowelsConfig, rising_epochs
 
 
 @dataclass(frozen=True)
@@ -31,6 +28,8 @@ class Row:
     experts_per_case: float
     rising: float  # % of epochs on which the training error went up (oscillation at a large step)
     paper: dict[str, float] | None
+    edge: str | None = None  # 'low' / 'high': the step chosen is at that end of the grid
+    figure2: int = 0  # runs whose experts divide the vowels as the paper's Figure 2
 
 
 def table_rows(results: list[SystemResult]) -> list[Row]:
@@ -41,145 +40,58 @@ def table_rows(results: list[SystemResult]) -> list[Row]:
                 active_experts=float(r.active_experts_R.mean()),
                 experts_per_case=float(r.experts_per_case_R.mean()),
                 rising=rising_epochs(r.curves_RT),
-                paper=PAPER_TABLE.get(r.system.name)) for r in results]
-
-
-def rising_epochs(curves_RT: np.ndarray) -> float:
-    """The percentage of updates after which the training error was higher than before."""
-    steps_RT = np.diff(curves_RT, axis=1)
-    valid = ~np.isnan(steps_RT)
-    return float(100.0 * (steps_RT[valid] > 0).mean()) if valid.any() else 0.0
+                paper=PAPER_TABLE.get(r.system.name), edge=r.edge,
+                figure2=r.partition_R.count("figure 2")) for r in results]
 
 
 @dataclass(frozen=True)
 class TTest:
+    """Backprop's epochs against a mixture's: the ratio of the means and a one-sided t-test (the
+    paper: mixtures need fewer epochs). ``kind`` 'pooled' is the paper's test (a pooled variance,
+    n_m + n_b - 2 = 48 degrees of freedom for 25 and 25 runs); 'welch' does not pool. ``complete``
+    is False when a run of either system missed the criterion (its count is then where it stopped,
+    and the comparison is not the paper's)."""
+
     mixture: str
     backprop: str
     ratio: float  # backprop mean epochs / mixture mean epochs
     t: float
     p_less: float  # one-sided: mixtures need fewer epochs
+    df: float
+    kind: str
+    complete: bool = True
 
 
-def epoch_t_tests(results: list[SystemResult]) -> list[TTest]:
-    """Welch t-tests of mixture vs backprop epochs, one-sided (the paper: mixtures are faster)."""
+def t_test(a: np.ndarray, b: np.ndarray, kind: str = "pooled") -> tuple[float, float, float]:
+    """One-sided two-sample t-test that mean(a) < mean(b): (t, p, degrees of freedom).
+
+    Example (pooled: s^2 = (2 + 2) / 4 = 1, t = (2 - 5) / sqrt(1/3 + 1/3), 4 df):
+        >>> [round(v, 4) for v in t_test(np.array([1.0, 2, 3]), np.array([4.0, 5, 6]))]
+        [-3.6742, 0.0107, 4.0]
+    """
+    if np.ptp(a) == 0 and np.ptp(b) == 0:
+        return float("nan"), float("nan"), float(len(a) + len(b) - 2)  # no spread at all
+    with warnings.catch_warnings():  # near-identical samples: scipy warns, we report it
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = stats.ttest_ind(a, b, equal_var=kind == "pooled", alternative="less")
+    return float(result.statistic), float(result.pvalue), float(result.df)
+
+
+def compare_epochs(mixture: SystemResult, backprop: SystemResult, kind: str) -> TTest:
+    """Epochs to the criterion of ``mixture`` against ``backprop`` (both at their own steps)."""
+    t, p, df = t_test(mixture.epochs_R, backprop.epochs_R, kind)
+    complete = bool(mixture.reached_R.all() and backprop.reached_R.all())
+    return TTest(mixture.system.name, backprop.system.name,
+                 float(backprop.epochs_R.mean() / mixture.epochs_R.mean()), t, p, df, kind,
+                 complete)
+
+
+def epoch_t_tests(results: list[SystemResult], kind: str = "pooled") -> list[TTest]:
+    """Every mixture of ``results`` against every backprop net, each at its step."""
     mixtures = [r for r in results if r.system.kind == "mixture"]
     nets = [r for r in results if r.system.kind == "backprop"]
-    tests = []
-    for m in mixtures:
-        for b in nets:
-            if len(m.epochs_R) < 2 or len(b.epochs_R) < 2:
-                continue
-            if np.ptp(m.epochs_R) == 0 and np.ptp(b.epochs_R) == 0:
-                t, p = float("nan"), float("nan")  # no spread at all (e.g. every run hit the cap)
-            else:
-                with warnings.catch_warnings():  # near-identical samples: scipy warns, we report it
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    t, p = stats.ttest_ind(m.epochs_R, b.epochs_R, equal_var=False,
-                                           alternative="less")
-            tests.append(TTest(m.system.name, b.system.name,
-                               float(b.epochs_R.mean() / m.epochs_R.mean()), float(t), float(p)))
-    return tests
-
-
-@dataclass(frozen=True)
-class Claim:
-    claim: str
-    verdict: str  # 'reproduced' | 'not reproduced' | 'partly'
-    evidence: str
-
-
-def claims(rows: list[Row], tests: list[TTest], loss_rows: list[Row]) -> list[Claim]:
-    """The paper's claims about Table 1, Figures 2-3 and the error functions, checked on this
-    run."""
-    found: list[Claim] = []
-    mixtures = [r for r in rows if r.paper and "Experts" in r.system]
-    nets = [r for r in rows if r.paper and "BP" in r.system]
-    if tests:
-        halves = [t for t in tests if t.ratio >= 1.5 and t.p_less < 0.001]  # nan compares False
-        faster = [t for t in tests if t.ratio > 1 and t.p_less < 0.05]
-        ratios = ", ".join(f"{t.backprop}/{t.mixture} = {t.ratio:.2f} (p = {t.p_less:.2g})"
-                           for t in tests)
-        verdict = "reproduced" if len(halves) == len(tests) else "not reproduced"
-        summary = (f"Mixtures are significantly faster (p < 0.05) in {len(faster)} of {len(tests)} "
-                   f"comparisons, by a factor of {min(t.ratio for t in tests):.2f} to "
-                   f"{max(t.ratio for t in tests):.2f}, not about 2.")
-        found.append(Claim("Mixtures reach the criterion in about half the epochs of backprop nets "
-                           "(paper: 1083-1124 vs 2209-2435 epochs, ratio about 2).", verdict,
-                           (summary if verdict != "reproduced" else "") +
-                           f" Epoch ratios backprop/mixture, one-sided Welch t-tests: {ratios}."))
-    if mixtures:
-        worst = max(max(abs(r.train - 88.0), abs(r.test - 90.0)) for r in mixtures)
-        found.append(Claim(
-            "Mixtures classify 88% of training and 90% of test tokens at the criterion.",
-            "reproduced" if worst <= ACCURACY_TOLERANCE else "not reproduced",
-            "; ".join(f"{r.system}: {r.train:.1f}% train, {r.test:.1f}% test" for r in mixtures)
-            + f" (tolerance {ACCURACY_TOLERANCE:.0f} points)."))
-    if mixtures and nets:
-        every = mixtures + nets
-        spread_test = max(r.test for r in every) - min(r.test for r in every)
-        spread_train = max(r.train for r in every) - min(r.train for r in every)
-        found.append(Claim("All four systems have the same accuracy (the misclassified set is "
-                           "insensitive to small boundary changes).",
-                           "reproduced" if max(spread_test, spread_train) <= 2.0 else
-                           "not reproduced",
-                           f"Across systems, training accuracies span {spread_train:.1f} points "
-                           f"and test accuracies {spread_test:.1f} points."))
-        easier = [r for r in mixtures + nets if r.test >= r.train]
-        found.append(Claim("The test set is easier than the training set.",
-                           "reproduced" if len(easier) == len(mixtures + nets) else
-                           ("partly" if easier else "not reproduced"),
-                           f"Test >= train accuracy for {len(easier)} of {len(mixtures + nets)} "
-                           "systems."))
-    if mixtures:
-        active = ", ".join(f"{r.system}: {r.active_experts:.1f}" for r in mixtures)
-        ok = all(2.0 <= r.active_experts <= 3.0 for r in mixtures)
-        fewer = all(r.active_experts < 2.0 for r in mixtures)
-        found.append(Claim(
-            "All but 2 or 3 experts have mixing proportions that are effectively 0.",
-            "reproduced" if ok else "not reproduced",
-            f"Mean number of experts with mean mixing proportion >= {INACTIVE_PROPORTION:.0%} on "
-            f"the training set: {active}."
-            + (" Most runs reach the criterion before the experts split: one expert does the work."
-               if fewer else "")))
-    found += _loss_claims(rows, loss_rows)
-    return found
-
-
-def _loss_claims(rows: list[Row], loss_rows: list[Row]) -> list[Claim]:
-    if not loss_rows:
-        return []
-    by_name = {r.system: r for r in rows + loss_rows}
-    out = []
-    sizes = sorted({int(r.system.split()[0]) for r in loss_rows})
-
-    def row(size: int, loss: str) -> Row | None:
-        return by_name.get(f"{size} Experts" + ("" if loss == "eq3" else f" ({loss})"))
-
-    pairs = [(row(s, "eq3"), row(s, "eq2")) for s in sizes]
-    pairs = [(a, b) for a, b in pairs if a and b]
-    if pairs:
-        text = "; ".join(f"{a.system}: Eq. 3 {a.epochs:.0f} vs Eq. 2 {b.epochs:.0f} epochs"
-                         for a, b in pairs)
-        faster = sum(a.epochs < b.epochs for a, b in pairs)
-        out.append(Claim("Eq. 3 learns faster than Eq. 2.",
-                         "reproduced" if faster == len(pairs) else
-                         ("partly" if faster else "not reproduced"),
-                         text + " (each at its own best step)."))
-    # each size with its three rows, where all three ran (the size stays paired with its rows)
-    sized = [(s, t) for s in sizes if all(t := (row(s, "eq1"), row(s, "eq2"), row(s, "eq3")))]
-    triples = [t for _, t in sized]
-    if triples:
-        text = "; ".join(f"{s} experts: Eq. 1 {a.experts_per_case:.2f}, "
-                         f"Eq. 2 {b.experts_per_case:.2f}, Eq. 3 {c.experts_per_case:.2f}"
-                         for s, (a, b, c) in sized)
-        most = sum(a.experts_per_case > max(b.experts_per_case, c.experts_per_case)
-                   for a, b, c in triples)
-        out.append(Claim("Eq. 1 (cooperative) uses many experts per case; Eqs. 2-3 use about one.",
-                         "reproduced" if most == len(triples) else
-                         ("partly" if most else "not reproduced"),
-                         "Effective experts blended per case, exp(entropy of the gate): "
-                         + text + "."))
-    return out
+    return [compare_epochs(m, b, kind) for m in mixtures for b in nets
+            if len(m.epochs_R) > 1 and len(b.epochs_R) > 1]
 
 
 def format_table(rows: list[Row], tests: list[TTest], config: VowelsConfig) -> str:
@@ -187,8 +99,8 @@ def format_table(rows: list[Row], tests: list[TTest], config: VowelsConfig) -> s
     average = "per output unit" if config.average == "unit" else "per case"
     lines = [(f"Table 1: stop at average squared error {config.criterion} ({average}); "
               f"mean over runs, paper's value in brackets"),
-             (f"{'System':<18}{'step':>6}{'reached':>9}{'Train %':>15}{'Test %':>15}"
-              f"{'Avg epochs':>18}{'SD':>13}{'active':>8}{'rising':>8}")]
+             (f"{'System':<18}{'step':>8}{'reached':>9}{'Train %':>15}{'Test %':>15}"
+              f"{'Avg epochs':>18}{'SD':>13}{'active':>8}{'rising':>8}{'fig. 2':>8}")]
     for r in rows:
         p = r.paper or {}
 
@@ -196,19 +108,27 @@ def format_table(rows: list[Row], tests: list[TTest], config: VowelsConfig) -> s
             ref = f" [{p[key]:{fmt}}]" if key in p else ""
             return f"{value:{fmt}}{ref}"
 
-        lines.append(f"{r.system:<18}{r.lr:>6g}{f'{r.reached}/{r.runs}':>9}"
+        step = f"{r.lr:g}" + ("*" if r.edge else "")
+        lines.append(f"{r.system:<18}{step:>8}{f'{r.reached}/{r.runs}':>9}"
                      f"{cell(r.train, 'train', '.1f'):>15}{cell(r.test, 'test', '.1f'):>15}"
                      f"{cell(r.epochs, 'epochs', '.0f'):>18}{cell(r.sd, 'sd', '.0f'):>13}"
-                     f"{r.active_experts:>8.1f}{r.rising:>7.0f}%")
+                     f"{r.active_experts:>8.1f}{r.rising:>7.0f}%{f'{r.figure2}/{r.runs}':>8}")
     lines.append("active: experts with mean mixing proportion >= 1%; rising: % of epochs on which "
-                 "the training error went up")
+                 "the training error went up; fig. 2: runs whose experts divide the vowels as "
+                 "the paper's Figure 2")
+    edges = [r for r in rows if r.edge]
+    if edges:
+        lines.append("* the step chosen is at the " + ", ".join(
+            f"{r.edge} end ({r.system})" for r in edges) + " of the grid explored: a wider "
+            "grid (--lr-grid) could choose another.")
     short = [r for r in rows if r.reached < r.runs]
     lines.append("Every run reached the criterion." if not short else
                  f"Runs that did not reach the criterion within the cap of {config.max_epochs} "
                  "epochs (counted where they stopped): "
                  + ", ".join(f"{r.system} {r.runs - r.reached}/{r.runs}" for r in short) + ".")
-    lines.extend(f"t-test {t.mixture} vs {t.backprop}: backprop needs {t.ratio:.2f}x the epochs; "
-                 f"t = {t.t:.2f}, one-sided p = {t.p_less:.3g}" for t in tests)
+    lines.extend(f"t-test ({t.kind}, {t.df:g} df) {t.mixture} vs {t.backprop}: backprop needs "
+                 f"{t.ratio:.2f}x the epochs; t = {t.t:.2f}, one-sided p = {t.p_less:.3g}"
+                 for t in tests)
     return "\n".join(lines)
 
 
@@ -234,4 +154,5 @@ def describe_runs(result: SystemResult) -> dict[str, object]:
         "test_accuracy": np.round(result.test_acc_R, 3).tolist(),
         "active_experts": result.active_experts_R.tolist(),
         "experts_per_case": np.round(result.experts_per_case_R, 4).tolist(),
+        "partitions": result.partition_R, "edge": result.edge,
     }

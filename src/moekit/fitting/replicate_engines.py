@@ -137,7 +137,8 @@ class StackedMixtureEngine:
         z_REON = self._expert_logits(work)
         o_REON = self._head(z_REON)
         blend_RON = (p_REN.unsqueeze(2) * o_REON).sum(1)
-        blend_sq_RON = (self.target_ON - blend_RON).square()
+        diff_RON = self.target_ON - blend_RON
+        blend_sq_RON = diff_RON * diff_RON
         if self.loss == "cooperative":  # Eq. 1
             loss_RN = blend_sq_RON.sum(1)
         elif self.loss == "categorical_nll":

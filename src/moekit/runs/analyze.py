@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from moekit.exceptions import DataError, Setting
-from moekit.experiments.vowels_run import load_vowels_run
+from moekit.experiments.vowels_models import load_vowels_run
 from moekit.reports.analysis import AnalysisInput, analyze_input
 from moekit.reports.fit import ANALYSIS_DIR, fit_analysis_input
 from moekit.runs.folder import MODEL_DIR, SUMMARY_FILE, load_run_data
