@@ -64,7 +64,9 @@ def test_quick_run_end_to_end(tmp_path, capsys):
 
 
 def _golden_curve(task):
-    config = quick_config(progress=False)
+    # float64: the quick grid's steps oscillate, and float32 rounding of another CPU's BLAS can
+    # move an oscillating run's stopping epoch
+    config = quick_config(progress=False, dtype="float64")
     result = run_system(System("mixture", 4, "eq3"), task, config)
     return {"epochs": result.epochs_R.tolist(), "curve_run0": result.curves_RT[0, :60].tolist(),
             "train_accuracy": result.train_acc_R.tolist()}
@@ -139,15 +141,25 @@ def test_cli_usage_errors(capsys):
 
 
 @pytest.mark.slow
-def test_full_default_run_is_near_the_papers_accuracies(tmp_path):
-    """The main job, as `make demo` runs it: every run reaches the criterion and the mixtures'
-    accuracies are within a few points of the paper's 88% train / 90% test."""
+def test_full_default_run_gives_the_readings_the_readme_reports(tmp_path):
+    """The main job, as `make demo` runs it: every run of Table 1 reaches the criterion; at the
+    common smooth step the mixtures test at the paper's 90% and backprop needs over 1.5x their
+    epochs, while a single softmax layer is as fast as the mixtures."""
     from moekit.experiments.vowels_run import run_vowels
 
     outcome = run_vowels(VowelsConfig(out=str(tmp_path), progress=False))
-    mixtures = [r for r in outcome.rows if "Experts" in r.system]
     assert all(r.reached == r.runs == 25 for r in outcome.rows)
-    assert all(abs(r.train - 88) <= 4 and abs(r.test - 90) <= 4 for r in mixtures)
+    common = next(r for r in outcome.readings if r.key == "common_step")
+    mixtures = [e for e in common.entries if e.result.system.name in ("4 Experts", "8 Experts")]
+    for e in mixtures:
+        train, test = e.result.train_acc_R.mean(), e.result.test_acc_R.mean()
+        assert 88 <= train <= 94 and abs(test - 90) <= 4  # the paper: 88 and 90
+        assert all(t.complete and t.ratio >= 1.5 and t.p_less < 1e-3 for t in e.tests)
+    control = next(e for e in common.entries if e.result.system.size == 1)
+    assert control.result.epochs_R.mean() <= 1.1 * min(e.result.epochs_R.mean() for e in mixtures)
+    verdicts = {c.claim.split(" (")[0].split(",")[0]: c.verdict for c in outcome.claims}
+    assert verdicts["Mixtures reach the criterion in about half the epochs of backprop nets"] \
+        == "partly"
     assert (tmp_path / "report.html").stat().st_size > 100_000
 
 
@@ -161,3 +173,58 @@ def test_runs_that_missed_the_criterion_are_counted_by_why_they_stopped():
     assert (described["hit_cap"], described["diverged"], described["pruned"]) == \
         (trial.hit_cap, trial.diverged, trial.pruned)
     assert trial.hit_cap + trial.diverged + trial.pruned == 2 - trial.reached
+
+
+def test_the_default_grid_covers_the_convergent_range_by_sqrt_two():
+    grid = VowelsConfig().lr_grid
+    assert grid[0] == 0.5 and grid[-1] == 32.0 and len(grid) == 13
+    np.testing.assert_allclose(np.diff(np.log(grid)), np.log(2) / 2, atol=1e-4)
+
+
+def test_the_gate_starts_unbiased_with_equal_proportions():
+    x = torch.rand(9, 2, dtype=torch.float64)
+    zero = System("mixture", 4, "eq3").build(torch.Generator().manual_seed(3), torch.float64)
+    torch.testing.assert_close(zero(x).routing.probs_NE, torch.full((9, 4), 0.25,
+                                                                     dtype=torch.float64))
+    fan_in = System("mixture", 4, "eq3", gate_init="fan-in").build(
+        torch.Generator().manual_seed(3), torch.float64)
+    small = System("mixture", 4, "eq3", gate_init="uniform").build(
+        torch.Generator().manual_seed(3), torch.float64)
+    assert not torch.allclose(fan_in(x).routing.probs_NE, zero(x).routing.probs_NE)
+    assert small.gate.w_DE.abs().max() <= 0.1 and small.gate.w_DE.abs().max() > 0
+    for other in (fan_in, small):  # the experts do not depend on how the gate starts
+        torch.testing.assert_close(other.experts.w_EDO, zero.experts.w_EDO, rtol=0, atol=0)
+
+
+def test_backprop_is_trained_on_half_the_squared_error_the_one_expert_case_of_eq3():
+    from moekit.fitting.objective import mixture_loss
+
+    x = torch.rand(12, 2, dtype=torch.float64)
+    d = torch.nn.functional.one_hot(torch.arange(12) % 4, 4).double()
+    systems = {error: System("backprop", 6, "eq3" if error == "half" else "eq1")
+               for error in ("half", "full")}
+    assert [s.loss for s in vowels.systems_of(VowelsConfig())[2:]] == ["eq3", "eq3"]
+    assert vowels.systems_of(VowelsConfig(backprop_error="full"))[2].loss == "eq1"
+    grads = {}
+    for error, system in systems.items():
+        net = system.build(torch.Generator().manual_seed(0), torch.float64)
+        loss = mixture_loss(system.loss, net(x), d)
+        grads[error] = torch.autograd.grad(loss, list(net.parameters()))
+        if error == "half":  # Eq. 3 with one expert is 1/2 ||d - o||^2, averaged over cases
+            o = net(x).output
+            by_hand = torch.autograd.grad(0.5 * (d - o).square().sum(-1).mean(),
+                                          list(net.parameters()))
+            for got, want in zip(grads[error], by_hand, strict=True):
+                torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
+    for half, full in zip(grads["half"], grads["full"], strict=True):  # full = twice the half
+        torch.testing.assert_close(full, 2 * half, rtol=1e-12, atol=1e-15)
+
+
+def test_run_steps_runs_every_step_to_its_end_from_the_same_weights(task):
+    config = quick_config(progress=False, runs=2)
+    explored = run_system(System("mixture", 4, "eq3"), task, config)
+    each = vowels.run_steps(System("mixture", 4, "eq3"), task, config, config.lr_grid)
+    assert [r.lr for r in each] == list(config.lr_grid)
+    assert all(len(r.trials) == 1 and r.trials[0].pruned == 0 and r.edge is None for r in each)
+    same = next(r for r in each if r.lr == explored.lr)
+    assert same.epochs_R.tolist() == explored.epochs_R.tolist()

@@ -14,13 +14,15 @@ import sys
 from collections.abc import Sequence
 
 from moekit._version import __version__
-from moekit.cli.paper import add_compare_solvers, add_demo, add_vowels
+from moekit.cli.paper import add_compare_solvers, add_demo, add_vowels, add_vowels_sweep
 from moekit.cli.tables import add_analyze, add_fit, add_predict, add_report
 from moekit.exceptions import NAME_ONLY, DataError, Setting
 
 EPILOG = """examples:
   moekit vowels                    reproduce Jacobs et al. (1991) Table 1 and Figures 2-3
   moekit vowels --quick            the same, debug-sized (a few seconds)
+  moekit vowels-sweep              how often the experts split the vowels as Figure 2, by init \
+scale, step, expert head, gate input scale
   moekit demo                      fit a 4-expert mixture to a 3-piece line, show what each \
 expert took
   moekit demo --experts 6 --seed 3 --out runs/demo6
@@ -60,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"moekit {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (add_vowels, add_demo, add_fit, add_predict, add_report, add_analyze,
-                add_compare_solvers):
+    for add in (add_vowels, add_vowels_sweep, add_demo, add_fit, add_predict, add_report,
+                add_analyze, add_compare_solvers):
         add(subparsers)
     return parser
 

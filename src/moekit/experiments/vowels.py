@@ -36,11 +36,17 @@ from torch import Tensor
 
 from moekit._checks import check_choice, check_int, check_positive_float
 from moekit.data.vowels import VowelTask
-from moekit.experiments.vowels_partition import partition_kind, vowel_groups
+from moekit.experiments.vowels_measures import (
+    accuracies,
+    active_experts,
+    experts_per_case,
+    partition_kind,
+    rising_epochs,
+    vowel_groups,
+)
 from moekit.fitting.replicates import ReplicateConfig, ReplicateResult, train_replicates
 from moekit.nn.dense import MixtureOfExperts
 from moekit.nn.experts import ExpertConfig
-from moekit.plotting.expert_lines import INACTIVE_PROPORTION
 
 logger = logging.getLogger(__name__)
 
@@ -250,6 +256,16 @@ def _lower_bound_rule(n_steps: int, n_runs: int):
     return prune
 
 
+def snapshot_epochs(max_epochs: int) -> tuple[int, ...]:
+    """Epochs at which to snapshot a run for Figure 3: dense early, sparse late.
+
+    Example:
+        >>> snapshot_epochs(100)[:8]
+        (0, 1, 2, 3, 4, 5, 6, 7)
+    """
+    return tuple(int(e) for e in np.unique(np.r_[0, np.geomspace(1, max_epochs, 40).astype(int)]))
+
+
 def run_seed(seed: int, run: int) -> int:
     """The seed of run ``run``'s initial weights: the same for every step and every comparison."""
     return seed * 100_003 + run
@@ -286,10 +302,10 @@ def _result(system: System, task: VowelTask, config: VowelsConfig, models: list,
     return SystemResult(
         system=system, lr=lr, trials=trials,
         epochs_R=result.epochs_R[part].numpy(), reached_R=result.reached_R[part].numpy(),
-        train_acc_R=_accuracies(mine, x_train, task.y_train),
-        test_acc_R=_accuracies(mine, x_test, task.y_test),
-        active_experts_R=np.array([_active_experts(m, x_train) for m in mine]),
-        experts_per_case_R=np.array([_experts_per_case(m, x_train) for m in mine]),
+        train_acc_R=accuracies(mine, x_train, task.y_train),
+        test_acc_R=accuracies(mine, x_test, task.y_test),
+        active_experts_R=np.array([active_experts(m, x_train) for m in mine]),
+        experts_per_case_R=np.array([experts_per_case(m, x_train) for m in mine]),
         curves_RT=result.metric_RT[part].numpy(),
         partition_R=[partition_kind(m, x_train, task.y_train) for m in mine],
         groups_R=[vowel_groups(m, x_train, task.y_train) for m in mine],
@@ -316,13 +332,6 @@ def run_steps(system: System, task: VowelTask, config: VowelsConfig,
             for g, lr in enumerate(steps)]
 
 
-def rising_epochs(curves_RT: np.ndarray) -> float:
-    """The percentage of updates after which the training error was higher than before."""
-    steps_RT = np.diff(curves_RT, axis=1)
-    valid = ~np.isnan(steps_RT)
-    return float(100.0 * (steps_RT[valid] > 0).mean()) if valid.any() else 0.0
-
-
 def _trials(steps: tuple[float, ...], n_runs: int, result: ReplicateResult) -> list[StepTrial]:
     trials = []
     for g, lr in enumerate(steps):
@@ -343,25 +352,6 @@ def choose_step(trials: list[StepTrial]) -> int:
     if complete:
         return min(complete, key=lambda i: trials[i].mean_epochs)
     return max(range(len(trials)), key=lambda i: (trials[i].reached, -trials[i].diverged))
-
-
-@torch.no_grad()
-def _accuracies(models: list[MixtureOfExperts], x: Tensor, y: Tensor) -> np.ndarray:
-    return np.array([(m(x).output.argmax(-1) == y).double().mean().item() * 100 for m in models])
-
-
-@torch.no_grad()
-def _active_experts(model: MixtureOfExperts, x: Tensor) -> int:
-    """Experts whose mean mixing proportion over ``x`` is not effectively 0."""
-    return int((model(x).routing.probs_NE.mean(0) >= INACTIVE_PROPORTION).sum())
-
-
-@torch.no_grad()
-def _experts_per_case(model: MixtureOfExperts, x: Tensor) -> float:
-    """The effective number of experts blended per case, exp(entropy of p), averaged over cases."""
-    p_NE = model(x).routing.probs_NE.double()
-    entropy_N = -(p_NE * p_NE.clamp_min(1e-300).log()).sum(-1)
-    return float(entropy_N.exp().mean())
 
 
 def systems_of(config: VowelsConfig) -> list[System]:

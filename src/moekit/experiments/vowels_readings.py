@@ -31,10 +31,10 @@ from moekit.experiments.vowels import (
     SystemResult,
     VowelsConfig,
     control_system,
-    rising_epochs,
     run_steps,
     systems_of,
 )
+from moekit.experiments.vowels_measures import rising_epochs
 from moekit.experiments.vowels_summary import TTest, compare_epochs
 
 logger = logging.getLogger(__name__)

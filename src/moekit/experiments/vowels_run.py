@@ -10,7 +10,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from moekit._version import __version__
@@ -22,6 +21,7 @@ from moekit.experiments.vowels import (
     VowelsConfig,
     loss_comparison_systems,
     run_system,
+    snapshot_epochs,
     systems_of,
     to_jsonable,
 )
@@ -75,11 +75,6 @@ def _solver_comparison(config: VowelsConfig, task: VowelTask, step: float) -> li
     return compare_solvers(solvers, task=task)
 
 
-def _track_epochs(max_epochs: int) -> tuple[int, ...]:
-    """Epochs at which to snapshot the Figure 3 run: dense early, sparse late."""
-    return tuple(int(e) for e in np.unique(np.r_[0, np.geomspace(1, max_epochs, 40).astype(int)]))
-
-
 def _loss_rows(results: list[SystemResult], loss_results: list[SystemResult]) -> list[Row]:
     """The error functions' rows, with the main error function's row of the same mixture."""
     loss_rows = table_rows(loss_results)
@@ -97,7 +92,7 @@ def run_vowels(config: VowelsConfig, task: VowelTask | None = None) -> VowelsOut
     task = task or vowel_task(include_speaker_76=config.include_speaker_76)
     track_size = max(config.experts) if config.experts else None
     results = [run_system(s, task, config,
-                          track_epochs=_track_epochs(config.max_epochs)
+                          track_epochs=snapshot_epochs(config.max_epochs)
                           if s.kind == "mixture" and s.size == track_size else ())
                for s in systems_of(config)]
     control = control_of(config)

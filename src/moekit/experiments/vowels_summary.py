@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from moekit.experiments.vowels import PAPER_TABLE, SystemResult, VowelsConfig, rising_epochs
+from moekit.experiments.vowels import PAPER_TABLE, SystemResult, VowelsConfig
+from moekit.experiments.vowels_measures import rising_epochs
 
 
 @dataclass(frozen=True)
