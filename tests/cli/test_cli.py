@@ -53,7 +53,10 @@ def test_demo_gives_each_piece_its_own_expert(tmp_path, capsys):
     assert len(active) == 3
     assert sorted(round(e["slope"]) for e in active) == [-3, 1, 3]
     assert all(abs(e["share"] - 1 / 3) < 0.05 for e in active)
-    assert load_model(out / "model").config.n_experts == 4
+    model = load_model(out / "model")
+    assert model.config.n_experts == 4
+    # the run was built beside its folder; what it records names the folder it ended in
+    assert results["out"] == str(out) and model.metadata["demo"]["out"] == str(out)
 
 
 def test_compare_solvers_quick_writes_the_table(tmp_path, capsys):

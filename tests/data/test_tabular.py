@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from moekit.data.tabular import Preprocessing, infer_task, prepare_fit
+from moekit.data.tabular import Preprocessing, infer_task, prepare_fit, read_csv
 from moekit.exceptions import DataError
 
 
@@ -51,3 +51,11 @@ def test_regression_needs_a_numeric_target_and_infinities_are_refused():
         prepare_fit(pd.DataFrame({"a": [1.0, 2.0], "t": ["u", "v"]}), "t", task="regress")
     with pytest.raises(DataError, match="column 'a' holds infinite values"):
         prepare_fit(pd.DataFrame({"a": [1.0, np.inf], "t": [0, 1]}), "t")
+
+
+def test_read_csv_keeps_the_columns_pandas_reads_when_the_header_is_clean(tmp_path):
+    path = tmp_path / "t.csv"
+    # a byte-order mark, blank lines before the header, quotes and spaces: all read as pandas does
+    path.write_bytes(b'\xef\xbb\xbf\n\n"x", y ,t\n1, 2,0\n3,4,1\n')
+    frame = read_csv(path)
+    assert list(frame.columns) == ["x", "y ", "t"] and frame["y "].tolist() == [2, 4]

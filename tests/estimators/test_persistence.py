@@ -1,5 +1,8 @@
 """Fitted estimators saved as moekit model folders and reloaded with identical predictions."""
 
+import json
+import warnings
+
 import numpy as np
 import pytest
 from sklearn.datasets import load_iris, make_regression
@@ -37,3 +40,34 @@ def test_unfitted_or_plain_model_folders_are_refused(tmp_path):
     save_model(MixtureOfExperts(2, 1, 2), tmp_path / "plain")
     with pytest.raises(ValueError, match="no fitted estimator"):
         load_estimator(tmp_path / "plain")
+
+
+def _fitted_classifier():
+    X, y = load_iris(return_X_y=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return X, MixtureOfExpertsClassifier(n_experts=2, max_epochs=3, alpha=0.0,
+                                             random_state=0).fit(X, y)
+
+
+def test_a_path_parameter_is_saved_as_its_string(tmp_path):
+    _, clf = _fitted_classifier()
+    clf.set_params(checkpoint=tmp_path / "checkpoints")
+    folder = save_estimator(clf, tmp_path / "m")
+    record = json.loads((folder / "config.json").read_text())["metadata"]["sklearn"]
+    assert record["params"]["checkpoint"] == str(tmp_path / "checkpoints")
+    assert load_estimator(folder).checkpoint == str(tmp_path / "checkpoints")
+
+
+def test_parameters_a_folder_lacks_take_their_defaults(tmp_path):
+    X, clf = _fitted_classifier()
+    clf.set_params(verbose=1)
+    folder = save_estimator(clf, tmp_path / "m")
+    header = json.loads((folder / "config.json").read_text())
+    params = header["metadata"]["sklearn"]["params"]
+    del params["verbose"], params["checkpoint"]  # a folder saved before these parameters existed
+    (folder / "config.json").write_text(json.dumps(header))
+    again = load_estimator(folder)
+    assert again.verbose == 0 and again.checkpoint is None
+    np.testing.assert_array_equal(again.predict_proba(X), clf.predict_proba(X))
+

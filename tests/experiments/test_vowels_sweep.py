@@ -123,6 +123,7 @@ def test_the_command_writes_one_row_per_setting(tmp_path, capsys):
     record = json.loads((out / "sweep.json").read_text())
     labels = [s.label for s in quick_sweep().settings()]
     assert [row["label"] for row in record["rows"]] == labels
+    assert all((out / name).is_file() for name in record["files"].values())  # inside the run
     assert all(sum(row["partitions"].values()) == 2 for row in record["rows"])
     table = (out / "sweep.md").read_text().splitlines()
     assert table[0].startswith("| setting | reached |") and len(table[2:2 + len(labels)]) == 4

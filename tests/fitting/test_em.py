@@ -134,6 +134,34 @@ def test_the_written_back_model_has_the_reported_likelihood():
     assert mse == pytest.approx(result.history[-1]["train_mse"], rel=1e-10)
 
 
+def test_gaussian_gate_log_likelihood_is_the_joint_one_on_the_callers_inputs():
+    # EM runs on standardised inputs, where the density of x is sum_d log s_d higher; the history
+    # records log p(x, y) on x as given, recomputed here from the written-back gate and experts.
+    x, y = planes_2d(seed=0)
+    x = x * torch.tensor([1000.0, 0.01], dtype=F64) + torch.tensor([5.0, 0.0], dtype=F64)
+    model = LocalizedMixtureOfExperts(2, 1, 2, generator=_gen(1)).double()
+    result = fit_em(model, x, y, EMConfig(max_iter=15, **QUIET))
+    with torch.no_grad():
+        out = model(x)
+        var_E = result.variance_E
+        log_normal_NE = -0.5 * (torch.log(2 * math.pi * var_E)
+                                + (y.unsqueeze(1) - out.expert_outputs).square().sum(-1) / var_E)
+        joint = torch.logsumexp(model.gate.log_joint(x) + log_normal_NE, -1).mean().item()
+        conditional = torch.logsumexp(out.routing.probs_NE.log() + log_normal_NE, -1).mean().item()
+    assert joint == pytest.approx(result.log_likelihood[-1], rel=1e-10)
+    assert conditional == pytest.approx(result.history[-1]["conditional_log_likelihood"],
+                                        rel=1e-10)
+
+
+def test_fit_em_leaves_its_inputs_and_the_global_generator_alone():
+    x, y = planes_2d(seed=0)
+    x_before, y_before, rng_before = x.clone(), y.clone(), torch.get_rng_state()
+    fit_em(LocalizedMixtureOfExperts(2, 1, 2, generator=_gen(1)).double(), x, y,
+           EMConfig(max_iter=3, **QUIET))  # init='data' places the gate on standardised rows
+    assert torch.equal(x, x_before) and torch.equal(y, y_before)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+
+
 def test_classification_likelihood_from_the_model():
     model, x, y = build("flat", "blobs", 0)
     result = fit_em(model, x, y, EMConfig(max_iter=10, **QUIET))

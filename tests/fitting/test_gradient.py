@@ -170,6 +170,20 @@ def test_resume_continues_exactly(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # the atomic writes left no temporary files
 
 
+def test_momentum_is_sgds_heavy_ball():
+    # with momentum 0.5 the second step is the gradient step plus half the first step
+    plain, _ = _fit_once(max_epochs=1, batch_size=None)
+    heavy, _ = _fit_once(max_epochs=2, batch_size=None, momentum=0.5)
+    start = MixtureOfExperts(1, 1, 3, generator=torch.Generator().manual_seed(5)).double()
+    first_step = {k: plain.state_dict()[k] - v for k, v in start.state_dict().items()}
+    one_more = MixtureOfExperts(1, 1, 3).double()
+    one_more.load_state_dict(plain.state_dict())
+    fit(one_more, *_piecewise(seed=3, n=120), TrainConfig(max_epochs=1, lr=0.1, progress=False))
+    for name, value in heavy.state_dict().items():
+        expected = one_more.state_dict()[name] + 0.5 * first_step[name]
+        assert torch.allclose(value, expected, rtol=0, atol=1e-12), name
+
+
 def test_progress_bar_can_be_switched_off(capsys):
     _fit_once(progress=False)
     assert capsys.readouterr().err == ""
@@ -233,6 +247,9 @@ class TestBadInput:
         ({"stop_metric": "train_r2", "stop_threshold": 1.0},
          r"stop_metric must be one of .*got stop_metric='train_r2'"),
         ({"patience": 0}, r"patience must be an integer >= 1; got patience=0"),
+        ({"momentum": 1.0}, r"momentum must be a number in \[0, 1\); got momentum=1.0"),
+        ({"momentum": 0.9, "optimizer": "adam"},
+         r"momentum applies to optimizer='sgd' only; got momentum=0.9 with optimizer='adam'"),
     ])
     def test_bad_config(self, kwargs, message):
         with pytest.raises(ValueError, match=message):

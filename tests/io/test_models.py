@@ -1,5 +1,6 @@
 """Save/load: identical outputs after a round trip, atomic writes, clear errors on bad folders."""
 
+import dataclasses
 import json
 
 import pytest
@@ -30,13 +31,15 @@ def test_round_trip_gives_identical_outputs(tmp_path, gen, expert, dtype):
 
 
 def test_config_file_is_readable_json(tmp_path):
-    save_model(MixtureOfExperts(2, 1, 3), tmp_path)
+    moe = MixtureOfExperts(2, 1, 3)
+    save_model(moe, tmp_path)
     header = json.loads((tmp_path / CONFIG_FILE).read_text())
     assert header["class"] == "MixtureOfExperts"
-    assert header["config"] == {"in_features": 2, "out_features": 1, "n_experts": 3,
-                                "expert": {"kind": "linear", "hidden": 16, "activation": "tanh",
-                                           "head": "identity"},
-                                "gate": {"kind": "softmax", "bias": True}}
+    assert header["config"] == dataclasses.asdict(moe.config)
+    assert {k: header["config"][k] for k in ("in_features", "out_features", "n_experts")} == {
+        "in_features": 2, "out_features": 1, "n_experts": 3}
+    assert header["config"]["expert"] == {"kind": "linear", "hidden": 16, "activation": "tanh",
+                                          "head": "identity"}
 
 
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
@@ -74,7 +77,7 @@ def test_foreign_folder(tmp_path):
 def test_corrupted_config(tmp_path):
     save_model(MixtureOfExperts(2, 1, 3), tmp_path)
     (tmp_path / CONFIG_FILE).write_text("{not json")
-    with pytest.raises(ValueError, match=r"is not valid JSON .* the folder is corrupted"):
+    with pytest.raises(ValueError, match=r"is not valid JSON .*The file was edited or damaged"):
         load_model(tmp_path)
 
 
@@ -122,3 +125,49 @@ def test_sparse_layer_round_trip(tmp_path, gen):
     assert loaded.config == layer.config
     assert torch.equal(loaded.router.bias_E, layer.router.bias_E)
     assert torch.equal(loaded(x).output, layer(x).output)
+
+
+def test_metadata_must_be_a_dict(tmp_path):
+    with pytest.raises(TypeError, match="metadata must be a dict; got list"):
+        save_model(MixtureOfExperts(2, 1, 3), tmp_path / "m", metadata=["a"])
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_crash_while_writing_weights_leaves_no_file(tmp_path, monkeypatch):
+    def crash(state, path):
+        path.write_bytes(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setitem(save_model.__globals__, "write_weights", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(MixtureOfExperts(2, 1, 3), tmp_path / "m")
+    assert list((tmp_path / "m").iterdir()) == []  # no temporary file of any writer left
+
+
+def test_a_config_saved_without_its_defaulted_fields_loads(tmp_path, gen):
+    moe = MixtureOfExperts(2, 1, 3, generator=gen)
+    save_model(moe, tmp_path)
+    header = json.loads((tmp_path / CONFIG_FILE).read_text())
+    header["config"] = {k: header["config"][k] for k in ("in_features", "out_features",
+                                                          "n_experts")}
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(header))
+    loaded = load_model(tmp_path)
+    assert loaded.config == moe.config
+    x = torch.randn(4, 2, generator=gen)
+    assert torch.equal(loaded(x).output, moe(x).output)
+
+
+def test_a_model_is_only_ever_built_on_the_meta_device(tmp_path, monkeypatch):
+    devices = []
+    cls = load_model.__globals__["MODEL_CLASSES"]["MixtureOfExperts"]
+    original = cls.from_config
+
+    def spy(config, *, generator=None):
+        devices.append(torch.get_default_device().type)
+        return original(config, generator=generator)
+
+    save_model(MixtureOfExperts(2, 1, 3), tmp_path)
+    monkeypatch.setattr(cls, "from_config", spy)
+    loaded = load_model(tmp_path)
+    assert devices == ["meta"]  # the loaded tensors replace the meta ones: no second copy
+    assert all(p.device.type == "cpu" and p.requires_grad for p in loaded.parameters())

@@ -69,3 +69,13 @@ def test_n_experts_below_one(n_experts):
     with pytest.raises(ValueError,
                        match=rf"n_experts must be an integer >= 1; got n_experts={n_experts}"):
         MixtureOfExperts(2, 1, n_experts)
+
+
+def test_check_finite_is_reachable_from_the_layer_and_kept_by_from_config(gen):
+    moe = MixtureOfExperts(2, 1, 3, check_finite=False, generator=gen)
+    assert moe.config.check_finite is False
+    assert MixtureOfExperts.from_config(moe.config).config.check_finite is False
+    assert MixtureOfExperts(2, 1, 3).config.check_finite is True
+    with pytest.raises(TypeError, match=r"MixtureOfExperts: check_finite must be True or False; "
+                                        r"got check_finite=0"):
+        MixtureOfExperts(2, 1, 3, check_finite=0)

@@ -77,11 +77,51 @@ def test_topk_chooses_the_highest_logits(gen, renormalize):
         assert (routing.weights_NK.sum(-1) < 1).all()
 
 
-def test_switch_is_top_one(gen):
+def test_switch_is_top_one_weighted_by_its_probability(gen):
+    # Switch Transformer's y = p_i(x) E_i(x): the weight is the chosen expert's full softmax
+    # probability, not the 1.0 of a softmax over one logit.
     routing = _router(gen, kind="switch")(torch.randn(4, 6, generator=gen))
     assert (routing.top_k == 1
             and torch.equal(routing.experts_NK[:, 0], routing.logits_NE.argmax(-1)))
-    torch.testing.assert_close(routing.weights_NK, torch.ones(4, 1))
+    torch.testing.assert_close(routing.weights_NK, routing.probs_NE.max(-1, keepdim=True).values)
+    assert (routing.weights_NK < 1).all()
+
+
+def test_top_one_worked_example():
+    # logits (2, 0, 0): p = e^2 / (e^2 + 2) = 7.389 / 9.389 = 0.78699 for expert 0.
+    # sigmoid k = 1: the score itself, sigmoid(2) = 0.88080 (not 0.88080 / 0.88080 = 1).
+    logits = torch.tensor([[2.0, 0.0, 0.0]])
+    for kind, want in [("topk", 0.78699), ("switch", 0.78699), ("sigmoid", 0.88080)]:
+        routing = RouterConfig(kind=kind, top_k=1).build(1, 3).choose(logits)
+        assert routing.experts_NK.item() == 0
+        assert routing.weights_NK.item() == pytest.approx(want, abs=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["topk", "switch", "sigmoid"])
+def test_scale_top1_off_keeps_the_weight_of_one_that_old_folders_were_saved_with(kind):
+    # A config saved before scale_top1 existed reads back with scale_top1=False
+    # (RouterConfig.LEGACY_DEFAULTS): weight 1.0, the outputs it was saved with.
+    assert RouterConfig.LEGACY_DEFAULTS == {"scale_top1": False}
+    router = RouterConfig(kind=kind, top_k=1, scale_top1=False).build(3, 4)
+    routing = router.choose(torch.randn(6, 4))
+    torch.testing.assert_close(routing.weights_NK, torch.ones(6, 1))
+
+
+@pytest.mark.parametrize("kind", ["topk", "sigmoid"])
+def test_scale_top1_leaves_k_above_one_renormalised(gen, kind):
+    logits = torch.randn(5, 5, generator=gen)
+    on = RouterConfig(kind=kind, top_k=2).build(6, 5).choose(logits)
+    off = RouterConfig(kind=kind, top_k=2, scale_top1=False).build(6, 5).choose(logits)
+    torch.testing.assert_close(on.weights_NK, off.weights_NK, rtol=0, atol=0)
+    torch.testing.assert_close(on.weights_NK.sum(-1), torch.ones(5))
+
+
+def test_router_flags_must_be_booleans():
+    with pytest.raises(TypeError, match=r"RouterConfig: scale_top1 must be True or False; "
+                                        r"got scale_top1='no'"):
+        RouterConfig(scale_top1="no")
+    with pytest.raises(TypeError, match=r"renormalize must be True or False; got renormalize=1"):
+        RouterConfig(renormalize=1)
 
 
 def test_noisy_topk_is_reproducible_and_only_in_training(gen):
@@ -131,7 +171,8 @@ def test_sigmoid_bias_moves_toward_balance(gen):
     assert first.experts_NK.flatten().tolist() == [3] * 40
     # Expert 3 was overloaded: its bias fell, the others' rose (by the rate, sign of the gap).
     assert router.bias_E[3].item() == -0.5 and (router.bias_E[[0, 1, 2, 4]] == 0.5).all()
-    torch.testing.assert_close(first.weights_NK, torch.ones(40, 1))  # renormalised over k = 1
+    # k = 1: the sigmoid score itself (renormalising one score would give 1.0)
+    torch.testing.assert_close(first.weights_NK, torch.sigmoid(first.logits_NE[:, 3:4]))
     router.eval()
     before = router.bias_E.clone()
     router(x)

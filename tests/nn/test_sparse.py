@@ -285,3 +285,37 @@ def test_expert_banks_take_per_expert_counts(gen):
     y_MD = layer.experts.forward_grouped(x_MD, counts_E)
     rows = [expert_on_row(layer.experts, e, x_MD[m]) for m, e in enumerate([0, 0, 2, 2, 2])]
     torch.testing.assert_close(y_MD, torch.stack(rows))
+
+
+@pytest.mark.parametrize("router", [RouterConfig(kind="switch"),
+                                    RouterConfig(kind="switch", noise="gaussian"),
+                                    RouterConfig(kind="topk", top_k=1),
+                                    RouterConfig(kind="sigmoid", top_k=1)])
+def test_the_top_one_path_passes_gradcheck(gen, router):
+    """k = 1 scales the chosen expert by its gate score (Switch), so the output is a smooth function
+    of the router's weights and the input between routing changes: finite differences agree."""
+    # Training mode only for the noise: it would also move the sigmoid router's load bias.
+    layer = SparseMoE(4, 3, hidden=3, router=router, load_balance_weight=0.0,
+                      generator=gen).double().train(router.noise != "none")
+    x = torch.randn(6, 4, generator=gen, dtype=F64, requires_grad=True)
+    w = layer.router.w_DE.detach().clone().requires_grad_(True)
+
+    def output(w_DE, x_ND):
+        noise = torch.Generator().manual_seed(0)  # the same noise draw at every evaluation
+        return torch.func.functional_call(layer, {"router.w_DE": w_DE}, (x_ND,),
+                                          {"generator": noise}).output
+
+    assert torch.autograd.gradcheck(output, (w, x))
+
+
+def test_check_finite_is_reachable_from_the_layer_and_saved(gen, tmp_path):
+    from moekit import load_model, save_model
+
+    layer = SparseMoE(8, 4, 2, hidden=6, check_finite=False, generator=gen)
+    assert layer.config.check_finite is False
+    assert SparseMoE.from_config(layer.config).config.check_finite is False
+    assert load_model(save_model(layer, tmp_path / "layer")).config.check_finite is False
+    assert SparseMoE(8, 4, 2).config.check_finite is True
+    with pytest.raises(TypeError, match=r"SparseMoE: check_finite must be True or False; "
+                                        r"got check_finite='false'"):
+        SparseMoE(8, 4, 2, check_finite="false")

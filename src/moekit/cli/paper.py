@@ -1,11 +1,14 @@
 """The subcommands of the paper and its demos: `moekit vowels`, `moekit vowels-sweep`,
-`moekit demo`, `moekit compare-solvers`."""
+`moekit demo`, `moekit compare-solvers`. Each builds its --out folder beside it and puts it in place
+whole at the end, replacing the previous run there (:func:`moekit.io.run_folder.run_folder`)."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from moekit.cli.args import float_list, int_list, list_of
+from moekit.io.run_folder import run_folder
 
 
 def add_vowels(subparsers: argparse._SubParsersAction) -> None:
@@ -128,11 +131,12 @@ def _run_vowels_sweep(args: argparse.Namespace) -> int:
              if getattr(args, name) is not None}
     given["progress"] = not args.no_progress
     config = quick_sweep(**given) if args.quick else SweepConfig(**given)
-    text, files = write_sweep(config, args.out)
+    with run_folder(args.out, "vowels-sweep", overwrite=True, older=("sweep.json",)) as build:
+        text, files = write_sweep(config, build)
     print(text)
     print("\nWrote:")
     for path in files:
-        print(f"  {path}")
+        print(f"  {Path(args.out) / path.relative_to(build)}")
     return 0
 
 
@@ -154,9 +158,10 @@ def add_demo(subparsers: argparse._SubParsersAction) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from moekit.experiments.piecewise import BREAKS, PIECES, DemoConfig, run_demo
 
-    config = DemoConfig(n_experts=args.experts, epochs=args.epochs, seed=args.seed, out=args.out,
-                        progress=not args.no_progress)
-    result = run_demo(config)
+    with run_folder(args.out, "demo", overwrite=True, older=("results.json",)) as build:
+        config = DemoConfig(n_experts=args.experts, epochs=args.epochs, seed=args.seed,
+                            out=args.out, progress=not args.no_progress)
+        result = run_demo(config, build)
     truth = "; ".join(f"y = {a:+.2f} x {b:+.2f}" for a, b in PIECES)
     print(f"True function: {truth}  (breaks at x = {', '.join(f'{b:.3f}' for b in BREAKS)})")
     print(f"Fitted {config.n_experts} linear experts in {result.epochs} epochs "
@@ -167,7 +172,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         line = f"y = {s.slope:+.2f} x {s.intercept:+.2f}"
         note = "" if s.active else "  (inactive: the gate gives it almost no rows)"
         print(f"{s.expert:>6}  {s.share:>6.1%}  {where:>17}  {line:>22}{note}")
-    print(f"\nWrote {result.out}/results.json and the model to {result.out}/model")
+    print(f"\nWrote {args.out}/results.json and the model to {args.out}/model")
     return 0
 
 
@@ -199,7 +204,8 @@ def _run_compare_solvers(args: argparse.Namespace) -> int:
     if args.runs:
         given["runs"] = args.runs
     config = quick_config(**given) if args.quick else SolversConfig(**given)
-    table, files = write_comparison(config, args.out)
+    with run_folder(args.out, "compare-solvers", overwrite=True, older=("solvers.json",)) as build:
+        table, files = write_comparison(config, build)
     print(table)
-    print("\nWrote " + " and ".join(str(f) for f in files))
+    print("\nWrote " + " and ".join(str(Path(args.out) / f.relative_to(build)) for f in files))
     return 0

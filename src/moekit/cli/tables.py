@@ -41,7 +41,9 @@ def add_fit(subparsers: argparse._SubParsersAction) -> None:
         "fit", allow_abbrev=False, help="fit a mixture of experts to a CSV file",
         description="Fit a mixture of experts to a CSV file (a header row, one column the target); "
                     "save the model, summary.json and report.html in --out. The model's options "
-                    "default to those of moekit's scikit-learn estimators.",
+                    "default to those of moekit's scikit-learn estimators. The run is built "
+                    "beside --out and put in place whole at the end: an interrupted run never "
+                    "looks complete, and --resume continues it.",
         epilog="example: moekit fit data.csv --target label --experts auto --out runs/mine",
         formatter_class=ConfigDefaults)
     p.add_argument("data", metavar="DATA.csv", help="the table, with a header row")
@@ -70,7 +72,12 @@ def add_fit(subparsers: argparse._SubParsersAction) -> None:
                    help="missing values: stop with an error (default), drop the rows, or impute")
     p.add_argument("--seed", type=int, help="random seed")
     p.add_argument("--out", help="run folder")
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run already in --out (only a moekit run), or start again "
+                        "instead of resuming an interrupted one")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the fit a kill or Ctrl-C interrupted, from its last checkpoint "
+                        "(kept in .OUT.partial beside --out), with the same options and data")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_run_fit)
 
@@ -82,7 +89,7 @@ def _run_fit(args: argparse.Namespace) -> int:
              if getattr(args, dest) is not None}
     config = FitRunConfig(data=args.data, target=args.target, task=args.task,
                           one_hot=args.one_hot, missing=args.missing, overwrite=args.overwrite,
-                          progress=not args.no_progress, **given)
+                          resume=args.resume, progress=not args.no_progress, **given)
     s = run_fit(config).summary
     plural = "s" if s["n_experts"] != 1 else ""
     print(f"Fitted {s['n_experts']} expert{plural} ({s['task']}) to {s['rows']} rows x "

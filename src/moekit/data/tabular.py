@@ -10,6 +10,7 @@ fitting saw.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,20 +25,84 @@ MISSING = ("error", "drop", "impute")
 MAX_CLASSES_FOR_AUTO = 20  # an integer target with at most this many values is read as classes
 
 
+def _parse_problem(err: Exception) -> str:
+    """What pandas or the decoder found, without the parser's internals ("C error", codec names).
+
+    Example:
+        >>> _parse_problem(pd.errors.ParserError("Error tokenizing data. C error: Expected 3 "
+        ...                                      "fields in line 3, saw 5"))
+        'line 3 has 5 fields where the header has 3'
+    """
+    if isinstance(err, UnicodeDecodeError):
+        return f"it holds bytes that are not UTF-8 text (such as 0x{err.object[err.start]:02x})"
+    found = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(err))
+    if found:
+        want, line, saw = found.groups()
+        return f"line {line} has {saw} fields where the header has {want}"
+    return re.sub(r"^Error tokenizing data\. C error: ", "", str(err)).strip().rstrip(".")
+
+
 def read_csv(path: Path | str) -> pd.DataFrame:
-    """Read a CSV file with a header row; a missing, empty or header-only file is a DataError."""
+    """Read a CSV file with a header row; a missing, empty or header-only file is a DataError, and
+    so is a header that pandas would rewrite (a repeated or empty column name) or data rows longer
+    than the header (pandas would take their first field as a row label)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"no data file at {str(path)!r}.")
     try:
         frame = pd.read_csv(path, skipinitialspace=True)
+        names = _header(path)
     except pd.errors.EmptyDataError:
         raise DataError(f"{str(path)!r} is empty; it needs a header row and data rows.") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise DataError(f"{str(path)!r} is not a readable CSV file: {err}") from None
+        raise DataError(f"{str(path)!r} is not a readable CSV file: {_parse_problem(err)}; it "
+                        "needs comma-separated UTF-8 text, one row per line, each row as long "
+                        "as the header.") from None
+    _check_header(path, names)
+    if not frame.index.equals(pd.RangeIndex(len(frame))):
+        raise DataError(f"{str(path)!r}: its data rows have more fields than its header has names "
+                        f"({len(names)}), so their first field would become a row label and every "
+                        "column would shift. Remove the trailing separators, or name every column "
+                        "in the header.")
     if frame.empty:
         raise DataError(f"{str(path)!r} has a header but no data rows.")
     return frame
+
+
+def _header(path: Path) -> list[str]:
+    """The header's names as the file spells them: read by the parser ``read_csv`` uses (same
+    encoding, quoting and spaces), before pandas renames a repeated one ('a', 'a' -> 'a', 'a.1')."""
+    first = pd.read_csv(path, header=None, nrows=1, dtype=str, keep_default_na=False,
+                        skipinitialspace=True)
+    return first.iloc[0].tolist()
+
+
+def _check_header(path: Path, names: list[str]) -> None:
+    """Refuse repeated and empty column names: pandas renames them, so a repeated target would
+    become a feature ('t.1') and an unnamed column (a saved index) would be fitted on."""
+    seen: dict[str, list[int]] = {}
+    for position, name in enumerate(names, start=1):
+        seen.setdefault(name, []).append(position)
+    repeated = {name: cols for name, cols in seen.items() if len(cols) > 1 and name}
+    if repeated:
+        listed = "; ".join(f"{name!r} names columns {_positions(cols)}"
+                           for name, cols in repeated.items())
+        copy = f"{next(iter(repeated))}.1"
+        raise DataError(f"{str(path)!r} repeats column names: {listed} (counted from 1). pandas "
+                        f"would rename the copies ({copy!r}), so a repeated target would be fitted "
+                        "on as a feature. Give each column its own name, or remove the copies.")
+    if "" in seen:
+        cols = seen[""]
+        which, it = ((f"column {cols[0]} has", "it") if len(cols) == 1
+                     else (f"columns {_positions(cols)} have", "them"))
+        raise DataError(f"{str(path)!r}: {which} no name in the header (counted from 1). Name "
+                        f"{it}, or remove {it} (a table saved by pandas with its row index starts "
+                        "with an unnamed column: save it with index=False).")
+
+
+def _positions(columns: list[int]) -> str:
+    return ", ".join(map(str, columns[:-1])) + (" and " if len(columns) > 1 else "") \
+        + str(columns[-1])
 
 
 def _rows(mask: pd.Series) -> str:

@@ -9,6 +9,7 @@ Shape legend: N rows, D features, O outputs (C classes for a classifier), E expe
 from __future__ import annotations
 
 import abc
+import os
 import warnings
 from numbers import Integral, Real
 from typing import Any, ClassVar
@@ -16,11 +17,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, is_classifier
-from sklearn.preprocessing import StandardScaler
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from moekit.estimators._inputs import check_finite_values, fit_scaler, standardize
+from moekit.estimators._resume import CHECKPOINT_EVERY, fit_em_stage, open_stages
 from moekit.estimators._selection import (
     MIN_ROWS_TO_CHOOSE,
     bic,
@@ -75,6 +77,7 @@ class BaseMixtureEstimator(BaseEstimator, abc.ABC):
         "auto_criterion": [StrOptions({"bic", "validation"})],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
+        "checkpoint": [str, os.PathLike, None],
     }
     _head: ClassVar[str] = "identity"
 
@@ -87,7 +90,7 @@ class BaseMixtureEstimator(BaseEstimator, abc.ABC):
                  auto_candidates: tuple[int, ...] = (1, 2, 3, 4, 6, 8), auto_criterion: str = "bic",
                  alpha_candidates: tuple[float, ...] = (2.0, 0.5),
                  random_state: int | np.random.RandomState | None = None,
-                 verbose: int = 0) -> None:
+                 verbose: int = 0, checkpoint: str | os.PathLike | None = None) -> None:
         self.n_experts = n_experts
         self.expert = expert
         self.expert_hidden = expert_hidden
@@ -108,6 +111,7 @@ class BaseMixtureEstimator(BaseEstimator, abc.ABC):
         self.alpha_candidates = alpha_candidates
         self.random_state = random_state
         self.verbose = verbose
+        self.checkpoint = checkpoint
 
     # --- what subclasses define ---------------------------------------------------------------
     @abc.abstractmethod
@@ -145,7 +149,8 @@ class BaseMixtureEstimator(BaseEstimator, abc.ABC):
         t = self._encode_targets(y, reset=True)
         self._check_enough_rows(X.shape[0])
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
-        self.scaler_ = StandardScaler().fit(X)
+        self._stages, seed = open_stages(self, X, t, seed)
+        self.scaler_ = fit_scaler(X)
         x_ND = self._to_tensor(X)
         precision = precisions[0]  # the prior while the number of experts is chosen
         chosen = None
@@ -160,14 +165,15 @@ class BaseMixtureEstimator(BaseEstimator, abc.ABC):
             precision, self.alpha_curve_ = select_precision(
                 precisions,
                 lambda c: self._train(x_ND[train_rows], t[train_rows], self.n_experts_, seed,
-                                      validation=False, precision=c)[0],
+                                      validation=False, precision=c, stage=f"alpha_{c!r}")[0],
                 lambda model: self._row_losses(model, x_ND[val_rows], t[val_rows]))
         self.alpha_precision_ = precision if self.alpha == "auto" else None
         self.alpha_ = self._alpha(len(t), precision)
         # the chosen candidate is the final model when it was fitted the way fit fits it
         by_validation = self.auto_criterion == "validation"
         if chosen is None or by_validation != self.early_stopping or precision != precisions[0]:
-            chosen = self._train(x_ND, t, self.n_experts_, seed, precision=precision)
+            chosen = self._train(x_ND, t, self.n_experts_, seed, precision=precision,
+                                 stage="final")
         self.model_, result = chosen
         self._warn_if_not_converged(result)
         self.history_, self.stop_reason_ = result.history, result.stop_reason
@@ -191,7 +197,8 @@ class BaseMixtureEstimator(BaseEstimator, abc.ABC):
 
         return select_n_experts(
             size_candidates(type(self).__name__, self.auto_candidates),
-            lambda n: self._train(x_ND, t, n, seed, validation=by_validation, precision=precision),
+            lambda n: self._train(x_ND, t, n, seed, validation=by_validation, precision=precision,
+                                  stage=f"n_experts_{n}"),
             score, self.auto_criterion)
 
     def _warn_if_not_converged(self, result: Any) -> None:
@@ -224,7 +231,7 @@ class BaseMixtureEstimator(BaseEstimator, abc.ABC):
         seed = 0
         if first:
             seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
-            self.scaler_ = StandardScaler().fit(X)
+            self.scaler_ = fit_scaler(X)
             # a stream holds out nothing to choose the prior by: the first candidate
             precision = precision_candidates(type(self).__name__, self.alpha_candidates)[0]
             self.alpha_precision_ = precision if self.alpha == "auto" else None
@@ -309,7 +316,16 @@ class BaseMixtureEstimator(BaseEstimator, abc.ABC):
                              "more data.")
 
     def _to_tensor(self, X: np.ndarray) -> torch.Tensor:
-        return torch.tensor(self.scaler_.transform(X), dtype=DTYPE)
+        columns = getattr(self, "feature_names_in_", None)
+        x_ND = standardize(type(self).__name__, "X", self.scaler_, X, columns)
+        return torch.tensor(x_ND, dtype=DTYPE)
+
+    def _check_finite(self, X: Any = None, y: Any = None) -> None:
+        """A DataError naming the first NaN or inf of X (validated) or of y (as given)."""
+        owner, columns = type(self).__name__, getattr(self, "feature_names_in_", None)
+        for name, values in (("X", X), ("y", y)):
+            if values is not None:
+                check_finite_values(owner, name, values, columns if name == "X" else None)
 
     def _target_tensor(self, t: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.ascontiguousarray(t))
@@ -325,13 +341,15 @@ class BaseMixtureEstimator(BaseEstimator, abc.ABC):
                                 generator=generator).to(DTYPE)
 
     def _train_config(self, seed: int, n_rows: int, *, precision: float,
-                      max_epochs: int | None = None, validation: bool = False) -> TrainConfig:
+                      max_epochs: int | None = None, validation: bool = False,
+                      checkpoint_path: str | None = None) -> TrainConfig:
         return TrainConfig(loss=self._loss_name(), optimizer=SOLVERS[self.solver], lr=self.lr,
                            max_epochs=max_epochs or self.max_epochs, batch_size=self.batch_size,
                            weight_decay=self._alpha(n_rows, precision),
                            patience=self.n_iter_no_change, min_delta=self.tol,
                            monitor="val_loss" if validation else "train_loss", seed=seed,
-                           progress=bool(self.verbose))
+                           progress=bool(self.verbose), checkpoint_path=checkpoint_path,
+                           checkpoint_every=CHECKPOINT_EVERY)
 
     def _holdout_rows(self, t: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """Training and held-out positions, ``validation_fraction`` held out, stratified by
@@ -340,33 +358,38 @@ class BaseMixtureEstimator(BaseEstimator, abc.ABC):
         return holdout_split(len(t), self.validation_fraction, seed, labels)
 
     def _train(self, x_ND: torch.Tensor, t: np.ndarray, n_experts: int, seed: int, *,
-               precision: float, validation: bool | None = None):
+               precision: float, stage: str, validation: bool | None = None):
         """Build and fit one mixture at prior ``precision``; with early stopping, the best
         validation epoch is kept. Convergence warnings wait for the final fit
-        (:meth:`_warn_if_not_converged`), so that candidates do not repeat them."""
+        (:meth:`_warn_if_not_converged`), so that candidates do not repeat them. With a
+        ``checkpoint`` folder, the ``stage`` resumes from its file there (:mod:`._resume`)."""
         validation = self.early_stopping if validation is None else validation
         model = self._build(n_experts, seed)
+        path = None if self._stages is None else self._stages.path(stage)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             if self.solver == "em":
                 config = self._em_config(seed, len(t), precision=precision)
-                return model, fit_em(model, x_ND, self._target_tensor(t), config)
+                return model, fit_em_stage(model, x_ND, self._target_tensor(t), config, path)
             if not validation:
-                config = self._train_config(seed, len(t), precision=precision)
-                return model, fit(model, x_ND, self._target_tensor(t), config)
+                config = self._train_config(seed, len(t), precision=precision,
+                                            checkpoint_path=path)
+                return model, fit(model, x_ND, self._target_tensor(t), config,
+                                  resume=path is not None)
             train_rows, val_rows = self._holdout_rows(t, seed)
             config = self._train_config(seed, len(train_rows), precision=precision,
-                                        validation=True)
+                                        validation=True, checkpoint_path=path)
             result = fit(model, x_ND[train_rows], self._target_tensor(t[train_rows]), config,
                          x_val=x_ND[val_rows], y_val=self._target_tensor(t[val_rows]),
-                         callbacks=[KeepBest("val_loss")])
+                         callbacks=[KeepBest("val_loss")], resume=path is not None)
         return model, result
 
     # --- the fitted mixture's view ------------------------------------------------------------
     @torch.no_grad()
     def _forward(self, X: Any) -> MoEOutput:
         check_is_fitted(self, "model_")
-        X = validate_data(self, X, reset=False, dtype=np.float64)
+        X = validate_data(self, X, reset=False, dtype=np.float64, ensure_all_finite=False)
+        self._check_finite(X)
         return self.model_(self._to_tensor(X))
 
     def gate_proba(self, X: Any) -> np.ndarray:

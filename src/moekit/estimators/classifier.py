@@ -55,6 +55,15 @@ class MixtureOfExpertsClassifier(ClassifierMixin, BaseMixtureEstimator):
             the weights of the best epoch.
         random_state: seeds the initial weights and the shuffling.
         verbose: show a progress bar when > 0.
+        checkpoint: a folder (created if missing) where the fit keeps its state: a gradient fit
+            every 10 epochs, an EM fit when it ends, one file per stage (each candidate of the
+            'auto' choices, then the final fit). Fitting again with the same folder, parameters
+            and data resumes where an interrupted fit stopped and ends with the weights an
+            uninterrupted fit would have, bit for bit; a finished fit is read back, not rerun.
+            A folder of another fit (other parameters or data) is refused, naming each
+            difference; ``verbose`` may change and ``max_epochs`` may be raised. The folder is
+            kept; one folder per fit (not shared by a grid search). None (the default) keeps
+            nothing. ``partial_fit`` does not use it.
 
     Attributes:
         classes_, n_features_in_, feature_names_in_ (when X has string column names), model_ (the
@@ -71,7 +80,9 @@ class MixtureOfExpertsClassifier(ClassifierMixin, BaseMixtureEstimator):
     _head = "softmax"
 
     def _validate_y(self, X, y, *, reset):
-        X, y = validate_data(self, X, y, reset=reset, dtype=np.float64)
+        self._check_finite(y=y)
+        X, y = validate_data(self, X, y, reset=reset, dtype=np.float64, ensure_all_finite=False)
+        self._check_finite(X)
         y = column_or_1d(y, warn=True)
         check_classification_targets(y)
         return X, y

@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.base import RegressorMixin
-from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import validate_data
 
 from moekit.estimators._base import BaseMixtureEstimator
+from moekit.estimators._inputs import fit_scaler, standardize
 
 
 class MixtureOfExpertsRegressor(RegressorMixin, BaseMixtureEstimator):
@@ -27,8 +27,10 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseMixtureEstimator):
     """
 
     def _validate_y(self, X, y, *, reset):
+        self._check_finite(y=y)
         X, y = validate_data(self, X, y, reset=reset, dtype=np.float64, y_numeric=True,
-                             multi_output=True)
+                             multi_output=True, ensure_all_finite=False)
+        self._check_finite(X)
         if reset:
             self._y_1d = y.ndim == 1
         return X, y
@@ -36,12 +38,12 @@ class MixtureOfExpertsRegressor(RegressorMixin, BaseMixtureEstimator):
     def _encode_targets(self, y, *, reset, classes=None):
         y_NO = y.reshape(len(y), -1)
         if reset:
-            self.y_scaler_ = StandardScaler().fit(y_NO)
+            self.y_scaler_ = fit_scaler(y_NO)
             self.n_outputs_ = y_NO.shape[1]
         elif y_NO.shape[1] != self.n_outputs_:
             raise ValueError(f"{type(self).__name__}: y has {y_NO.shape[1]} outputs but the model "
                              f"was fitted with {self.n_outputs_}.")
-        return self.y_scaler_.transform(y_NO)
+        return standardize(type(self).__name__, "y", self.y_scaler_, y_NO)
 
     def _loss_name(self):
         return "mixture_nll" if self.loss == "nll" else self.loss

@@ -83,8 +83,10 @@ def summarize_experts(model: MixtureOfExperts, x_N1: torch.Tensor,
     return summaries
 
 
-def run_demo(config: DemoConfig) -> DemoResult:
-    """Fit the demo mixture, save the model and results.json under ``config.out``."""
+def run_demo(config: DemoConfig, folder: Path | str | None = None) -> DemoResult:
+    """Fit the demo mixture, save the model and results.json under ``folder`` (default
+    ``config.out``; the command builds its run elsewhere and moves it to ``config.out``, the folder
+    the results name)."""
     data_gen = torch.Generator().manual_seed(config.seed)
     x, y = piecewise_linear(config.n_rows, breaks=BREAKS, pieces=PIECES, noise=config.noise,
                             generator=data_gen, dtype=torch.float64)
@@ -94,10 +96,10 @@ def run_demo(config: DemoConfig) -> DemoResult:
                         lr=config.lr, max_epochs=config.epochs, seed=config.seed,
                         progress=config.progress)
     result = fit(model, x, y, train)
-    out = Path(config.out)
+    out = Path(config.out if folder is None else folder)
     save_model(model, out / "model", metadata={"demo": asdict(config)})
     demo = DemoResult(experts=summarize_experts(model, x),
                       train_sse=result.history[-1]["train_sse"], epochs=result.epochs,
-                      stop_reason=result.stop_reason, out=str(out))
+                      stop_reason=result.stop_reason, out=str(config.out))
     write_text_atomic(out / "results.json", json.dumps(asdict(demo), indent=2))
     return demo

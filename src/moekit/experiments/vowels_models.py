@@ -1,21 +1,29 @@
 """The mixtures a `moekit vowels` run saves (run 0 and run 1 of each size at its chosen step, and
-the tracked run's routing over training), and reading them back for `moekit analyze`."""
+the tracked run's routing over training), and reading them back for `moekit analyze`: results.json
+names them, and every name and path it gives is checked to stay inside the run folder."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from moekit.analysis.over_training import routing_summary
 from moekit.data.vowels import VOWEL_LABELS, VowelTask, vowel_task
+from moekit.exceptions import DataError
 from moekit.experiments.vowels import SystemResult, VowelsConfig
 from moekit.fitting.history import History
 from moekit.io.files import write_text_atomic
 from moekit.io.models import load_model, save_model
+from moekit.io.paths import inside, plain_name
+from moekit.io.records import read_json_file
+from moekit.io.run_folder import RERUN_FIX, require_manifest
 from moekit.nn.dense import MixtureOfExperts
 from moekit.reports.analysis import AnalysisInput
 
 MODELS_DIR, ANALYSIS_DIR, HISTORY_FILE = "models", "analysis", "routing_history.json"
+RESULTS_FILE = "results.json"
 FEATURE_NAMES = ("F1 (kHz)", "F2 (kHz)")
 
 
@@ -61,42 +69,108 @@ def _routing_history(result: SystemResult, config: VowelsConfig, task: VowelTask
     return records
 
 
+@dataclass(frozen=True)
+class SavedModel:
+    """One saved mixture of a vowels run, its paths checked to be inside the run folder."""
+
+    name: str
+    path: Path
+    reference: Path | None
+    history: Path | None
+    system: str
+    run: int
+    lr: float
+
+
+def saved_models(run_dir: Path | str) -> dict[str, Any]:
+    """The record of the saved mixtures in a complete `moekit vowels` run folder (results.json's
+    "analysis"), as written; :func:`checked_models` checks it."""
+    run_dir = Path(run_dir)
+    path = run_dir / RESULTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"load_vowels_run: no results.json in {str(run_dir)!r}; run "
+                                f"`moekit vowels --out {run_dir}` first.")
+    require_manifest(run_dir, ("vowels",), f"moekit vowels --out {run_dir}")
+    record = read_json_file("load_vowels_run", path, fix=RERUN_FIX)
+    saved = record.get("analysis") if isinstance(record, dict) else None
+    if not saved:
+        raise DataError(f"{str(path)!r} lists no saved models (a run from an older moekit); run "
+                        "`moekit vowels` again.")
+    return saved
+
+
+def _field(value: Any, ok: bool, source: Path, field: str, want: str) -> Any:
+    """``value`` if ``ok``, else a :class:`DataError` naming the file and the field."""
+    if not ok:
+        raise DataError(f"{field} in {str(source)!r} must be {want}; got {value!r}.")
+    return value
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def checked_models(saved: Any, run_dir: Path, source: Path) -> list[SavedModel]:
+    """The saved mixtures ``saved`` (results.json's "analysis") lists, every field checked: names
+    plain, paths inside ``run_dir`` (no ``..``, no absolute path, no link out)."""
+    _field(saved, isinstance(saved, dict), source, "analysis", "an object")
+    models = _field(saved.get("models"), isinstance(saved.get("models"), list), source,
+                    "analysis.models", "a list")
+    checked = []
+    for i, e in enumerate(models):
+        at = f"analysis.models[{i}]"
+        _field(e, isinstance(e, dict), source, at, "an object")
+
+        def path(key: str, e: dict = e, at: str = at) -> Path | None:
+            return None if e.get(key) is None else inside(run_dir, e[key], source=source,
+                                                          field=f"{at}.{key}")
+
+        checked.append(SavedModel(
+            name=plain_name(e.get("name"), source=source, field=f"{at}.name"),
+            path=inside(run_dir, e.get("path"), source=source, field=f"{at}.path"),
+            reference=path("reference"), history=path("history"),
+            system=_field(e.get("system"), isinstance(e.get("system"), str), source,
+                          f"{at}.system", "text"),
+            run=_field(e.get("run"), _number(e.get("run")) and float(e["run"]).is_integer(),
+                       source, f"{at}.run", "a whole number"),
+            lr=_field(e.get("lr"), _number(e.get("lr")), source, f"{at}.lr", "a number")))
+    return checked
+
+
 def load_vowels_run(run_dir: Path | str, *, task: VowelTask | None = None,
                     saved: dict[str, object] | None = None) -> list[AnalysisInput]:
     """The saved mixtures of a `moekit vowels` run folder, each with the data to analyse it on
     (the vowel task rebuilt as the run used it), ready for
-    :func:`moekit.reports.analysis.analyze_input`.
+    :func:`moekit.reports.analysis.analyze_input`. Without ``saved`` the folder must be a complete
+    run (its manifest written); the record's names and paths must stay inside the folder.
 
     Example:
         >>> for item in load_vowels_run("runs/vowels"):            # doctest: +SKIP
         ...     analyze_input(item, "runs/vowels/analysis")
     """
     run_dir = Path(run_dir)
-    if saved is None:
-        path = run_dir / "results.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"load_vowels_run: no results.json in {str(run_dir)!r}; run "
-                                    f"`moekit vowels --out {run_dir}` first.")
-        saved = json.loads(path.read_text(encoding="utf-8")).get("analysis")
-        if not saved:
-            raise ValueError(f"load_vowels_run: {str(path)!r} lists no saved models (a run from "
-                             "an older moekit); run `moekit vowels` again.")
-    task = task or vowel_task(include_speaker_76=bool(saved["include_speaker_76"]))
-    x, y = (task.x_train, task.y_train) if saved["split"] == "train" else (task.x_test,
-                                                                             task.y_test)
+    saved = saved_models(run_dir) if saved is None else saved
+    source = run_dir / RESULTS_FILE
+    models = checked_models(saved, run_dir, source)
+    split = _field(saved.get("split"), saved.get("split") in ("train", "test"), source,
+                   "analysis.split", "'train' or 'test'")
+    task = task or vowel_task(include_speaker_76=bool(saved.get("include_speaker_76")))
+    x, y = (task.x_train, task.y_train) if split == "train" else (task.x_test, task.y_test)
     items = []
-    for entry in saved["models"]:
-        model = load_model(run_dir / entry["path"])
+    for entry in models:
+        model = load_model(entry.path)
         dtype = next(model.parameters()).dtype
-        reference = load_model(run_dir / entry["reference"]) if entry["reference"] else None
+        reference = load_model(entry.reference) if entry.reference else None
         history = None
-        if entry["history"]:
-            history = History(json.loads((run_dir / entry["history"]).read_text("utf-8")))
+        if entry.history:
+            records = read_json_file("load_vowels_run", entry.history, fix=RERUN_FIX)
+            history = History(_field(records, isinstance(records, list), entry.history,
+                                     "the routing history", "a list of records"))
         items.append(AnalysisInput(
-            name=entry["name"], model=model, x=x.to(dtype), y=y, class_names=task.labels,
+            name=entry.name, model=model, x=x.to(dtype), y=y, class_names=task.labels,
             feature_names=FEATURE_NAMES, reference=reference, reference_name="run 1",
             history=history,
-            description=f"{entry['system']}, run {entry['run']} at step {entry['lr']:g}, on the "
-                        f"{saved['split']}ing set ({x.shape[0]} vowels of speakers "
-                        f"{'1-50' if saved['split'] == 'train' else '51-75'})."))
+            description=f"{entry.system}, run {entry.run} at step {entry.lr:g}, on the "
+                        f"{split}ing set ({x.shape[0]} vowels of speakers "
+                        f"{'1-50' if split == 'train' else '51-75'})."))
     return items

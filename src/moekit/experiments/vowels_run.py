@@ -25,7 +25,12 @@ from moekit.experiments.vowels import (
     systems_of,
     to_jsonable,
 )
-from moekit.experiments.vowels_models import ANALYSIS_DIR, load_vowels_run, save_vowels_models
+from moekit.experiments.vowels_models import (
+    ANALYSIS_DIR,
+    RESULTS_FILE,
+    load_vowels_run,
+    save_vowels_models,
+)
 from moekit.experiments.vowels_readings import Reading, control_of, format_readings, readings
 from moekit.experiments.vowels_report import figures, write_html
 from moekit.experiments.vowels_summary import (
@@ -39,6 +44,7 @@ from moekit.experiments.vowels_summary import (
 )
 from moekit.experiments.vowels_verdict import Claim, claims
 from moekit.io.files import write_text_atomic
+from moekit.io.run_folder import run_folder
 from moekit.reports.analysis import analyze_input
 
 SOLVER_RUNS = 5  # initial weights per solver in the comparison: it shows passes, not spread
@@ -87,7 +93,21 @@ def _loss_rows(results: list[SystemResult], loss_results: list[SystemResult]) ->
 
 def run_vowels(config: VowelsConfig, task: VowelTask | None = None) -> VowelsOutcome:
     """Run every system (25 runs each, step exploration included), the readings and the controls
-    beside them, the error functions and the solvers; write every output."""
+    beside them, the error functions and the solvers; write every output.
+
+    The run folder (``config.out``) is built beside it and put in place whole at the end, replacing
+    a previous run there (:func:`moekit.io.run_folder.run_folder`): a run killed part way leaves the
+    previous run as it was.
+    """
+    final = Path(config.out)
+    with run_folder(final, "vowels", overwrite=True, older=(RESULTS_FILE,)) as out:
+        outcome = _run_into(config, task, out)
+    outcome.files = {k: final / p.relative_to(out) for k, p in outcome.files.items()}
+    return outcome
+
+
+def _run_into(config: VowelsConfig, task: VowelTask | None, out: Path) -> VowelsOutcome:
+    """:func:`run_vowels`, writing into the folder ``out`` (the partial run folder)."""
     start = time.perf_counter()
     task = task or vowel_task(include_speaker_76=config.include_speaker_76)
     track_size = max(config.experts) if config.experts else None
@@ -108,21 +128,21 @@ def run_vowels(config: VowelsConfig, task: VowelTask | None = None) -> VowelsOut
     outcome = VowelsOutcome(config, rows, loss_rows, tests, found, claims(found, rows, loss_rows),
                             format_table(rows, tests, config), format_readings(found), seconds,
                             solver_rows=solver_rows)
-    out = Path(config.out)
     outcome.files.update(figures(results, task, config, out))
     saved = save_vowels_models(results, config, out, task)
     for item in load_vowels_run(out, task=task, saved=saved):
         outcome.analyses[item.name] = analyze_input(item, out / ANALYSIS_DIR)
         outcome.files[f"analysis_{item.name}"] = out / ANALYSIS_DIR / item.name / "analysis.html"
     extra = [control_own] if control_own is not None else []
-    outcome.files["results"] = _write_json(outcome, results + extra + loss_results,
-                                           out / "results.json", saved)
+    outcome.files["results"] = _write_json(outcome, results + extra + loss_results, out, saved)
     outcome.files["report"] = write_html(outcome, results, out / "report.html")
     return outcome
 
 
-def _write_json(outcome: VowelsOutcome, results: list[SystemResult], path: Path,
+def _write_json(outcome: VowelsOutcome, results: list[SystemResult], out: Path,
                 saved: dict[str, object]) -> Path:
+    """results.json; its files are named where they will be once the run is in place."""
+    final = Path(outcome.config.out)
     record = {
         "moekit_version": __version__, "torch_version": torch.__version__,
         "machine": platform.platform(), "threads": torch.get_num_threads(),
@@ -132,9 +152,9 @@ def _write_json(outcome: VowelsOutcome, results: list[SystemResult], path: Path,
         "readings": [r.to_dict() for r in outcome.readings],
         "claims": [dataclasses.asdict(c) for c in outcome.claims],
         "runs": [describe_runs(r) for r in results],
-        "files": {k: str(v) for k, v in outcome.files.items()},
+        "files": {k: str(final / v.relative_to(out)) for k, v in outcome.files.items()},
         "analysis": saved,
         "solvers": [dataclasses.asdict(r) for r in outcome.solver_rows],
     }
-    write_text_atomic(path, json.dumps(record, indent=2))
-    return path
+    write_text_atomic(out / RESULTS_FILE, json.dumps(record, indent=2))
+    return out / RESULTS_FILE

@@ -379,7 +379,7 @@ def _record(result: SweepResult, files: dict[str, Path]) -> dict[str, object]:
             "label": split.setting.label, "setting": dataclasses.asdict(split.setting),
             "run": split.run, "epochs": split.epochs, "groups": split.groups,
             "partition": split.partition},
-        "files": {k: str(v) for k, v in files.items()}})
+        "files": {k: v.name for k, v in files.items()}})  # inside the run folder
 
 
 def write_sweep(config: SweepConfig, out: Path | str, task: VowelTask | None = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,11 +31,21 @@ class TrainState:
 
 
 class Callback:
-    """Hooks into :func:`fit`; override the ones you need."""
+    """Hooks into :func:`fit`; override the ones you need.
+
+    A callback that remembers something across epochs returns it from :meth:`state_dict` (tensors,
+    numbers, strings, lists and dicts of them), so that a checkpoint keeps it and a resumed fit
+    hands it back through :meth:`load_state_dict` before ``on_train_begin``.
+    """
 
     def on_train_begin(self, state: TrainState) -> None: ...
     def on_epoch_end(self, state: TrainState) -> None: ...
     def on_train_end(self, state: TrainState) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 class KeepBest(Callback):
@@ -59,3 +70,9 @@ class KeepBest(Callback):
     def on_train_end(self, state: TrainState) -> None:
         if self.best_state is not None:
             state.model.load_state_dict(self.best_state)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_state": self.best_state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.best_state = state["best"], state["best_state"]

@@ -26,9 +26,10 @@ class TrainConfig:
         loss: 'mixture_nll' (Eq. 3, alias 'eq3'), 'competitive' ('eq2'), 'cooperative' ('eq1'),
             or 'categorical_nll' (class-index targets, softmax-head experts).
         variance: the Gaussian variance of Eq. 3 (1 in the paper).
-        optimizer: 'sgd' (plain, no momentum), 'adam' or 'lbfgs' (strong-Wolfe line search,
-            restarted from the gradient when a step stalls).
+        optimizer: 'sgd' (gradient descent, plain unless ``momentum``), 'adam' or 'lbfgs'
+            (strong-Wolfe line search, restarted from the gradient when a step stalls).
         lr: the step size.
+        momentum: SGD's momentum (optimizer='sgd' only); 0, the paper's, is plain gradient descent.
         max_epochs: the cap on epochs; reaching it is reported as ``stop_reason='max_epochs'``.
         batch_size: rows per update; None is full batch (one update per epoch, as in the paper).
         stop_metric, stop_threshold: stop once the metric reaches the threshold (at or below it,
@@ -40,13 +41,17 @@ class TrainConfig:
         seed: seeds the generator that shuffles minibatches (model weights come from the caller).
         progress: show a progress bar (on stderr).
         checkpoint_path: if set, a checkpoint is written there every ``checkpoint_every`` epochs
-            and at the end; ``fit(..., resume=True)`` continues from it.
+            and at the end; ``fit(..., resume=True)`` continues from it. A resumed fit must have
+            the same config, but for ``RESUME_MAY_CHANGE`` (:mod:`moekit.fitting.checkpoint`):
+            ``max_epochs`` (raised, or kept above the epochs already run), ``progress``,
+            ``checkpoint_path`` and ``checkpoint_every``.
     """
 
     loss: str = "mixture_nll"
     variance: float = 1.0
     optimizer: str = "sgd"
     lr: float = 0.1
+    momentum: float = 0.0
     max_epochs: int = 1000
     batch_size: int | None = None
     stop_metric: str | None = None
@@ -66,6 +71,13 @@ class TrainConfig:
         check_positive_float(owner, "variance", self.variance)
         check_choice(owner, "optimizer", self.optimizer, OPTIMIZERS)
         check_positive_float(owner, "lr", self.lr)
+        if not isinstance(self.momentum, (int, float)) or not 0 <= self.momentum < 1:
+            raise ValueError(f"{owner}: momentum must be a number in [0, 1); "
+                             f"got momentum={self.momentum!r}.")
+        if self.momentum and self.optimizer != "sgd":
+            raise ValueError(f"{owner}: momentum applies to optimizer='sgd' only; got "
+                             f"momentum={self.momentum!r} with optimizer={self.optimizer!r}. "
+                             "Pass momentum=0.0, or optimizer='sgd'.")
         check_int(owner, "max_epochs", self.max_epochs, minimum=1)
         if self.batch_size is not None:
             check_int(owner, "batch_size", self.batch_size, minimum=1)

@@ -9,6 +9,10 @@ fitted), so the log-likelihood never falls (generalised EM). An iteration whose 
 falls is not kept: within rounding (1e-9 of the mean log-likelihood) that is convergence; beyond it,
 a :class:`~moekit.exceptions.DivergenceWarning`. Stopping at ``max_iter`` before converging gives a
 :class:`~moekit.exceptions.ConvergenceWarning`.
+
+EM runs on the inputs standardised per feature (:mod:`moekit.fitting.em_scaling`), so neither a
+feature's units nor its offset changes the fit (on raw inputs, one feature x 1e6 sized the ridge of
+every Newton and least-squares step for that feature alone, and EM stopped far from the optimum).
 """
 
 from __future__ import annotations
@@ -48,6 +52,17 @@ def fit_em(model: nn.Module, x: Tensor, y: Tensor, config: EMConfig | None = Non
     multinomial logit (y class indices (N,)). The current weights are the start (see
     ``EMConfig.init``); EM runs in float64 whatever the model's dtype. Returns an :class:`EMResult`.
 
+    Invariant to each feature's scale and shift: EM fits on x' = (x - mean) / std, per feature
+    (no shift, and the root mean square for std, when a softmax gate has no bias to absorb a
+    shift), and carries the weights back (W = W' / std, b = b' - W' mean / std; a Gaussian gate's
+    means and covariances likewise), so the returned model computes on x the function fitted on x'
+    (up to rounding). Standardising, rather than rescaling each step, keeps every M-step exact (the
+    log-likelihood still never falls) and gives the relative ridge, the singularity test and the
+    covariance floor one meaning in any units. Weights EM leaves untouched are written back bit for
+    bit. The recorded log-likelihood is on the caller's x (for the Gaussian gate, a density over x,
+    it is sum_d log std_d lower than on x'); the stopping test compares its rise with its magnitude
+    on x', which no choice of units moves.
+
     Example:
         >>> from moekit import MixtureOfExperts; from moekit.data import piecewise_linear
         >>> x, y = piecewise_linear(200, generator=torch.Generator().manual_seed(0))
@@ -63,9 +78,9 @@ def fit_em(model: nn.Module, x: Tensor, y: Tensor, config: EMConfig | None = Non
                          f"dtype={y.dtype} (a regression). Pass integer class indices in y, or use "
                          "stop_metric='train_mse' (or 'train_sse', 'train_nll', "
                          "'train_log_likelihood').")
-    if problem.gate_kind == "gaussian" and config.init == "data":
-        model.gate.reset_from_data(x.detach(), torch.Generator().manual_seed(config.seed))
     params = problem.read()
+    if problem.gate_kind == "gaussian" and config.init == "data":
+        params.gauss = problem.gaussians_on_data(config.seed)
 
     history, warned, passes = History(), set(), 1  # passes: the first E-step
     # Per M-step, the sweeps that form Newton systems or normal equations (experts, then gates):
@@ -73,29 +88,33 @@ def fit_em(model: nn.Module, x: Tensor, y: Tensor, config: EMConfig | None = Non
                                                                 problem.gate_kind == "tree"))
     ev = problem.evaluate(params)
 
+    def raw(ll: float) -> float:  # the log-likelihood on the caller's inputs
+        return ll - problem.log_jacobian
+
     def record(iteration: int) -> dict[str, float]:
-        rec = {"iteration": iteration, "log_likelihood": ev.log_lik_N.mean().item(),
+        rec = {"iteration": iteration, "log_likelihood": raw(ev.log_lik_N.mean().item()),
                "conditional_log_likelihood": ev.cond_lik_N.mean().item(),
                "passes": passes, "sweeps": passes + iteration * systems,
                **problem.metrics(ev)}
         history.append(rec)
         return rec
 
-    previous = record(0)
+    old_ll = ev.log_lik_N.mean().item()  # on the standardised inputs, as EM sees them
+    record(0)
     stop_reason, n_iter = "max_iter", 0
     bar = tqdm(total=config.max_iter, desc="em", unit="iter", disable=not config.progress,
                leave=False)
     for iteration in range(1, config.max_iter + 1):
         new, p = m_step(problem, params, ev, warned)
         new_ev = problem.evaluate(new)
-        old_ll, new_ll = previous["log_likelihood"], new_ev.log_lik_N.mean().item()
+        new_ll = new_ev.log_lik_N.mean().item()
         passes += p + 1
         if not new_ll >= old_ll:  # keep the previous parameters
             stop_reason = ("converged" if new_ll >= old_ll - 1e-9 * (1.0 + abs(old_ll))
                            else "likelihood_decreased")
             if stop_reason != "converged":
-                warnings.warn(f"fit_em: the log-likelihood fell from {old_ll:.12g} to "
-                              f"{new_ll:.12g} at iteration {iteration}; EM stopped with the "
+                warnings.warn(f"fit_em: the log-likelihood fell from {raw(old_ll):.12g} to "
+                              f"{raw(new_ll):.12g} at iteration {iteration}; EM stopped with the "
                               "previous parameters. Please report this with the data.",
                               DivergenceWarning, stacklevel=2)
             break
@@ -108,7 +127,7 @@ def fit_em(model: nn.Module, x: Tensor, y: Tensor, config: EMConfig | None = Non
         if (new_ll - old_ll) / max(abs(old_ll), 1e-12) < config.tol:
             stop_reason = "converged"
             break
-        previous = rec
+        old_ll = new_ll
     bar.close()
     if stop_reason == "max_iter":
         warnings.warn(f"fit_em: EM did not converge in max_iter={config.max_iter} iterations (the "

@@ -21,16 +21,20 @@ class EMConfig:
     """How to fit by EM.
 
     Attributes:
-        max_iter: the cap on EM iterations. tol: stop when the log-likelihood's relative rise,
-            (l_t - l_{t-1}) / |l_{t-1}|, is below it.
-        ridge: relative Tikhonov term (x the mean diagonal): the fallback for a singular weighted
-            least-squares problem (with a warning naming the expert); the damping of Newton systems.
+        max_iter: the cap on EM iterations. tol: stop ('converged') when the log-likelihood's
+            relative rise, (l_t - l_{t-1}) / |l_{t-1}|, is below it; l is the mean log-likelihood
+            on the standardised inputs (it differs from the recorded one only for the Gaussian
+            gate, by a constant), so the test does not depend on the units of x.
+        ridge: relative Tikhonov term (x the mean diagonal, on the standardised inputs): the
+            fallback for a singular weighted least-squares problem (with a warning naming the
+            expert); the damping of Newton systems.
         irls_steps: Newton steps per M-step for logit experts and softmax gates; max_halvings:
             halvings of a Newton step before it is given up.
         fixed_variance: hold every Gaussian expert's variance at this (EM then maximises Eq. 3
             with that ``variance``); None learns one variance per expert.
         variance_floor: the least expert variance, as a fraction of the mean variance of y, and the
-            least eigenvalue of a Gaussian gate covariance, as a fraction of the mean variance of x.
+            least eigenvalue of a Gaussian gate covariance over the standardised inputs, as a
+            fraction of their mean variance (so a feature's floor follows its units).
         stop_metric, stop_threshold: also stop once e.g. 'train_mse' <= 0.08 (>= for accuracy and
             log_likelihood); the metrics are EM_METRICS prefixed 'train_' ('train_accuracy'
             needs class-index targets).

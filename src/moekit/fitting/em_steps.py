@@ -19,6 +19,11 @@ sum_n log p(y_n | x_n) with softmax gates; with the Gaussian gate, the joint log
 maximises (the conditional one is recorded too). An iteration whose log-likelihood falls is not
 kept: within rounding (1e-9 of the mean log-likelihood) that is convergence; beyond it, a warning.
 
+Every step runs on the inputs standardised per feature (:mod:`moekit.fitting.em_scaling`), the
+weights carried there by :meth:`EMProblem.read` and back by :meth:`EMProblem.write`: the ridge, the
+singularity test and the covariance floor are relative to means over features, which would mean
+nothing if the features' units differed by orders of magnitude.
+
 ``passes`` counts sweeps over the training rows that evaluate the model: one per E-step, one per
 Newton trial (experts and gates apart); forming normal equations, a Newton system or the Gaussian
 gate's statistics rides on the evaluation before it, as a backward pass does on its forward in a
@@ -35,6 +40,7 @@ from torch import Tensor, nn
 
 from moekit._checks import check_choice, check_finite, check_matrix, check_same_rows
 from moekit.fitting.em_config import EMConfig
+from moekit.fitting.em_scaling import FeatureScaling, keep_unmoved
 from moekit.fitting.objective import prepare_targets
 from moekit.losses import (
     categorical_log_likelihood,
@@ -82,7 +88,9 @@ def gate_views(gate: nn.Module) -> tuple[Tensor, Tensor | None]:
 
 
 class EMProblem:
-    """The model's structure, the data in float64, and the E-step; built once per fit."""
+    """The model's structure, the data in float64 standardised per feature (``scaling``), and the
+    E-step; built once per fit. ``log_jacobian`` is what standardising adds to the joint
+    log-likelihood of the Gaussian gate (0 for softmax gates, whose likelihood is conditional)."""
 
     def __init__(self, model: nn.Module, x_ND: Tensor, y: Tensor, config: EMConfig) -> None:
         experts, gate = getattr(model, "experts", None), getattr(model, "gate", None)
@@ -112,7 +120,11 @@ class EMProblem:
                              f"dtype={y.dtype}. Pass y.long().")
         targets = prepare_targets("fit_em", "y", y, out_features=experts.out_features,
                                   loss="mixture_nll", dtype=F64)
-        self.x_ND, self.y_NO = x_ND.detach().to(F64), targets.dense_NO
+        # A gate without a bias cannot take a shift of the inputs: scale only then.
+        center = self.gate_kind == "gaussian" or self.gate_bias
+        self.scaling = FeatureScaling.fit(x_ND.detach(), center=center)
+        self.log_jacobian = self.scaling.log_jacobian if self.gate_kind == "gaussian" else 0.0
+        self.x_ND, self.y_NO = self.scaling.transform(x_ND.detach()), targets.dense_NO
         self.classes_N = targets.classes_N
         self.x1_NP = torch.cat([self.x_ND, self.x_ND.new_ones(len(x_ND), 1)], 1)
         scales = [float(t.var(0, unbiased=False).mean()) if len(t) > 1 else 1.0
@@ -124,15 +136,21 @@ class EMProblem:
         return x1_NP if self.gate_bias else x1_NP[:, :-1]
 
     def read(self) -> Params:
-        experts, gate = self.model.experts, self.model.gate
+        """The model's weights as maps of the standardised inputs (the start of EM)."""
+        experts, gate, scaling = self.model.experts, self.model.gate, self.scaling
         with torch.no_grad():
-            w_EPO = torch.cat([experts.w_EDO, experts.b_EO.unsqueeze(1)], dim=1).to(F64)
+            self.raw_start = Params(torch.cat([experts.w_EDO, experts.b_EO.unsqueeze(1)], dim=1)
+                                    .to(F64))
+            w_EPO = scaling.weights_in(self.raw_start.experts_EPO, bias=True)
             params = Params(w_EPO)
             if isinstance(gate, GaussianGate):
-                params.gauss = gate.params(dtype=F64)
+                params.gauss = scaling.gaussians_in(gate.params(dtype=F64))
             else:
                 w, b = gate_views(gate)
-                params.gate_GQB = (w if b is None else torch.cat([w, b.unsqueeze(1)], 1)).to(F64)
+                self.raw_start.gate_GQB = (w if b is None else torch.cat([w, b.unsqueeze(1)], 1)
+                                           ).to(F64)
+                params.gate_GQB = scaling.weights_in(self.raw_start.gate_GQB, bias=self.gate_bias)
+        self.start = Params(params.experts_EPO, params.gate_GQB)
         if self.classify:
             return params
         if self.config.fixed_variance is not None:
@@ -144,18 +162,35 @@ class EMProblem:
             params.variance_E = sq_E.clamp_min(self.variance_floor)
         return params
 
+    def gaussians_on_data(self, seed: int) -> GaussianGateParams:
+        """``EMConfig.init='data'``: the Gaussian gate placed on the standardised rows, as
+        :meth:`~moekit.nn.gaussian_gate.GaussianGate.reset_from_data` does (rows drawn with
+        ``seed``)."""
+        gate, generator = self.model.gate, torch.Generator().manual_seed(seed)
+        placed = GaussianGate(gate.in_features, gate.n_experts, covariance=gate.covariance,
+                              generator=generator).to(device=self.x_ND.device, dtype=F64)
+        placed.reset_from_data(self.x_ND, torch.Generator().manual_seed(seed))
+        return placed.params()
+
     @torch.no_grad()
     def write(self, params: Params) -> None:
-        experts, gate = self.model.experts, self.model.gate
-        experts.w_EDO.copy_(params.experts_EPO[:, :-1])
-        experts.b_EO.copy_(params.experts_EPO[:, -1])
+        """Carry ``params`` back to maps of the raw inputs and into the model."""
+        experts, gate, scaling = self.model.experts, self.model.gate, self.scaling
+        w_EPO = keep_unmoved(params.experts_EPO, self.start.experts_EPO,
+                             scaling.weights_out(params.experts_EPO, bias=True),
+                             self.raw_start.experts_EPO)
+        experts.w_EDO.copy_(w_EPO[:, :-1])
+        experts.b_EO.copy_(w_EPO[:, -1])
         if isinstance(gate, GaussianGate):
-            gate.set_params(params.gauss)
+            gate.set_params(scaling.gaussians_out(params.gauss))
             return
+        gate_GQB = keep_unmoved(params.gate_GQB, self.start.gate_GQB,
+                                scaling.weights_out(params.gate_GQB, bias=self.gate_bias),
+                                self.raw_start.gate_GQB)
         w_GDB, b_GB = gate_views(gate)
-        w_GDB.copy_(params.gate_GQB[:, : w_GDB.shape[1]])
+        w_GDB.copy_(gate_GQB[:, : w_GDB.shape[1]])
         if b_GB is not None:
-            b_GB.copy_(params.gate_GQB[:, -1])
+            b_GB.copy_(gate_GQB[:, -1])
 
     def evaluate(self, params: Params) -> Evaluation:
         """The E-step: every expert's and gate's forward, the log-likelihood and the posteriors."""

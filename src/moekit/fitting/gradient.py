@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from moekit._checks import check_finite, check_matrix, check_same_rows
 from moekit.exceptions import ConvergenceWarning, DivergenceWarning
 from moekit.fitting.callbacks import Callback, TrainState
-from moekit.fitting.checkpoint import load_checkpoint, save_checkpoint
+from moekit.fitting.checkpoint import fit_identity, load_checkpoint, save_checkpoint
 from moekit.fitting.config import TrainConfig, higher_is_better
 from moekit.fitting.history import History
 from moekit.fitting.lbfgs import RestartingLBFGS
@@ -64,7 +64,7 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     """The optimizer ``config`` names, over the model's trainable parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=0.0)
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum)
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr)
     return RestartingLBFGS(params, lr=config.lr, max_iter=1, line_search_fn="strong_wolfe")
@@ -139,7 +139,12 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, config: TrainConfig | None = Non
         config: a :class:`TrainConfig`; the defaults are the paper's protocol.
         x_val, y_val: an optional validation set, evaluated every epoch as ``val_*`` metrics.
         callbacks: :class:`Callback` objects called at the start, after each epoch, and at the end.
-        resume: continue from ``config.checkpoint_path`` if that file exists.
+        resume: continue from ``config.checkpoint_path`` if that file exists (else start). The
+            checkpoint must be this fit's: the same model (class, config, parameter shapes), data
+            and TrainConfig, but for ``max_epochs``, ``progress`` and the checkpoint settings;
+            anything else is refused with a DataError naming each difference, as is a file that
+            cannot be read (:mod:`moekit.fitting.checkpoint`). Callbacks may change. Killed at
+            any point and resumed, the fit ends with the weights of an uninterrupted one.
 
     Returns:
         a :class:`TrainResult`; the model is trained in place.
@@ -162,11 +167,18 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, config: TrainConfig | None = Non
                             out_features)
     _check_metrics_produced(config, targets, None if val is None else val[1])
 
+    if resume and not config.checkpoint_path:
+        raise ValueError("fit: resume=True needs the file to resume from; set "
+                         "TrainConfig(checkpoint_path=...), or pass resume=False.")
     optimizer = make_optimizer(model, config)
     generator = torch.Generator().manual_seed(config.seed)
     state = TrainState(model, optimizer, config, History())
+    identity = None
+    if config.checkpoint_path:  # computed once: hashing the data each save would cost an epoch
+        identity = fit_identity(model, optimizer, config,
+                                {"x": x, "y": y, "x_val": x_val, "y_val": y_val})
     if resume:
-        load_checkpoint(state, generator)
+        load_checkpoint(state, generator, callbacks, identity)
     for callback in callbacks:
         callback.on_train_begin(state)
 
@@ -185,7 +197,7 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, config: TrainConfig | None = Non
         if state.stop and state.stop_reason is None:
             state.stop_reason = "callback"
         if config.checkpoint_path and (state.epoch % config.checkpoint_every == 0 or state.stop):
-            save_checkpoint(state, generator)
+            save_checkpoint(state, generator, callbacks, identity)
         bar.update(1)
         bar.set_postfix(loss=f"{record['train_loss']:.4g}", refresh=False)
     bar.close()
@@ -197,7 +209,7 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, config: TrainConfig | None = Non
                       f"{state.history[-1][config.stop_metric]:.4g}). Raise max_epochs or lr.",
                       ConvergenceWarning, stacklevel=2)
     if config.checkpoint_path:
-        save_checkpoint(state, generator)
+        save_checkpoint(state, generator, callbacks, identity)
     for callback in callbacks:
         callback.on_train_end(state)
     logger.info("fit stopped after %d epochs (%s)", state.epoch, state.stop_reason)

@@ -9,7 +9,9 @@ only inside :func:`transformers_block`. Layout of a transformers (>= 5) sparse M
     experts.down_proj         (E, D, H)
 
 Mixtral renormalises the top-k probabilities; Qwen3-MoE does when ``norm_topk_prob`` is set. Both
-weight experts by softmax probabilities chosen by top-k, which is moekit's 'topk' router.
+weight experts by softmax probabilities chosen by top-k, which is moekit's 'topk' router; at K = 1
+they renormalise the one weight to 1.0 (moekit's ``scale_top1=False``), where moekit by default
+weights it by its probability, as Switch does.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def from_transformers(block: nn.Module) -> SparseMoE:
     renormalize = True if family == "mixtral" else bool(block.gate.norm_topk_prob)
     layer = SparseMoE(d_model, n_experts, block.gate.top_k, hidden=hidden,
                       router=RouterConfig(kind="topk", top_k=block.gate.top_k,
-                                          renormalize=renormalize),
+                                          renormalize=renormalize, scale_top1=False),
                       experts="swiglu", activation=_activation_name(block.experts.act_fn),
                       load_balance_weight=0.0)
     with torch.no_grad():
@@ -68,6 +70,7 @@ def to_transformers(layer: SparseMoE, block: nn.Module) -> nn.Module:
                          f"{tuple(block.experts.gate_up_proj.shape)} "
                          f"with top_k={block.gate.top_k}; "
                          f"this layer needs {want} with top_k={c.router.top_k}.")
+    _check_weighting(layer, block)
     with torch.no_grad():
         block.gate.weight.copy_(layer.router.w_DE.T)
         block.experts.gate_up_proj.copy_(layer.experts.w13_EFD)
@@ -97,10 +100,27 @@ def transformers_block(layer: SparseMoE, family: str = "mixtral", **config_kwarg
 
         config = Qwen3MoeConfig(hidden_size=c.d_model, moe_intermediate_size=c.hidden,
                                 num_experts=c.n_experts, num_experts_per_tok=c.router.top_k,
-                                norm_topk_prob=c.router.renormalize, hidden_act=c.activation,
+                                norm_topk_prob=c.router.renormalizes, hidden_act=c.activation,
                                 **config_kwargs)
         block = Qwen3MoeSparseMoeBlock(config)
     return to_transformers(layer, block.to(layer.router.w_DE.dtype))
+
+
+def _check_weighting(layer: SparseMoE, block: nn.Module) -> None:
+    """Refuse a layer whose expert weights the block cannot reproduce: Mixtral always renormalises
+    the top-k probabilities (to 1.0 at K = 1), Qwen3-MoE does when ``norm_topk_prob`` is set."""
+    renormalizes = layer.config.router.renormalizes
+    block_renormalizes = (_family(block) == "mixtral") or bool(block.gate.norm_topk_prob)
+    if renormalizes != block_renormalizes:
+        fix = ("RouterConfig(renormalize=True, scale_top1=False)" if block_renormalizes else
+               "a Qwen3-MoE block with norm_topk_prob=True")
+        verb = "renormalises" if renormalizes else "does not renormalise"
+        raise ValueError(
+            f"to_transformers: the layer {verb} its top-{layer.config.router.top_k} weights "
+            f"(renormalize="
+            f"{layer.config.router.renormalize}, scale_top1={layer.config.router.scale_top1}) but "
+            f"the {type(block).__name__} {'does' if block_renormalizes else 'does not'}; their "
+            f"outputs would differ. Use {fix}.")
 
 
 def _activation_name(act: nn.Module) -> str:

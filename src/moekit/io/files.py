@@ -1,13 +1,16 @@
 """Files written whole or not at all, and values made JSON-ready.
 
-Every file moekit writes goes through :func:`atomic_path`: it is written to a temporary file in the
-same folder and renamed into place, so a crash never leaves a half-written file under the real name.
+Every file moekit writes goes through :func:`atomic_path`: written to ``.NAME.xxxxxxxx.tmp`` beside
+it and renamed into place, so a crash never leaves a half-written file under the real name (what a
+killed write leaves is removed by the next run written there:
+:func:`moekit.io.run_folder.clean_leftovers`).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -42,6 +45,14 @@ def write_text_atomic(path: Path | str, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def remove(path: Path) -> None:
+    """Delete a file, a link (not what it points to) or a folder tree, if there."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    elif path.is_dir():
+        shutil.rmtree(path)
 
 
 def jsonable(value: Any) -> Any:

@@ -6,57 +6,51 @@ A model folder holds two files:
                          "metadata": ...}
     model.safetensors   the state dict
 
-Each file is written atomically (:func:`moekit.io.files.atomic_path`). ``MODEL_CLASSES`` is the
-registry of the classes a folder can name; each has ``config``, ``config_class`` and
-``from_config``.
+Each file is written atomically (:func:`moekit.io.files.atomic_path`), both with the mode the
+atomic writer gives (0o644: readable like any saved result). ``MODEL_CLASSES`` is the registry of
+the classes a folder can name; each has ``config``, ``config_class`` and ``from_config``.
+
+Loading checks before it allocates, in this order: config.json (a bounded read, the envelope, each
+config value's type and range: :mod:`moekit.io.header`); the model the config implies, built on
+the ``meta`` device (shapes, no memory); the weights file's header alone (floating dtypes, offsets
+inside the file: :mod:`moekit.io.weights`); the number of values and every tensor's name and shape
+against the config; only then the tensors are read, and NaN or inf in them is refused. Every
+problem is a :class:`~moekit.exceptions.DataError` naming the folder, the file and the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import typing
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from moekit._version import __version__
+from moekit.exceptions import DataError
 from moekit.io.files import atomic_path, write_text_atomic
+from moekit.io.header import (
+    CONFIG_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    config_from_dict,
+    read_header,
+    size_fields,
+)
+from moekit.io.records import FIX
+from moekit.io.weights import check_weights_fit, load_weights, read_weights_header, write_weights
 from moekit.nn.dense import MixtureOfExperts
 from moekit.nn.hierarchical import HierarchicalMixtureOfExperts
 from moekit.nn.localized import LocalizedMixtureOfExperts
 from moekit.nn.sparse import SparseMoE
 
-FORMAT = "moekit-model"
-FORMAT_VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
 # Classes save_model can write; each has ``config``, ``config_class`` and ``from_config``.
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
     cls.__name__: cls for cls in (MixtureOfExperts, SparseMoE, HierarchicalMixtureOfExperts,
                                   LocalizedMixtureOfExperts)}
-
-
-def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Rebuild a (possibly nested) config dataclass from a dict, rejecting unknown keys."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{cls.__name__}: expected a JSON object; got {type(data).__name__}.")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown config keys {unknown}; "
-                         f"known keys: {sorted(names)}.")
-    kwargs = {}
-    for name, value in data.items():
-        field_type = hints[name]
-        nested = dataclasses.is_dataclass(field_type) and isinstance(value, dict)
-        kwargs[name] = config_from_dict(field_type, value) if nested else value
-    return cls(**kwargs)
 
 
 def save_model(model: nn.Module, directory: Path | str, *,
@@ -64,7 +58,7 @@ def save_model(model: nn.Module, directory: Path | str, *,
     """Save ``model`` (weights and config) into ``directory``, creating it; returns the folder.
 
     ``metadata`` is any JSON-serialisable dict stored beside the config (feature names, class
-    labels).
+    labels). The weights keep the model's floating dtype (float16, bfloat16, float32 or float64).
 
     Example:
         >>> from moekit import MixtureOfExperts
@@ -74,6 +68,8 @@ def save_model(model: nn.Module, directory: Path | str, *,
     if name not in MODEL_CLASSES:
         raise TypeError(f"save_model: cannot save a {name}; "
                         f"savable classes: {sorted(MODEL_CLASSES)}.")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise TypeError(f"save_model: metadata must be a dict; got {type(metadata).__name__}.")
     directory = Path(directory)
     header = {
         "format": FORMAT,
@@ -84,66 +80,52 @@ def save_model(model: nn.Module, directory: Path | str, *,
         "metadata": metadata or {},
     }
     text = json.dumps(header, indent=2, sort_keys=True)  # fails here, before anything is written
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
-        save_file(state, str(tmp))
+        write_weights(state, tmp)
     write_text_atomic(directory / CONFIG_FILE, text)
     return directory
 
 
-def read_header(directory: Path | str) -> dict[str, Any]:
-    """Read and check a model folder's config.json; errors say what is wrong with the folder."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"load_model: no model folder at {str(directory)!r}.")
-    config_path = directory / CONFIG_FILE
-    if not config_path.is_file() or not (directory / WEIGHTS_FILE).is_file():
-        raise ValueError(f"load_model: {str(directory)!r} is not a moekit model folder: it needs "
-                         f"{CONFIG_FILE} and {WEIGHTS_FILE}.")
+def _meta_model(cls: type[nn.Module], config: Any, config_path: Path) -> nn.Module:
+    """The model ``config`` describes, built on the meta device: its tensors have shapes and no
+    memory, so a config asking for terabytes costs nothing to inspect."""
     try:
-        header = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"load_model: {str(config_path)!r} is not valid JSON ({err}); the folder "
-                         "is corrupted.") from err
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise ValueError(f"load_model: {str(config_path)!r} is not a moekit model config "
-                         f"(format="
-                         f"{header.get('format') if isinstance(header, dict) else None!r}).")
-    if header.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"load_model: format_version={header.get('format_version')!r} is not "
-                         f"supported by moekit {__version__} (supports {FORMAT_VERSION}).")
-    return header
+        with torch.device("meta"):
+            return cls.from_config(config)
+    except (RuntimeError, ValueError, TypeError, OverflowError) as err:  # sizes past int64
+        sizes = ", ".join(f"{k}={v:,}" for k, v in size_fields(config).items())
+        raise DataError(f"load_model: {str(config_path)!r}: the config ({sizes}) describes no "
+                        f"model that can exist ({err}). {FIX}") from None
 
 
 def load_model(directory: Path | str, *, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a model saved by :func:`save_model`; its outputs equal the saved model's.
 
-    The folder's metadata is available as ``model.metadata``.
+    The folder's metadata is available as ``model.metadata``. The weights keep their saved dtype.
+    Nothing is allocated before config.json and the weights file's header agree (see the module's
+    docstring); a folder that does not pass is a :class:`~moekit.exceptions.DataError`.
     """
     directory = Path(directory)
-    header = read_header(directory)
-    cls = MODEL_CLASSES.get(header.get("class"))
-    if cls is None:
-        raise ValueError(f"load_model: unknown model class {header.get('class')!r}; "
-                         f"known: {sorted(MODEL_CLASSES)}.")
+    header = read_header(directory, classes=MODEL_CLASSES)
+    config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    cls = MODEL_CLASSES[header["class"]]
     try:
         config = config_from_dict(cls.config_class, header["config"])
-    except (TypeError, KeyError) as err:
-        raise ValueError(f"load_model: the config in {str(directory)!r} is invalid: {err}") from err
-    model = cls.from_config(config)
-    try:
-        state = load_file(str(directory / WEIGHTS_FILE), device=str(map_location))
-    except (SafetensorError, OSError) as err:
-        raise ValueError(f"load_model: cannot read {WEIGHTS_FILE} in {str(directory)!r}: "
-                         f"{err}") from err
-    dtypes = {t.dtype for t in state.values()}
-    if len(dtypes) == 1:
-        model = model.to(dtype=dtypes.pop())
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:
-        raise ValueError(f"load_model: the weights in {str(directory)!r} do not fit the saved "
-                         f"config: {err}") from err
-    model.metadata = header.get("metadata", {})
+    except ValueError as err:
+        raise DataError(f"load_model: {str(config_path)!r}: {err} {FIX}") from None
+    model = _meta_model(cls, config, config_path)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    entries = read_weights_header(weights_path)
+    check_weights_fit(weights_path, entries, expected, size_fields(config))
+    state = load_weights(weights_path, str(map_location))
+    model.load_state_dict(state, strict=True, assign=True)  # the meta tensors become the loaded
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    assert not left, f"load_model: {cls.__name__} has tensors the state dict does not set: {left}"
+    model.metadata = header["metadata"]
     model.eval()
     return model
+
+
+__all__ = ["CONFIG_FILE", "FORMAT", "FORMAT_VERSION", "MODEL_CLASSES", "WEIGHTS_FILE",
+           "config_from_dict", "load_model", "read_header", "save_model"]

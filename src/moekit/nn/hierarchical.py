@@ -24,6 +24,7 @@ from torch import Tensor
 from moekit._checks import check_int, check_matrix
 from moekit.nn.dense import DenseMixture
 from moekit.nn.experts import ExpertConfig
+from moekit.nn.finite import check_finite_rows, check_flag
 from moekit.nn.gates import GateConfig
 from moekit.nn.tree_gate import TreeGate, n_gate_nodes
 
@@ -43,6 +44,9 @@ class HMEConfig:
         expert: the leaves' :class:`~moekit.nn.experts.ExpertConfig` (EM needs linear experts).
         gate: every node's :class:`~moekit.nn.gates.GateConfig` (a softmax gate, with or without
             bias).
+        check_finite: refuse input rows holding NaN or inf (True, the default): one such row makes
+            the loss and every gradient NaN. False skips the check (one reduction and one device
+            sync per forward); a bad row then gives a NaN output row and NaN gradients.
     """
 
     in_features: int
@@ -51,6 +55,7 @@ class HMEConfig:
     branching: int = 2
     expert: ExpertConfig = field(default_factory=ExpertConfig)
     gate: GateConfig = field(default_factory=GateConfig)
+    check_finite: bool = True
 
     def __post_init__(self) -> None:
         owner = "HierarchicalMixtureOfExperts"
@@ -59,9 +64,13 @@ class HMEConfig:
         check_int(owner, "depth", self.depth, minimum=1)
         check_int(owner, "branching", self.branching, minimum=2)
         if self.depth > math.log2(MAX_LEAVES) or self.branching**self.depth > MAX_LEAVES:
+            # a deep tree's leaf count can be too long to print (Python refuses > 4300 digits)
+            leaves = (f"{self.branching**self.depth}" if self.depth <= math.log2(MAX_LEAVES)
+                      else f"more than {MAX_LEAVES}")
             raise ValueError(f"{owner}: branching**depth (the number of experts) must be at most "
                              f"{MAX_LEAVES}; got branching={self.branching}, depth={self.depth} "
-                             f"({self.branching**self.depth} experts). Use a shallower tree.")
+                             f"({leaves} experts). Use a shallower tree.")
+        check_flag(owner, "check_finite", self.check_finite)
 
     @property
     def n_experts(self) -> int:
@@ -88,6 +97,7 @@ class HierarchicalMixtureOfExperts(DenseMixture):
         depth: L >= 1 gate levels. branching: B >= 2 children per gate.
         expert: an :class:`ExpertConfig` for the leaves (default: linear, identity head).
         gate: a :class:`GateConfig` for every node (default: softmax with bias).
+        check_finite: refuse input rows holding NaN or inf (default True; see :class:`HMEConfig`).
         generator: the random generator for the initial weights.
 
     Example:
@@ -101,10 +111,11 @@ class HierarchicalMixtureOfExperts(DenseMixture):
 
     def __init__(self, in_features: int, out_features: int, depth: int = 2, branching: int = 2, *,
                  expert: ExpertConfig | None = None, gate: GateConfig | None = None,
-                 generator: torch.Generator | None = None) -> None:
+                 check_finite: bool = True, generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.config = HMEConfig(in_features, out_features, depth, branching,
-                                expert=expert or ExpertConfig(), gate=gate or GateConfig())
+                                expert=expert or ExpertConfig(), gate=gate or GateConfig(),
+                                check_finite=check_finite)
         self.gate = TreeGate(in_features, depth=depth, branching=branching,
                              bias=self.config.gate.bias, generator=generator)
         self.experts = self.config.expert.build(in_features, out_features, self.config.n_experts,
@@ -113,4 +124,6 @@ class HierarchicalMixtureOfExperts(DenseMixture):
     def node_probs(self, x_ND: Tensor) -> Tensor:
         """Every gate node's probabilities over its children, (N, G, B), breadth-first order."""
         check_matrix("HierarchicalMixtureOfExperts", "x", x_ND, n_columns=self.config.in_features)
+        if self.config.check_finite:
+            check_finite_rows("HierarchicalMixtureOfExperts", x_ND)
         return self.gate.node_probs(x_ND)

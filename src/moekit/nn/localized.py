@@ -16,18 +16,29 @@ import torch
 from moekit._checks import check_choice, check_int
 from moekit.nn.dense import DenseMixture
 from moekit.nn.experts import ExpertConfig
+from moekit.nn.finite import check_flag
 from moekit.nn.gaussian_gate import COVARIANCES, GaussianGate
 
 
 @dataclass(frozen=True)
 class LocalizedMoEConfig:
-    """Everything needed to rebuild a :class:`LocalizedMixtureOfExperts`."""
+    """Everything needed to rebuild a :class:`LocalizedMixtureOfExperts`.
+
+    Attributes:
+        in_features, out_features, n_experts: D, O, E.
+        expert: the experts' :class:`~moekit.nn.experts.ExpertConfig`.
+        covariance: the gate's covariances, 'full' or 'diag'.
+        check_finite: refuse input rows holding NaN or inf (True, the default): one such row makes
+            the loss and every gradient NaN. False skips the check (one reduction and one device
+            sync per forward); a bad row then gives a NaN output row and NaN gradients.
+    """
 
     in_features: int
     out_features: int
     n_experts: int
     expert: ExpertConfig = field(default_factory=ExpertConfig)
     covariance: str = "full"
+    check_finite: bool = True
 
     def __post_init__(self) -> None:
         owner = "LocalizedMixtureOfExperts"
@@ -35,6 +46,7 @@ class LocalizedMoEConfig:
         check_int(owner, "out_features", self.out_features, minimum=1)
         check_int(owner, "n_experts", self.n_experts, minimum=1)
         check_choice(owner, "covariance", self.covariance, COVARIANCES)
+        check_flag(owner, "check_finite", self.check_finite)
 
 
 class LocalizedMixtureOfExperts(DenseMixture):
@@ -44,6 +56,8 @@ class LocalizedMixtureOfExperts(DenseMixture):
         in_features: D. out_features: O. n_experts: E.
         expert: an :class:`ExpertConfig` (EM needs linear experts; identity or softmax head).
         covariance: the gate's covariances, 'full' or 'diag'.
+        check_finite: refuse input rows holding NaN or inf (default True; see
+            :class:`LocalizedMoEConfig`).
         generator: the random generator for the initial weights.
 
     Example:
@@ -57,10 +71,11 @@ class LocalizedMixtureOfExperts(DenseMixture):
 
     def __init__(self, in_features: int, out_features: int, n_experts: int, *,
                  expert: ExpertConfig | None = None, covariance: str = "full",
-                 generator: torch.Generator | None = None) -> None:
+                 check_finite: bool = True, generator: torch.Generator | None = None) -> None:
         super().__init__()
         self.config = LocalizedMoEConfig(in_features, out_features, n_experts,
-                                         expert=expert or ExpertConfig(), covariance=covariance)
+                                         expert=expert or ExpertConfig(), covariance=covariance,
+                                         check_finite=check_finite)
         self.gate = GaussianGate(in_features, n_experts, covariance=covariance, generator=generator)
         self.experts = self.config.expert.build(in_features, out_features, n_experts,
                                                 generator=generator)

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -36,8 +39,17 @@ class RouterConfig:
             (sigmoid scores, top-k chosen with a load-driven bias, DeepSeek-V3 2024).
         top_k: experts per row (for 'expert_choice' the average per row); None takes the kind's
             default, 1 for 'switch' and 2 otherwise. 'switch' refuses any other value.
-        renormalize: weight the chosen experts by a softmax over their logits (True) or by their
-            full softmax probabilities (False).
+        renormalize: for K > 1, weight the chosen experts by a softmax over their logits (True)
+            or by their full softmax probabilities (False); for 'sigmoid', by their scores divided
+            by the chosen scores' sum (True, DeepSeek-V3) or by the scores (False).
+        scale_top1: for K = 1 (with ``renormalize``), weight the one chosen expert by its gate
+            score, as Switch Transformer does (Fedus et al. 2021, y = p_i(x) E_i(x)): its full
+            softmax probability p_i for 'topk' and 'switch', its sigmoid score s_i for 'sigmoid'.
+            Renormalising one weight gives 1.0 on every row, so the router would get no gradient
+            from the task loss. False keeps that weight of 1.0 (transformers' Mixtral at K = 1),
+            and is what a config saved before this field reads back as (``LEGACY_DEFAULTS``), so a
+            saved model reloads with the outputs it was saved with. Expert choice always weights
+            by p; without ``renormalize`` the weights are p (or s) for every K.
         noise: 'none', 'gaussian' (noisy top-k with a learned noise scale), or 'jitter'
             (multiplicative input noise, U(1 - eps, 1 + eps)); applied in training mode only.
         jitter_eps: the jitter's half-width.
@@ -47,6 +59,9 @@ class RouterConfig:
     Example:
         >>> RouterConfig(kind="switch").top_k
         1
+        >>> p = torch.softmax(torch.tensor([[2.0, 0.0]]), -1)  # switch: the weight is p, not 1
+        >>> RouterConfig(kind="switch").build(1, 2).choose(p.log()).weights_NK
+        tensor([[0.8808]])
         >>> RouterConfig(kind="switch", top_k=2)  # doctest: +NORMALIZE_WHITESPACE
         Traceback (most recent call last):
         ...
@@ -61,6 +76,11 @@ class RouterConfig:
     jitter_eps: float = 0.01
     capacity_factor: float = 1.0
     bias_update_rate: float = 1e-3
+    scale_top1: bool = True
+
+    # The value a field added after the first saved folders takes when a saved config lacks it
+    # (moekit.io reads these), so that a folder reloads with the outputs it was saved with.
+    LEGACY_DEFAULTS: ClassVar[Mapping[str, Any]] = MappingProxyType({"scale_top1": False})
 
     def __post_init__(self) -> None:
         check_choice("RouterConfig", "kind", self.kind, ROUTER_KINDS)
@@ -68,6 +88,10 @@ class RouterConfig:
             object.__setattr__(self, "top_k", DEFAULT_TOP_K[self.kind])
         check_int("RouterConfig", "top_k", self.top_k, minimum=1)
         check_choice("RouterConfig", "noise", self.noise, NOISE_KINDS)
+        for name in ("renormalize", "scale_top1"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"RouterConfig: {name} must be True or False; got "
+                                f"{name}={getattr(self, name)!r}.")
         if self.kind == "switch" and self.top_k != 1:
             raise ValueError(f"RouterConfig: kind='switch' routes every row to one expert, "
                              f"top_k=1; got top_k={self.top_k}. Use kind='topk' for "
@@ -75,6 +99,12 @@ class RouterConfig:
         if self.noise == "gaussian" and self.kind not in ("topk", "switch"):
             raise ValueError(f"RouterConfig: noise='gaussian' (noisy top-k) needs kind 'topk' or "
                              f"'switch'; got kind={self.kind!r}. Use noise='jitter' instead.")
+
+    @property
+    def renormalizes(self) -> bool:
+        """Whether the chosen experts' weights are divided by their sum: ``renormalize``, except at
+        K = 1 under ``scale_top1`` (Switch's y = p_i(x) E_i(x))."""
+        return self.renormalize and not (self.top_k == 1 and self.scale_top1)
 
     def build(self, d_model: int, n_experts: int, *, generator: torch.Generator | None = None
               ) -> nn.Module:
@@ -123,6 +153,10 @@ class LinearScores(nn.Module):
 class TopKRouter(LinearScores):
     """Token choice: each row takes its K highest-scoring experts (switch routing is K = 1).
 
+    Weights: a softmax over the K chosen logits (``renormalize``, K > 1), else the chosen experts'
+    full softmax probabilities p_i; at K = 1 that is Switch's y = p_i(x) E_i(x), so the router
+    learns from the task loss (``RouterConfig.scale_top1``).
+
     With ``noise='gaussian'`` (Shazeer et al. 2017): H = x W + eps * softplus(x W_noise),
     eps ~ N(0, 1) from the caller's generator, and ``Routing.load_E`` holds the smooth load estimate
     sum_n P(expert e stays in row n's top K under fresh noise).
@@ -141,7 +175,7 @@ class TopKRouter(LinearScores):
         logits_NE = _masked(logits_NE, keep_E)
         probs_NE = torch.softmax(logits_NE, dim=-1)
         top_logits_NK, experts_NK = logits_NE.topk(self.top_k, dim=-1)
-        if self.config.renormalize:
+        if self.config.renormalizes:
             weights_NK = torch.softmax(top_logits_NK, dim=-1)
         else:
             weights_NK = probs_NE.gather(-1, experts_NK)
@@ -170,7 +204,9 @@ def smooth_load(clean_NE: Tensor, noisy_NE: Tensor, std_NE: Tensor, k: int) -> T
     next_N1 = top_NK1[:, k : k + 1] if k < n_experts else torch.full_like(kth_N1, -torch.inf)
     in_top_NE = noisy_NE >= kth_N1
     threshold_NE = torch.where(in_top_NE, next_N1, kth_N1)
-    normal = torch.distributions.Normal(0.0, 1.0)
+    # No argument validation: with the layer's finite check off, a NaN row stays a NaN (the
+    # layer's documented behaviour) instead of a torch.distributions error.
+    normal = torch.distributions.Normal(0.0, 1.0, validate_args=False)
     return normal.cdf((clean_NE - threshold_NE) / std_NE).sum(0)
 
 
@@ -201,7 +237,9 @@ class ExpertChoiceRouter(LinearScores):
 class SigmoidBiasRouter(LinearScores):
     """DeepSeek-V3 (2024) auxiliary-loss-free balancing: scores s = sigmoid(x W); the top K of
     s + b choose the experts (b only steers the choice), weights are s over the chosen,
-    renormalised. In training mode every forward moves b by ``bias_update_rate`` toward balance:
+    renormalised (at K = 1 the score s_i itself, as Switch scales by p_i: renormalising one score
+    would give 1.0 and the router no gradient; ``RouterConfig.scale_top1``). In training mode
+    every forward moves b by ``bias_update_rate`` toward balance:
     b_e += rate * sign(mean load - load_e). No gradient flows into b."""
 
     def __init__(self, d_model: int, n_experts: int, config: RouterConfig, *,
@@ -219,7 +257,7 @@ class SigmoidBiasRouter(LinearScores):
         experts_NK = choice_NE.topk(self.top_k, dim=-1).indices
         chosen_NK = scores_NE.gather(-1, experts_NK)
         weights_NK = (chosen_NK / chosen_NK.sum(-1, keepdim=True).clamp_min(1e-30)
-                      if self.config.renormalize else chosen_NK)
+                      if self.config.renormalizes else chosen_NK)
         probs_NE = scores_NE / scores_NE.sum(-1, keepdim=True)
         return Routing(weights_NK, experts_NK, probs_NE, logits_NE)
 

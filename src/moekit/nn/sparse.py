@@ -21,6 +21,7 @@ from moekit._checks import check_choice, check_int, check_positive_float
 from moekit.losses import importance_load_loss, load_balancing_loss, router_z_loss
 from moekit.nn.dispatch import combine_rows, gather_rows, plan_dispatch
 from moekit.nn.experts import ExpertConfig
+from moekit.nn.finite import check_finite_rows, check_flag
 from moekit.nn.grouped_mm import check_implementation
 from moekit.nn.outputs import MoEOutput, Routing
 from moekit.nn.routers import RouterConfig
@@ -44,6 +45,13 @@ class SparseMoEConfig:
             padding), 'padded' (one bmm over blocks padded to the largest), 'loop' (one matmul per
             expert: the reference), or 'auto' (grouped_mm where it runs the dtype and device, else
             padded). All are exact; they differ in speed (benchmarks/RESULTS.md).
+        check_finite: refuse input rows holding NaN or inf (True, the default). Why: under
+            expert-choice routing one NaN row takes a slot in every expert and pushes other rows
+            out, changing their outputs; under every router it makes the loss and every gradient
+            NaN. False skips the check (one reduction and one device sync per forward); a bad row
+            then gives a NaN output row and NaN gradients to the router and the experts it reached;
+            under token-choice routing without capacity the other rows' outputs are unchanged,
+            under expert choice or a capacity factor they may change.
     """
 
     d_model: int
@@ -58,6 +66,7 @@ class SparseMoEConfig:
     z_loss_weight: float = 0.0
     importance_weight: float = 0.0
     experts_implementation: str = "auto"
+    check_finite: bool = True
 
     def __post_init__(self) -> None:
         owner = "SparseMoE"
@@ -72,6 +81,7 @@ class SparseMoEConfig:
         if self.capacity_factor is not None:
             check_positive_float(owner, "capacity_factor", self.capacity_factor)
         check_implementation(owner, self.experts_implementation)
+        check_flag(owner, "check_finite", self.check_finite)
 
     def expert_config(self) -> ExpertConfig:
         return ExpertConfig(kind="glu" if self.experts == "swiglu" else "mlp", hidden=self.hidden,
@@ -103,6 +113,8 @@ class SparseMoE(nn.Module):
         capacity_factor: None (dropless, the default) or a factor that caps each expert's rows.
         experts_implementation: 'auto', 'grouped_mm', 'padded' or 'loop' (see
             :class:`SparseMoEConfig`).
+        check_finite: refuse input rows holding NaN or inf (default True; see
+            :class:`SparseMoEConfig`).
         generator: the random generator for the initial weights.
 
     ``forward(x, generator=...)`` draws router noise (if configured) from ``generator``.
@@ -121,14 +133,14 @@ class SparseMoE(nn.Module):
                  experts: str = "swiglu", activation: str = "silu", n_shared: int = 0,
                  capacity_factor: float | None = None, load_balance_weight: float = 0.01,
                  z_loss_weight: float = 0.0, importance_weight: float = 0.0,
-                 experts_implementation: str = "auto",
+                 experts_implementation: str = "auto", check_finite: bool = True,
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
         router = _router_config(router, top_k)
         self.config = SparseMoEConfig(
             d_model, n_experts, hidden if hidden is not None else 4 * d_model, router, experts,
             activation, n_shared, capacity_factor, load_balance_weight, z_loss_weight,
-            importance_weight, experts_implementation)
+            importance_weight, experts_implementation, check_finite)
         self.router = router.build(d_model, n_experts, generator=generator)
         self.experts = self.config.expert_config().build(d_model, d_model, n_experts,
                                                          generator=generator)
@@ -144,13 +156,16 @@ class SparseMoE(nn.Module):
                    activation=c.activation, n_shared=c.n_shared,
                    capacity_factor=c.capacity_factor, load_balance_weight=c.load_balance_weight,
                    z_loss_weight=c.z_loss_weight, importance_weight=c.importance_weight,
-                   experts_implementation=c.experts_implementation, generator=generator)
+                   experts_implementation=c.experts_implementation,
+                   check_finite=c.check_finite, generator=generator)
 
     def forward(self, x: Tensor, *, generator: torch.Generator | None = None) -> MoEOutput:
         d_model = self.config.d_model
         if x.shape[-1] != d_model:
             raise ValueError(f"SparseMoE: x has {x.shape[-1]} features in its last axis but the "
                              f"layer expects d_model={d_model}; got x.shape={tuple(x.shape)}.")
+        if self.config.check_finite:
+            check_finite_rows("SparseMoE", x)
         x_ND = x.reshape(-1, d_model)
         routing = self.router(x_ND, generator=generator)
         plan = plan_dispatch(routing, self.config.n_experts,

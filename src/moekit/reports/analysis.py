@@ -25,6 +25,8 @@ from moekit.analysis.importance import expert_importance
 from moekit.analysis.recorder import record_routing, row_labels
 from moekit.fitting.history import History
 from moekit.io.files import write_text_atomic
+from moekit.io.paths import plain_name
+from moekit.io.run_folder import folder_built_whole
 from moekit.plotting.partition import plot_partition
 from moekit.plotting.routing import (
     plot_coactivation,
@@ -175,14 +177,22 @@ def analyze(model: nn.Module, x: Tensor, y: Tensor | None = None, *, out_dir: Pa
 
 
 def analyze_input(item: AnalysisInput, out_dir: Path | str, **options: Any) -> dict[str, Any]:
-    """:func:`analyze` on an :class:`AnalysisInput`, into ``out_dir / item.name``."""
-    return analyze(item.model, item.x, item.y, out_dir=Path(out_dir) / item.name,
-                   class_names=item.class_names, feature_names=item.feature_names,
-                   history=item.history, reference=item.reference,
-                   reference_name=item.reference_name, title=f"moekit analysis: {item.name}",
-                   figure_title=item.name.replace("_", " "), description=item.description,
-                   likelihood=item.likelihood, variance=item.variance,
-                   target_name=item.target_name, target_unscale=item.target_unscale, **options)
+    """:func:`analyze` on an :class:`AnalysisInput`, into ``out_dir / item.name``: a plain name
+    (nothing is written outside ``out_dir``), the folder built beside it and swapped in whole."""
+    plain_name(item.name, source=f"the analysis of {item.name!r}", field="the model's name")
+    final = Path(out_dir) / item.name
+    with folder_built_whole(final) as build:
+        stats = analyze(item.model, item.x, item.y, out_dir=build, class_names=item.class_names,
+                        feature_names=item.feature_names, history=item.history,
+                        reference=item.reference, reference_name=item.reference_name,
+                        title=f"moekit analysis: {item.name}",
+                        figure_title=item.name.replace("_", " "), description=item.description,
+                        likelihood=item.likelihood, variance=item.variance,
+                        target_name=item.target_name, target_unscale=item.target_unscale,
+                        **options)
+    if "store" in stats:  # where the per-row routing store is once the folder is in place
+        stats["store"] = str(final / Path(stats["store"]).relative_to(build))
+    return stats
 
 
 def _figures(model: nn.Module, x_ND: Tensor, labels_N: np.ndarray | None, stats: dict[str, Any],

@@ -8,16 +8,17 @@ analysis.html and the figures).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from moekit.exceptions import DataError, Setting
-from moekit.experiments.vowels_models import load_vowels_run
+from moekit.experiments.vowels_models import load_vowels_run, saved_models
+from moekit.io.paths import inside
+from moekit.io.run_folder import clean_leftovers
 from moekit.reports.analysis import AnalysisInput, analyze_input
 from moekit.reports.fit import ANALYSIS_DIR, fit_analysis_input
-from moekit.runs.folder import MODEL_DIR, SUMMARY_FILE, load_run_data
+from moekit.runs.folder import load_run_data, require_run
 
 
 @dataclass(frozen=True)
@@ -28,21 +29,10 @@ class AnalyzedModel:
 
 
 def run_kind(run: Path) -> tuple[str, dict[str, Any] | None]:
-    """'vowels' or 'fit', from the files the folder holds; for a vowels run, also the record of
-    its saved models (results.json's "analysis")."""
-    if not run.is_dir():
-        raise DataError(f"no run folder at {str(run)!r}; give the folder `moekit vowels` or "
-                        "`moekit fit` wrote (its ", Setting("out"), ").")
-    results = run / "results.json"
-    if results.is_file():
-        saved = json.loads(results.read_text(encoding="utf-8")).get("analysis")
-        if saved:
-            return "vowels", saved
-    if (run / MODEL_DIR).is_dir() and (run / SUMMARY_FILE).is_file():
-        return "fit", None
-    raise DataError(f"{str(run)!r} is not a moekit run folder: it has neither a results.json "
-                    "listing saved models (`moekit vowels`) nor model/ and summary.json "
-                    "(`moekit fit`).")
+    """'vowels' or 'fit', from the manifest of a complete run; for a vowels run, also the record
+    of its saved models (results.json's "analysis", checked)."""
+    kind = require_run(run, ("fit", "vowels"))["command"]
+    return kind, saved_models(run) if kind == "vowels" else None
 
 
 def fit_run_input(run: Path, data: Path | str | None = None) -> AnalysisInput:
@@ -53,7 +43,8 @@ def fit_run_input(run: Path, data: Path | str | None = None) -> AnalysisInput:
 
 
 def analyze_run(run: Path | str, data: Path | str | None = None) -> list[AnalyzedModel]:
-    """Analyse every model of a run folder into ``RUN/analysis/``; returns their statistics."""
+    """Analyse every model of a complete run folder into ``RUN/analysis/<name>/`` (each folder
+    replaced whole); returns their statistics. Nothing is written outside ``RUN/analysis/``."""
     run = Path(run)
     kind, saved = run_kind(run)
     if kind == "vowels":
@@ -63,5 +54,6 @@ def analyze_run(run: Path | str, data: Path | str | None = None) -> list[Analyze
         items = load_vowels_run(run, saved=saved)
     else:
         items = [fit_run_input(run, data)]
-    out = run / ANALYSIS_DIR
+    out = inside(run, ANALYSIS_DIR, source=run, field="the analysis folder")
+    clean_leftovers(run)
     return [AnalyzedModel(item.name, analyze_input(item, out), out / item.name) for item in items]

@@ -8,6 +8,7 @@ folder, and the share of rows held out to score it.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import logging
@@ -29,7 +30,17 @@ from moekit.estimators import (
 )
 from moekit.exceptions import DataError, Setting
 from moekit.io.files import write_text_atomic
-from moekit.reports.fit import expert_loads, write_fit_report
+from moekit.io.paths import inside
+from moekit.io.records import read_json_file
+from moekit.io.run_folder import (
+    CHECKPOINT_DIR,
+    RERUN_FIX,
+    RESUME_FILE,
+    check_run_destination,
+    clean_leftovers,
+    run_folder,
+)
+from moekit.reports.fit import ANALYSIS_DIR, expert_loads, write_fit_report
 from moekit.runs.folder import MODEL_DIR, REPORT_FILE, SUMMARY_FILE, load_run_data, scores_name
 
 logger = logging.getLogger(__name__)
@@ -43,6 +54,11 @@ ESTIMATOR_DEFAULTS: dict[str, Any] = {
 ESTIMATOR_PARAMETERS = {"n_experts": "n_experts", "expert": "expert", "hidden": "expert_hidden",
                         "loss": "loss", "solver": "solver", "gate": "gate", "lr": "lr",
                         "alpha": "alpha", "max_epochs": "max_epochs"}
+# What marks a folder as a `moekit fit` run of a moekit older than the manifest (--overwrite may
+# replace it), and the options that are not the fit's: a resumed fit may change them
+# (max_epochs may be raised: the estimator's own check allows it and refuses it lowered).
+OLDER_FIT = (SUMMARY_FILE, MODEL_DIR)
+NOT_THE_FITS = {"out", "overwrite", "resume", "progress", "max_epochs"}
 
 
 @dataclass(frozen=True)
@@ -68,6 +84,7 @@ class FitRunConfig:
     missing: str = "error"
     seed: int = 0
     overwrite: bool = False
+    resume: bool = False
     progress: bool = True
 
 
@@ -77,18 +94,47 @@ class FitOutcome:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def _estimator(config: FitRunConfig, task: str) -> BaseMixtureEstimator:
+def _estimator(config: FitRunConfig, task: str, checkpoint: Path | None = None
+               ) -> BaseMixtureEstimator:
+    """The estimator ``config`` describes; with ``checkpoint`` (a folder), one that saves its
+    state there as it fits and resumes from a checkpoint of the same fit found there."""
     cls = MixtureOfExpertsClassifier if task == "classify" else MixtureOfExpertsRegressor
     params = {param: getattr(config, name) for name, param in ESTIMATOR_PARAMETERS.items()}
+    if checkpoint is not None and "checkpoint" in ESTIMATOR_DEFAULTS:
+        params["checkpoint"] = str(checkpoint)
     return cls(**params, random_state=config.seed, verbose=int(config.progress))
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise DataError(Setting("out", str(out)), " is a file; give a folder.")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise DataError(f"{str(out)!r} already holds files; pass ", Setting("overwrite", True),
-                        " to replace its run, or choose another ", Setting("out"), ".")
+def _fit_identity(config: FitRunConfig, data: Path) -> dict[str, Any]:
+    """What makes a fit the same fit: its options, the data file and its content."""
+    return {**{k: v for k, v in asdict(config).items() if k not in NOT_THE_FITS},
+            "data": str(data), "data_sha256": hashlib.sha256(data.read_bytes()).hexdigest()}
+
+
+def _start_or_resume(build: Path, config: FitRunConfig, data: Path) -> None:
+    """Record the fit's identity in its partial folder; when resuming, refuse a fit whose options
+    or data differ from the interrupted one's, naming each difference."""
+    identity, record = _fit_identity(config, data), build / RESUME_FILE
+    if not (config.resume and record.is_file()):
+        write_text_atomic(record, json.dumps(identity, indent=1))
+        return
+    before = read_json_file("moekit fit --resume", record, fix=RERUN_FIX)
+    before = before if isinstance(before, dict) else {}
+    changed = [k for k, v in identity.items() if before.get(k) != v]
+    if not changed:
+        return
+    where = f"cannot resume the interrupted fit in {str(build)!r}: it ran with "
+    parts: list[str | Setting] = [where]
+    for i, key in enumerate(changed):
+        parts.append(", " if i else "")
+        if key == "data_sha256":
+            parts.append("other contents in the data file")
+        elif key == "data":
+            parts.append(f"the data file {before.get(key)!r}, not {str(data)!r}")
+        else:
+            parts += [Setting(key, before.get(key)), ", not ", Setting(key, identity[key])]
+    raise DataError(*parts, "; rerun with its options, or pass ", Setting("overwrite", True),
+                    " to start again.")
 
 
 def split_rows(y: np.ndarray, task: str, fraction: float, seed: int
@@ -103,31 +149,37 @@ def split_rows(y: np.ndarray, task: str, fraction: float, seed: int
 def run_fit(config: FitRunConfig) -> FitOutcome:
     """Read the CSV, fit a mixture on the training rows, score it, save the run and its report.
 
-    Every check on the data and the options runs before anything is written.
+    Every check on the data, the options and the output folder runs before anything is written.
+    The run is built in ``.OUT.partial`` beside ``out`` and put in place whole at the end
+    (:func:`moekit.io.run_folder.run_folder`); the fit checkpoints itself there, so that a fit
+    killed part way continues with ``resume=True`` (`--resume`), to the same weights.
     """
     if not 0 <= config.validation_fraction < 1:
         raise DataError(Setting("validation_fraction"), " must be in [0, 1); got "
                         f"{config.validation_fraction}.")
-    out = Path(config.out)
-    _check_out(out, config.overwrite)
+    out, data = Path(config.out), Path(config.data).resolve()  # the CSV, from any folder
+    check_run_destination(out, overwrite=config.overwrite, resume=config.resume, older=OLDER_FIT)
     started = time.perf_counter()
     frame = read_csv(config.data)
     X, y, prep = prepare_fit(frame, config.target, task=config.task, one_hot=config.one_hot,
                              missing=config.missing)
     train, val = split_rows(y, prep.task, config.validation_fraction, config.seed)
-    estimator = _estimator(config, prep.task)
     inputs = pd.DataFrame(X, columns=prep.input_names)
-    estimator.fit(inputs.iloc[train], y[train])
-    summary = summarize(estimator, inputs, y, train, val, prep)
-    summary.update(data=str(config.data), options=asdict(config),
-                   seconds=round(time.perf_counter() - started, 2))
-    files = {"model": save_estimator(estimator, out / MODEL_DIR,
-                                     metadata={"preprocessing": prep.to_dict(),
-                                               "validation_rows": val.tolist()})}
-    files["summary"] = out / SUMMARY_FILE
-    write_text_atomic(files["summary"], json.dumps(summary, indent=2))
-    files["report"] = write_fit_report(out / REPORT_FILE, estimator, inputs, y, summary)
-    return FitOutcome(summary, files)
+    with run_folder(out, "fit", overwrite=config.overwrite, resume=config.resume,
+                    older=OLDER_FIT) as build:
+        _start_or_resume(build, config, data)
+        estimator = _estimator(config, prep.task, build / CHECKPOINT_DIR)
+        estimator.fit(inputs.iloc[train], y[train])
+        estimator.set_params(checkpoint=None)  # the partial folder is gone once the run is in place
+        summary = summarize(estimator, inputs, y, train, val, prep)
+        summary.update(data=str(data), options=asdict(config),
+                       seconds=round(time.perf_counter() - started, 2))
+        save_estimator(estimator, build / MODEL_DIR, metadata={
+            "preprocessing": prep.to_dict(), "validation_rows": val.tolist()})
+        write_text_atomic(build / SUMMARY_FILE, json.dumps(summary, indent=2))
+        write_fit_report(build / REPORT_FILE, estimator, inputs, y, summary)
+    return FitOutcome(summary, {"model": out / MODEL_DIR, "summary": out / SUMMARY_FILE,
+                                "report": out / REPORT_FILE})
 
 
 def summarize(estimator: Any, inputs: pd.DataFrame, y: np.ndarray, train: np.ndarray,
@@ -151,13 +203,22 @@ def summarize(estimator: Any, inputs: pd.DataFrame, y: np.ndarray, train: np.nda
 
 
 def report_run(run: Path | str, data: Path | str | None = None) -> Path:
-    """Rewrite a run's report.html from its model and its data (default: its fitting CSV)."""
+    """Rewrite a run's report.html from its model and its data (default: its fitting CSV);
+    first delete what killed writes left in the run folder."""
+    run = Path(run)
     d = load_run_data(run, data)
+    for name in ("figures", ANALYSIS_DIR):  # the report writes there: both inside the run
+        inside(run, name, source=run, field=f"the {name} folder")
+    clean_leftovers(run)
     if d.y is None:
         raise DataError(f"{d.source!r} has no target column {d.prep.target!r}; the report "
                         "needs it.")
-    val = np.asarray(d.estimator.metadata_.get("validation_rows", []), dtype=int)
-    val = val[val < len(d.y)]
+    try:
+        val = np.asarray(d.estimator.metadata_.get("validation_rows", []), dtype=int).reshape(-1)
+    except (TypeError, ValueError, OverflowError):
+        raise DataError(f"metadata.validation_rows in {str(run / MODEL_DIR / 'config.json')!r} "
+                        "must be a list of row numbers; rerun `moekit fit`.") from None
+    val = val[(val >= 0) & (val < len(d.y))]
     train = np.setdiff1d(np.arange(len(d.y)), val)
     summary = {**d.summary, **summarize(d.estimator, d.inputs, d.y, train, val, d.prep),
                "data": d.source}

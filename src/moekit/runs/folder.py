@@ -9,11 +9,12 @@ A run folder holds:
     report.html     learning curves, the gate's partition (2 features), and the routing analysis
     figures/        the report's own figures as PNG files
     analysis/model/ the routing analysis: analysis.json, analysis.html and its figures
+    .moekit-run.json the manifest, written last: a folder without it is an interrupted run (or one
+                    from an older moekit) and is refused (:func:`require_run`)
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,25 +25,54 @@ import pandas as pd
 from moekit.data.tabular import Preprocessing, read_csv
 from moekit.estimators.persistence import load_estimator
 from moekit.exceptions import DataError, Setting
+from moekit.io.paths import inside
+from moekit.io.records import read_json_file
+from moekit.io.run_folder import RERUN_FIX, partial_folder, require_manifest
 
 MODEL_DIR, SUMMARY_FILE, REPORT_FILE = "model", "summary.json", "report.html"
+RERUN = {"fit": "moekit fit DATA.csv --target COLUMN --out {run} --overwrite",
+         "vowels": "moekit vowels --out {run}"}
+
+
+def require_run(run: Path, commands: tuple[str, ...]) -> dict[str, Any]:
+    """The manifest of the complete run of one of ``commands`` in ``run`` (see
+    :func:`moekit.io.run_folder.require_manifest`); else a :class:`DataError` saying what to do."""
+    if not run.is_dir() and partial_folder(run).is_dir():
+        raise DataError(f"no run folder at {str(run)!r}: an interrupted run left its work in "
+                        f"{str(partial_folder(run))!r}; rerun its command with ",
+                        Setting("resume", True), " (`moekit fit`) to finish it.")
+    if not run.is_dir():
+        raise DataError(f"no run folder at {str(run)!r}; give the folder "
+                        f"{' or '.join(f'`moekit {c}`' for c in commands)} wrote (its ",
+                        Setting("out"), ").")
+    rerun = "` or `".join(RERUN[c].format(run=run) for c in commands)
+    return require_manifest(run, commands, rerun)
+
+
+def read_summary(run: Path) -> dict[str, Any]:
+    """A fit run's summary.json (a JSON object), with its "data" path checked to be text."""
+    path = run / SUMMARY_FILE
+    summary = read_json_file("load_run", path, fix=RERUN_FIX) if path.is_file() else {}
+    if not isinstance(summary, dict) or not isinstance(summary.get("data", ""), str):
+        raise DataError(f"{str(path)!r} is not a `moekit fit` summary (a JSON object whose "
+                        "\"data\" is the path of the CSV file); rerun `moekit fit`, or pass ",
+                        Setting("data", "DATA.csv"), ".")
+    return summary
 
 
 def load_run(run: Path | str) -> tuple[Any, Preprocessing, dict[str, Any]]:
-    """The fitted estimator, the table's encoding and the summary of a `moekit fit` run folder."""
+    """The fitted estimator, the table's encoding and the summary of a complete `moekit fit` run
+    folder (one with its manifest: an interrupted run is refused)."""
     run = Path(run)
-    if not run.is_dir():
-        raise DataError(f"no run folder at {str(run)!r}; give the folder `moekit fit` wrote (its ",
-                        Setting("out"), ").")
-    estimator = load_estimator(run / MODEL_DIR)
+    require_run(run, ("fit",))
+    model = inside(run, MODEL_DIR, source=run, field="the model folder")
+    estimator = load_estimator(model)
     try:
         prep = Preprocessing.from_dict(estimator.metadata_["preprocessing"])
-    except (KeyError, TypeError) as err:
-        raise DataError(f"{str(run / MODEL_DIR)!r} was not written by `moekit fit` (it has no "
-                        f"table encoding: {err!r}).") from None
-    summary_path = run / SUMMARY_FILE
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    return estimator, prep, summary
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise DataError(f"{str(model)!r} was not written by `moekit fit` (its metadata has no "
+                        f"valid table encoding: {type(err).__name__}: {err}).") from None
+    return estimator, prep, read_summary(run)
 
 
 def as_class_labels(y: np.ndarray, classes: np.ndarray) -> np.ndarray:
@@ -80,7 +110,7 @@ def load_run_data(run: Path | str, data: Path | str | None = None, *,
     them out (so the saved validation rows point at the same rows); otherwise every row is kept.
     """
     estimator, prep, summary = load_run(run)
-    source = data or summary.get("data")
+    source = data or summary.get("data")  # recorded absolute by `moekit fit` (relative: older)
     if source is None:
         raise DataError(f"{str(run)!r} does not record its data file; pass ",
                         Setting("data", "DATA.csv"), ".")

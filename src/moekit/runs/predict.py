@@ -12,6 +12,7 @@ from sklearn.metrics import accuracy_score, r2_score
 
 from moekit.exceptions import DataError, Setting
 from moekit.io.files import write_text_atomic
+from moekit.io.paths import check_writable
 from moekit.runs.folder import as_class_labels, load_run_data, scores_name
 
 
@@ -30,6 +31,8 @@ def predict_run(run: Path | str, data: Path | str, *, proba: bool = False,
     The output has the row number (1 = the first data row), the prediction and, with ``proba``, one
     column per class. Rows skipped under ``--missing drop`` are absent.
     """
+    if out is not None:  # before any work: --out must be a file that can be written
+        check_writable(out, folder=False)
     d = load_run_data(run, data, labelled_only=False)
     estimator, prep = d.estimator, d.prep
     if proba and prep.task != "classify":
