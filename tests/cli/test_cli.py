@@ -80,6 +80,7 @@ def test_fit_with_em_and_the_gaussian_gate(tmp_path, capsys):
     curve = summary["alpha_curve"]  # alpha='auto': EM's ridge chosen like the gradient's penalty
     assert curve["alpha_candidates"] == [2.0, 0.5] and len(curve["val_loss_se"]) == 2
     assert summary["alpha"] * 72 in (2.0, 0.5)
-    printed = capsys.readouterr().out
-    assert f"alpha {summary['alpha']:.3g}: the strongest prior c / rows within one SE" in printed
-    assert f"c=2: {curve['val_loss'][0]:.4f}" in printed
+    printed = capsys.readouterr().out  # every setting moekit chose, and why
+    assert f"alpha = {summary['alpha'] * 72:g} / rows: the strongest prior within one" in printed
+    assert "dtype = float64: chosen by moekit ('auto')" in printed  # EM solves in float64
+    assert "early_stopping = False" in printed

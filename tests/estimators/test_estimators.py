@@ -121,8 +121,8 @@ def test_auto_picks_by_bic_and_keeps_the_curve():
     X, y = piecewise(200)
     # linear experts: one MLP expert could bend to both pieces
     reg = MixtureOfExpertsRegressor(n_experts="auto", expert="linear", lr=0.05,
-                                    auto_candidates=(1, 2, 4), max_epochs=300,
-                                    random_state=0).fit(X, y)
+                                    auto_candidates=(1, 2, 4), auto_criterion="bic",
+                                    max_epochs=300, random_state=0).fit(X, y)
     curve = reg.n_experts_curve_
     assert curve["n_experts"] == [1, 2, 4] and len(curve["bic"]) == 3
     assert reg.n_experts_ == curve["n_experts"][int(np.argmin(curve["bic"]))]
@@ -135,7 +135,7 @@ def test_auto_by_validation_loss(iris):
     clf = MixtureOfExpertsClassifier(n_experts="auto", auto_candidates=(1, 2),
                                      auto_criterion="validation", max_epochs=30,
                                      random_state=0).fit(X, y)
-    assert set(clf.n_experts_curve_) == {"n_experts", "validation"}
+    assert set(clf.n_experts_curve_) == {"n_experts", "val_loss", "val_loss_se", "not_fitted"}
 
 
 def test_early_stopping_keeps_the_best_validation_epoch(iris):
@@ -241,16 +241,23 @@ def test_auto_reuses_the_chosen_candidate_instead_of_fitting_it_again(monkeypatc
     X, y = piecewise(100)
     reg = MixtureOfExpertsRegressor(n_experts="auto", auto_candidates=(1, 2), max_epochs=20,
                                     alpha_candidates=(2.0,), random_state=0)
+    from moekit.estimators._stages import StageFitter
+
     calls = []
-    original = type(reg)._train
-    monkeypatch.setattr(type(reg), "_train",
-                        lambda self, *a, **k: calls.append(a[2]) or original(self, *a, **k))
+    original = StageFitter.fit
+    monkeypatch.setattr(StageFitter, "fit",
+                        lambda self, n, *a, **k: calls.append(n) or original(self, n, *a, **k))
     reg.fit(X, y)
     assert calls == [1, 2]  # one fit per candidate, none repeated
     calls.clear()
     reg.set_params(alpha_candidates=(2.0, 0.5)).fit(X, y)
-    # sizes by the first precision, then both precisions at the chosen size; the refit on all
-    # rows only when the other precision won
+    # sizes by the first precision, then the second precision warm-started at the chosen size;
+    # held-out rows stop every stage, so the chosen one is kept: no refit
+    assert calls == [1, 2, reg.n_experts_]
+    calls.clear()
+    reg.set_params(early_stopping=False, auto_criterion="bic").fit(X, y)
+    # without held-out rows: sizes on every row, both precisions on a hold-out, and the refit
+    # on every row only when the other precision won
     n, kept = reg.n_experts_, reg.alpha_ == 2.0 / len(y)
     assert calls == [1, 2, n, n] + ([] if kept else [n])
 
@@ -274,8 +281,9 @@ def test_auto_alpha_with_one_candidate_is_c_over_the_rows_and_auto_expert_follow
     X, y = iris
     auto = MixtureOfExpertsClassifier(n_experts=2, max_epochs=20, alpha_candidates=(2.0,),
                                       random_state=0).fit(X, y)
-    assert auto.alpha_ == 2 / len(y) and auto.alpha_curve_ is None
-    fixed = MixtureOfExpertsClassifier(n_experts=2, max_epochs=20, alpha=2 / len(y),
+    held_out = 15  # validation_fraction=0.1 of 150 rows stop the fit early: c / training rows
+    assert auto.alpha_ == 2 / (len(y) - held_out) and auto.alpha_curve_ is None
+    fixed = MixtureOfExpertsClassifier(n_experts=2, max_epochs=20, alpha=auto.alpha_,
                                        random_state=0).fit(X, y)
     np.testing.assert_array_equal(auto.predict_proba(X), fixed.predict_proba(X))
     other = MixtureOfExpertsClassifier(n_experts=2, max_epochs=20, alpha=0.5,
@@ -303,7 +311,7 @@ def test_expert_activation_reaches_the_experts_and_survives_a_reload(iris, tmp_p
 def test_auto_alpha_keeps_the_precision_with_the_lowest_held_out_loss_and_refits_on_all_rows(
         iris):
     X, y = iris
-    params = {"n_experts": 2, "max_epochs": 40, "random_state": 0}
+    params = {"n_experts": 2, "max_epochs": 40, "random_state": 0, "early_stopping": False}
     auto = MixtureOfExpertsClassifier(alpha_candidates=(50.0, 0.5), **params).fit(X, y)
     curve = auto.alpha_curve_
     assert curve["alpha_candidates"] == [50.0, 0.5] and len(curve["val_loss"]) == 2
@@ -314,51 +322,60 @@ def test_auto_alpha_keeps_the_precision_with_the_lowest_held_out_loss_and_refits
 
 
 def test_auto_alpha_scores_each_candidate_on_the_same_held_out_rows(iris, monkeypatch):
-    """Each candidate is fitted on the same 90 % of the rows and scored by its held-out
-    log-loss on the other 10 %."""
-    import moekit.estimators._base as base
+    """Each candidate is fitted on the same 90 % of the rows, stopped by the other 10 % and
+    scored by its held-out log-loss there; the weaker prior starts from the stronger's weights."""
+    import copy
+
+    import moekit.estimators._stages as stages
     from moekit.estimators._selection import one_standard_error_choice
 
     X, y = iris
     fitted, scored = [], []
-    original_fit = base.fit
-    monkeypatch.setattr(base, "fit", lambda model, x, t, config, **k: fitted.append(
-        (x.clone(), config.weight_decay)) or original_fit(model, x, t, config, **k))
+    original_fit = stages.fit
+    monkeypatch.setattr(stages, "fit", lambda model, x, t, config, **k: fitted.append(
+        (x.clone(), config.weight_decay, copy.deepcopy(model))) or original_fit(
+            model, x, t, config, **k))
     original_score = MixtureOfExpertsClassifier._row_losses
     monkeypatch.setattr(MixtureOfExpertsClassifier, "_row_losses",
-                        lambda self, model, x, t: scored.append((model, x.clone(), t))
+                        lambda self, model, x, t: scored.append(
+                            (copy.deepcopy(model), x.clone(), t))
                         or original_score(self, model, x, t))
     auto = MixtureOfExpertsClassifier(n_experts=2, max_epochs=10, random_state=0).fit(X, y)
-    x_ND = torch.tensor(auto.scaler_.transform(X))
-    (train_a, decay_a), (train_b, decay_b) = fitted[:2]
+    x_ND = torch.tensor(auto.scaler_.transform(X), dtype=torch.float32)
+    (train_a, decay_a, _), (train_b, decay_b, start_b) = fitted[:2]
     (model_a, val_a, t_a), (model_b, val_b, _) = scored
     assert torch.equal(train_a, train_b) and torch.equal(val_a, val_b) and len(val_a) == 15
     together = torch.cat([train_a, val_a]).numpy()  # disjoint, and together every row
     assert sorted(map(tuple, together)) == sorted(map(tuple, x_ND.numpy()))
     assert (decay_a, decay_b) == (2.0 / len(train_a), 0.5 / len(train_a))
+    for name, value in start_b.state_dict().items():  # the warm start: where the first ended
+        assert torch.equal(value, model_a.state_dict()[name])
     with torch.no_grad():  # the curve holds each candidate's held-out log-loss
         proba = [m(val_a).output[torch.arange(15), torch.as_tensor(t_a)]
                  for m in (model_a, model_b)]
     expected = [float(-p.log().mean()) for p in proba]
     np.testing.assert_allclose(auto.alpha_curve_["val_loss"], expected, rtol=1e-12)
     rows_losses = np.stack([-p.log().numpy() for p in proba])  # the choice follows the 1-SE rule
-    assert auto.alpha_ == [2.0, 0.5][one_standard_error_choice(rows_losses, [2.0, 0.5])[0]] / 150
+    assert auto.alpha_ == [2.0, 0.5][one_standard_error_choice(rows_losses, [2.0, 0.5])[0]] / 135
 
 
 def test_a_regressor_chooses_alpha_by_the_held_out_error_of_its_prediction(monkeypatch):
     """Not by the mixture density, which rewards any expert near the target: the curve is the
     held-out mean squared error of the mixture's mean prediction."""
+    import copy
+
     X, y = piecewise(200)
     scored = []
     original = MixtureOfExpertsRegressor._row_losses
     monkeypatch.setattr(MixtureOfExpertsRegressor, "_row_losses",
-                        lambda self, model, x, t: scored.append((model, x, t))
+                        lambda self, model, x, t: scored.append((copy.deepcopy(model), x, t))
                         or original(self, model, x, t))
     reg = MixtureOfExpertsRegressor(n_experts=2, max_epochs=20, random_state=0).fit(X, y)
     expected = []
     for model, x, t in scored:
         with torch.no_grad():
-            expected.append(float((model(x).output - torch.as_tensor(t)).square().mean()))
+            out = model(x).output.double()
+            expected.append(float((out - torch.as_tensor(t)).square().mean()))
     np.testing.assert_allclose(reg.alpha_curve_["val_loss"], expected, rtol=1e-12)
 
 
@@ -375,12 +392,12 @@ def test_auto_alpha_uses_the_first_candidate_below_twenty_rows_and_in_partial_fi
 
 @pytest.mark.parametrize("candidates", [(), (2.0, -1.0), (0.0,), ("strong",), (float("nan"),)])
 def test_bad_alpha_candidates_are_refused_before_any_fit(iris, candidates, monkeypatch):
-    import moekit.estimators._base as base
+    import moekit.estimators._stages as stages
 
     def no_fit(*args, **kwargs):
         raise AssertionError("a fit ran before alpha_candidates was checked")
 
-    monkeypatch.setattr(base, "fit", no_fit)
+    monkeypatch.setattr(stages, "fit", no_fit)
     X, y = iris
     with pytest.raises(ValueError, match=r"alpha_candidates must be positive numbers.*got "
                                          r"alpha_candidates="):
@@ -403,19 +420,20 @@ def test_one_standard_error_rule_keeps_the_strongest_prior_within_noise(losses, 
 
 def test_a_reloaded_estimator_keeps_the_chosen_alpha_for_partial_fit(iris, tmp_path,
                                                                      monkeypatch):
-    import moekit.estimators._selection as selection
+    import moekit.estimators._plan as plan
     from moekit.estimators.persistence import load_estimator, save_estimator
 
     X, y = iris
-    rule = selection.one_standard_error_choice  # force the choice the lowest loss would not make
-    monkeypatch.setattr(selection, "one_standard_error_choice",
+    rule = plan.one_standard_error_choice  # force the choice the lowest loss would not make
+    monkeypatch.setattr(plan, "one_standard_error_choice",
                         lambda losses, strengths: (0, *rule(losses, strengths)[1:]))
     fitted = MixtureOfExpertsClassifier(n_experts=2, max_epochs=40, alpha_candidates=(50.0, 0.5),
                                         random_state=0).fit(X, y)
     curve = fitted.alpha_curve_
-    assert curve["val_loss"][1] < curve["val_loss"][0] and fitted.alpha_ == 50.0 / len(y)
+    n_train = len(y) - 15  # 10 % held out to stop by
+    assert curve["val_loss"][1] < curve["val_loss"][0] and fitted.alpha_ == 50.0 / n_train
     save_estimator(fitted, tmp_path / "model")
     again = load_estimator(tmp_path / "model")
     assert (again.alpha_, again.alpha_curve_) == (fitted.alpha_, fitted.alpha_curve_)
     assert again.alpha_precision_ == fitted.alpha_precision_ == 50.0
-    assert again._alpha(len(y), again._fitted_precision()) == fitted.alpha_  # what partial_fit uses
+    assert again._alpha(n_train, again._fitted_precision()) == fitted.alpha_  # partial_fit uses it

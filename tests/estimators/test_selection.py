@@ -30,7 +30,7 @@ def test_select_n_experts_keeps_the_lowest_score_and_its_fit():
         fitted.append(n)
         return f"model {n}", {"n": n}
 
-    chosen, curve, best = select_n_experts([1, 2, 4], fit, lambda model, r: abs(r["n"] - 2), "bic")
+    chosen, curve, best = select_n_experts([1, 2, 4], fit, lambda f: abs(f[1]["n"] - 2), "bic")
     assert fitted == [1, 2, 4] and chosen == 2 and best == ("model 2", {"n": 2})
     assert curve == {"n_experts": [1, 2, 4], "bic": [1, 0, 2]}
 
@@ -64,7 +64,8 @@ def test_size_candidates_are_sorted_and_positive():
 def test_the_chosen_precision_is_a_fitted_attribute():
     X, y = load_iris(return_X_y=True)
     auto = MixtureOfExpertsClassifier(n_experts=2, max_epochs=10, random_state=0).fit(X, y)
-    assert auto.alpha_precision_ in (2.0, 0.5) and auto.alpha_ == auto.alpha_precision_ / len(y)
+    n_train = len(y) - 15  # 10 % held out to stop by
+    assert auto.alpha_precision_ in (2.0, 0.5) and auto.alpha_ == auto.alpha_precision_ / n_train
     fixed = MixtureOfExpertsClassifier(n_experts=2, max_epochs=10, alpha=0.01,
                                        random_state=0).fit(X, y)
     assert fixed.alpha_precision_ is None and fixed.alpha_ == 0.01
@@ -76,3 +77,28 @@ def test_a_stream_records_the_first_candidate_as_its_precision():
     reg = MixtureOfExpertsRegressor(n_experts=2, alpha_candidates=(3.0, 1.0))
     reg.partial_fit(X, X[:, 0])
     assert reg.alpha_precision_ == 3.0 and reg.alpha_ == 3.0 / 30
+
+
+def test_search_n_experts_stops_after_two_sizes_that_do_not_help_and_prefers_fewer():
+    from moekit.estimators._selection import search_n_experts
+
+    base = 0.5 + np.random.default_rng(0).normal(0, 0.1, 200)
+    wobble = np.tile([0.05, -0.05], 100)  # paired differences with SE 0.0035
+    loss = {1: base + 1.5, 2: base + 0.5, 3: base, 4: base - 0.001 + wobble, 6: base - wobble,
+            8: base - 0.4}
+    fitted = []
+    chosen, curve, fit = search_n_experts([1, 2, 3, 4, 6, 8], lambda n: fitted.append(n) or n,
+                                          lambda n: loss[n])
+    # 4 is lower by far less than one SE of the paired difference: no better; 4 and 6 did not help,
+    # so 8 (which would have) is never fitted: the rule is a search, and it says so
+    assert fitted == [1, 2, 3, 4, 6] and curve["not_fitted"] == [8]
+    assert chosen == fit == 3 and curve["n_experts"] == [1, 2, 3, 4, 6]
+    assert np.allclose(curve["val_loss"], [loss[n].mean() for n in fitted])
+
+
+def test_search_n_experts_never_picks_a_diverged_fit():
+    from moekit.estimators._selection import search_n_experts
+
+    loss = {1: np.full(10, 1.0), 2: np.full(10, np.nan), 3: np.full(10, 0.5)}
+    chosen, _, _ = search_n_experts([1, 2, 3], lambda n: n, lambda n: loss[n])
+    assert chosen == 3

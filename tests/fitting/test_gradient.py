@@ -303,3 +303,62 @@ def test_val_accuracy_needs_class_indices_in_y_val_and_unused_monitor_is_not_che
     assert fit(moe, x, y, config, x_val=x, y_val=y).epochs == 2
     # monitor only matters with patience: without it, a 'val_*' monitor is never read.
     assert fit(moe, x, y, TrainConfig(max_epochs=2, monitor="val_loss", progress=False)).epochs == 2
+
+
+def test_running_train_metrics_are_the_row_weighted_means_of_the_batches():
+    """With train_metrics='running' no second pass is made: each batch's metrics come from the
+    forward pass of its update (the weights before it), averaged over rows."""
+    x, y = _piecewise(seed=0, n=100)
+    moe = MixtureOfExperts(1, 1, 2, generator=torch.Generator().manual_seed(0)).double()
+    start = MixtureOfExperts(1, 1, 2, generator=torch.Generator().manual_seed(0)).double()
+    config = TrainConfig(max_epochs=1, progress=False, train_metrics="running")
+    record = fit(moe, x, y, config).history[-1]
+    # full batch: one update, so the running loss is the starting weights' loss on every row
+    from moekit.fitting.gradient import evaluate
+    from moekit.fitting.objective import prepare_targets
+
+    targets = prepare_targets("t", "y", y, out_features=1, loss=config.loss, dtype=F64)
+    expected = evaluate(start, x, targets, config, "train")
+    for name, value in expected.items():
+        assert record[name] == pytest.approx(value, rel=1e-12), name
+    # minibatches of 30, 30, 30, 10 rows: the mean weighs each batch by its rows
+    moe = MixtureOfExperts(1, 1, 2, generator=torch.Generator().manual_seed(0)).double()
+    batched = TrainConfig(max_epochs=1, progress=False, train_metrics="running", batch_size=30,
+                          optimizer="sgd", lr=1e-12)  # the weights barely move
+    record = fit(moe, x, y, batched).history[-1]
+    assert record["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-9)
+
+
+def test_ctrl_c_with_on_interrupt_stop_ends_the_fit_with_the_best_epoch(monkeypatch):
+    import moekit.fitting.gradient as gradient
+    from moekit import KeepBest
+
+    x, y = _piecewise(seed=0, n=100)
+    calls = []
+    original = gradient.train_epoch
+
+    def interrupted_at_epoch_6(*args):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(gradient, "train_epoch", interrupted_at_epoch_6)
+    moe = MixtureOfExperts(1, 1, 2).double()
+    config = TrainConfig(max_epochs=50, progress=False, on_interrupt="stop")
+    result = fit(moe, x, y, config, x_val=x, y_val=y, callbacks=[KeepBest("val_loss")])
+    assert result.stop_reason == "interrupted" and result.epochs == 5 == len(result.history)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):  # the default: Ctrl-C is the caller's
+        fit(MixtureOfExperts(1, 1, 2).double(), x, y, TrainConfig(max_epochs=50, progress=False))
+
+
+def test_the_progress_bar_is_labelled_and_counts_to_the_cap_only_without_early_stops(capsys):
+    from moekit.fitting.gradient import _progress_bar
+
+    assert _progress_bar(TrainConfig(progress=False), 0).total == 1000
+    assert _progress_bar(TrainConfig(progress=False, patience=5), 0).total is None
+    x, y = _piecewise(seed=0, n=50)
+    fit(MixtureOfExperts(1, 1, 2).double(), x, y,
+        TrainConfig(max_epochs=2, progress=True, progress_label="final fit"))
+    assert "final fit" in capsys.readouterr().err

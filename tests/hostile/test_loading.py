@@ -396,7 +396,7 @@ def test_n_features_that_disagree_with_the_model_are_refused(estimator_folders, 
 @pytest.mark.parametrize("name, value, said", [
     ("n_experts", "four", r"an int in the range \[1, inf\) or a str among \{'auto'\}"),
     ("lr", True, r"a float in the range \(0.0, inf\); got true"),
-    ("early_stopping", 1, r"true or false; got 1"),
+    ("early_stopping", 1, r"true or false or a str among \{'auto'\}; got 1"),
     ("auto_candidates", "123", r"a list of numbers"),
 ])
 def test_params_the_estimator_refuses_are_refused(estimator_folders, tmp_path, name, value, said):

@@ -303,6 +303,8 @@ def test_estimator_corrupted_record_is_refused_naming_it(fitted_folder):
 
 def test_estimator_truncated_stage_is_refused_naming_it(fitted_folder):
     folder, X, y = fitted_folder
-    (folder / "final.pt").write_bytes((folder / "final.pt").read_bytes()[:100])
-    with pytest.raises(DataError, match=r"the checkpoint '.*final\.pt' is truncated or corrupted"):
+    first = folder / "alpha_2.0.pt"  # the first stage: the prior chosen among the candidates
+    first.write_bytes(first.read_bytes()[:100])
+    with pytest.raises(DataError, match=r"the checkpoint '.*alpha_2\.0\.pt' is truncated or "
+                                        r"corrupted"):
         _classifier(folder).fit(X, y)

@@ -41,3 +41,14 @@ def auto_or(convert: Callable[[str], float], expected: str, minimum: float | Non
 
 experts = auto_or(int, "a number of experts or 'auto'")
 alpha = auto_or(float, "'auto' or a number >= 0", minimum=0.0)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type taking an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1; got {text!r}")
+    return value

@@ -50,7 +50,9 @@ def add_fit(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--target", required=True, help="the column to predict")
     p.add_argument("--task", choices=("classify", "regress"),
                    help="default: classify text and integer targets with at most 20 values")
-    p.add_argument("--experts", type=types.experts, help="number of experts, or 'auto' (BIC)")
+    p.add_argument("--experts", type=types.experts,
+                   help="number of experts, or 'auto': the fewest whose held-out loss is within "
+                        "one standard error of the lowest (BIC with --solver em)")
     p.add_argument("--expert", choices=("auto", "linear", "mlp"),
                    help="expert kind (auto: mlp, or linear with --solver em)")
     p.add_argument("--hidden", type=int, help="hidden units of an mlp expert")
@@ -78,7 +80,10 @@ def add_fit(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the fit a kill or Ctrl-C interrupted, from its last checkpoint "
                         "(kept in .OUT.partial beside --out), with the same options and data")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--threads", type=types.positive_int,
+                   help="threads to compute on (default: one for small steps, else the idle "
+                        "cores; OMP_NUM_THREADS is respected)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.set_defaults(func=_run_fit)
 
 
@@ -89,8 +94,12 @@ def _run_fit(args: argparse.Namespace) -> int:
              if getattr(args, dest) is not None}
     config = FitRunConfig(data=args.data, target=args.target, task=args.task,
                           one_hot=args.one_hot, missing=args.missing, overwrite=args.overwrite,
-                          resume=args.resume, progress=not args.no_progress, **given)
+                          resume=args.resume, progress=not args.no_progress,
+                          threads=args.threads, **given)
     s = run_fit(config).summary
+    if s.get("interrupted"):
+        print("Interrupted (Ctrl-C): the best model fitted so far is saved, marked as "
+              "interrupted.")
     plural = "s" if s["n_experts"] != 1 else ""
     print(f"Fitted {s['n_experts']} expert{plural} ({s['task']}) to {s['rows']} rows x "
           f"{len(s['inputs'])} inputs in {s['epochs']} epochs ({s['stop_reason']}), "
@@ -98,11 +107,11 @@ def _run_fit(args: argparse.Namespace) -> int:
     val = "-" if s["validation_score"] is None else f"{s['validation_score']:.4f}"
     print(f"{s['score_name']}: training {s['train_score']:.4f}, validation {val} "
           f"({s['validation_rows']} rows)")
-    if curve := s["alpha_curve"]:
-        losses = ", ".join(f"c={c:g}: {v:.4f}" for c, v in
-                           zip(curve["alpha_candidates"], curve["val_loss"], strict=True))
-        print(f"alpha {s['alpha']:.3g}: the strongest prior c / rows within one SE of the "
-              f"lowest held-out loss ({losses})")
+    if metrics := s.get("validation_metrics"):
+        print("validation, in the target's units: " + ", ".join(
+            f"{k} {v:.4g}" for k, v in metrics.items() if v is not None))
+    for choice in s.get("choices", []):
+        print(f"  {choice['setting']} = {choice['value']}: {choice['why']}")
     print(f"\n{'expert':>6}  {'mean proportion':>15}  {'leads':>7}")
     for r in s["expert_loads"]:
         print(f"{r['expert']:>6}  {r['mean_proportion']:>15.3f}  {r['argmax_share']:>7.1%}")

@@ -22,32 +22,34 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from moekit.estimators._inputs import check_finite_values, fit_scaler, standardize
-from moekit.estimators._resume import CHECKPOINT_EVERY, fit_em_stage, open_stages
-from moekit.estimators._selection import (
-    MIN_ROWS_TO_CHOOSE,
-    bic,
-    holdout_split,
-    precision_candidates,
-    select_n_experts,
-    select_precision,
-    size_candidates,
+from moekit.estimators._plan import StagePlan
+from moekit.estimators._resume import open_stages
+from moekit.estimators._selection import holdout_split, precision_candidates, size_candidates
+from moekit.estimators._settings import (
+    DTYPES,
+    describe,
+    resolve,
+    rows_per_update,
+    step_multiply_adds,
 )
+from moekit.estimators._stages import SOLVERS, Stage, StageFitter
 from moekit.exceptions import ConvergenceWarning
-from moekit.fitting.callbacks import KeepBest
 from moekit.fitting.config import TrainConfig
 from moekit.fitting.em import fit_em
 from moekit.fitting.em_config import EMConfig
-from moekit.fitting.gradient import evaluate, fit, make_optimizer, train_epoch
+from moekit.fitting.gradient import evaluate, make_optimizer, train_epoch
 from moekit.fitting.history import History
 from moekit.fitting.objective import prepare_targets
 from moekit.nn.dense import DenseMixture, MixtureOfExperts
 from moekit.nn.experts import ACTIVATIONS, ExpertConfig
 from moekit.nn.localized import LocalizedMixtureOfExperts
 from moekit.nn.outputs import MoEOutput
+from moekit.threads import caller_chose_threads, compute_threads
 
-DTYPE = torch.float64  # exact enough that predictions do not depend on how rows are batched
 LOSSES = {"nll", "competitive", "cooperative"}
-SOLVERS = {"gd": "sgd", "adam": "adam", "lbfgs": "lbfgs"}
+# The fitted model predicts in float64, whatever dtype trained it: a row's prediction then does not
+# depend on the rows beside it (to float64 rounding), as scikit-learn's checks require.
+DTYPE = torch.float64
 
 
 class BaseMixtureEstimator(BaseEstimator, abc.ABC):
@@ -66,15 +68,17 @@ class BaseMixtureEstimator(BaseEstimator, abc.ABC):
         "solver": [StrOptions({*SOLVERS, "em"})],
         "max_epochs": [Interval(Integral, 1, None, closed="left")],
         "lr": [Interval(Real, 0, None, closed="neither")],
-        "batch_size": [Interval(Integral, 1, None, closed="left"), None],
+        "batch_size": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"}), None],
         "alpha": [Interval(Real, 0, None, closed="left"), StrOptions({"auto"})],
         "tol": [Interval(Real, 0, None, closed="left")],
         "n_iter_no_change": [Interval(Integral, 1, None, closed="left")],
-        "early_stopping": ["boolean"],
+        "early_stopping": ["boolean", StrOptions({"auto"})],
         "validation_fraction": [Interval(Real, 0, 1, closed="neither")],
         "auto_candidates": ["array-like"],
         "alpha_candidates": ["array-like"],
-        "auto_criterion": [StrOptions({"bic", "validation"})],
+        "auto_criterion": [StrOptions({"auto", "bic", "validation"})],
+        "dtype": [StrOptions({"auto", *DTYPES})],
+        "threads": [Interval(Integral, 1, None, closed="left"), None],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
         "checkpoint": [str, os.PathLike, None],
@@ -84,11 +88,12 @@ class BaseMixtureEstimator(BaseEstimator, abc.ABC):
     def __init__(self, *, n_experts: int | str = 4, expert: str = "auto", expert_hidden: int = 64,
                  expert_activation: str = "tanh", gate: str = "softmax", loss: str = "nll",
                  solver: str = "adam",
-                 max_epochs: int = 500, lr: float = 0.01, batch_size: int | None = None,
+                 max_epochs: int = 500, lr: float = 0.01, batch_size: int | str | None = "auto",
                  alpha: float | str = "auto", tol: float = 1e-4, n_iter_no_change: int = 10,
-                 early_stopping: bool = False, validation_fraction: float = 0.1,
-                 auto_candidates: tuple[int, ...] = (1, 2, 3, 4, 6, 8), auto_criterion: str = "bic",
-                 alpha_candidates: tuple[float, ...] = (2.0, 0.5),
+                 early_stopping: bool | str = "auto", validation_fraction: float = 0.1,
+                 auto_candidates: tuple[int, ...] = (1, 2, 3, 4, 6, 8),
+                 auto_criterion: str = "auto", alpha_candidates: tuple[float, ...] = (2.0, 0.5),
+                 dtype: str = "auto", threads: int | None = None,
                  random_state: int | np.random.RandomState | None = None,
                  verbose: int = 0, checkpoint: str | os.PathLike | None = None) -> None:
         self.n_experts = n_experts
@@ -109,6 +114,8 @@ class BaseMixtureEstimator(BaseEstimator, abc.ABC):
         self.auto_candidates = auto_candidates
         self.auto_criterion = auto_criterion
         self.alpha_candidates = alpha_candidates
+        self.dtype = dtype
+        self.threads = threads
         self.random_state = random_state
         self.verbose = verbose
         self.checkpoint = checkpoint
@@ -143,63 +150,56 @@ class BaseMixtureEstimator(BaseEstimator, abc.ABC):
         """Fit the mixture to X (N, D) and y; returns self."""
         self._validate_params()
         self._check_solver()
-        owner = type(self).__name__
-        precisions = precision_candidates(owner, self.alpha_candidates)
+        precisions = precision_candidates(type(self).__name__, self.alpha_candidates)
         X, y = self._validate_y(X, y, reset=True)
         t = self._encode_targets(y, reset=True)
         self._check_enough_rows(X.shape[0])
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         self._stages, seed = open_stages(self, X, t, seed)
         self.scaler_ = fit_scaler(X)
-        x_ND = self._to_tensor(X)
-        precision = precisions[0]  # the prior while the number of experts is chosen
-        chosen = None
-        if self.n_experts == "auto":
-            self.n_experts_, self.n_experts_curve_, chosen = self._select_size(x_ND, t, seed,
-                                                                               precision)
+        settings = resolve(self.get_params(), len(t))
+        fitter = StageFitter(self, self._to_tensor(X, settings.dtype), t, seed, settings,
+                             self._stages)
+        largest = self._build(max(self._sizes()), seed, settings.dtype)
+        step = step_multiply_adds(largest, settings.batch_size or fitter.n_train)
+        chosen_by_caller = self.threads is not None or caller_chose_threads()
+        plan = StagePlan(self, fitter)
+        with compute_threads(self.threads, step) as self.threads_:
+            stage = plan.run(precisions)
+        self.choices_ = describe(self.get_params(), settings, n_rows=len(t),
+                                 n_train=fitter.n_train, threads=self.threads_,
+                                 threads_chosen=not chosen_by_caller) + plan.choices
+        self.n_experts_curve_, self.alpha_curve_ = plan.n_experts_curve, plan.alpha_curve
+        self.interrupted_ = plan.interrupted
+        self._keep(stage, fitter, seed)
+        return self
+
+    def _keep(self, stage: Stage, fitter: StageFitter, seed: int) -> None:
+        """The fitted attributes, from the chosen stage."""
+        result = stage.result
+        if self.interrupted_ and not len(result.history):
+            raise KeyboardInterrupt  # stopped before one epoch ended: nothing to keep
+        if self.interrupted_:
+            warnings.warn(f"{type(self).__name__}: the fit was interrupted (Ctrl-C); the best "
+                          "model fitted so far is kept (interrupted_=True).", UserWarning,
+                          stacklevel=3)
         else:
-            self.n_experts_, self.n_experts_curve_ = self.n_experts, None
-        self.alpha_curve_ = None
-        if self.alpha == "auto" and len(precisions) > 1 and len(t) >= MIN_ROWS_TO_CHOOSE:
-            train_rows, val_rows = self._holdout_rows(t, seed)
-            precision, self.alpha_curve_ = select_precision(
-                precisions,
-                lambda c: self._train(x_ND[train_rows], t[train_rows], self.n_experts_, seed,
-                                      validation=False, precision=c, stage=f"alpha_{c!r}")[0],
-                lambda model: self._row_losses(model, x_ND[val_rows], t[val_rows]))
-        self.alpha_precision_ = precision if self.alpha == "auto" else None
-        self.alpha_ = self._alpha(len(t), precision)
-        # the chosen candidate is the final model when it was fitted the way fit fits it
-        by_validation = self.auto_criterion == "validation"
-        if chosen is None or by_validation != self.early_stopping or precision != precisions[0]:
-            chosen = self._train(x_ND, t, self.n_experts_, seed, precision=precision,
-                                 stage="final")
-        self.model_, result = chosen
-        self._warn_if_not_converged(result)
-        self.history_, self.stop_reason_ = result.history, result.stop_reason
-        self.n_iter_ = result.n_iter if self.solver == "em" else result.epochs
+            self._warn_if_not_converged(result)
+        self.model_, self.n_experts_ = stage.model.to(DTYPE), stage.n_experts
+        self.alpha_precision_ = stage.precision if self.alpha == "auto" else None
+        self.alpha_ = self._alpha(fitter.n_train, stage.precision)
+        self.history_, self.stop_reason_ = _chain_history(stage), result.stop_reason
+        self.n_iter_ = result.n_iter if self.solver == "em" else len(self.history_)
         if hasattr(self, "expert_variance_"):  # from an earlier fit by EM
             del self.expert_variance_
         if self.solver == "em" and result.variance_E is not None:
             self.expert_variance_ = result.variance_E.numpy()  # in standardised target units
         self._optimizer, self._generator = None, torch.Generator().manual_seed(seed)
-        return self
 
-    def _select_size(self, x_ND: torch.Tensor, t: np.ndarray, seed: int, precision: float):
-        """The number of experts by BIC or by the best validation loss of each candidate's fit."""
-        by_validation = self.auto_criterion == "validation"
-
-        def score(model: DenseMixture, result: Any) -> float:
-            if by_validation:
-                return min(result.history[:, "val_loss"])
-            n_parameters = sum(p.numel() for p in model.parameters())
-            return bic(self._log_likelihood(model, x_ND, t), n_parameters, len(t))
-
-        return select_n_experts(
-            size_candidates(type(self).__name__, self.auto_candidates),
-            lambda n: self._train(x_ND, t, n, seed, validation=by_validation, precision=precision,
-                                  stage=f"n_experts_{n}"),
-            score, self.auto_criterion)
+    def _sizes(self) -> list[int]:
+        if self.n_experts == "auto":
+            return size_candidates(type(self).__name__, self.auto_candidates)
+        return [self.n_experts]
 
     def _warn_if_not_converged(self, result: Any) -> None:
         if result.stop_reason in ("max_epochs", "max_iter"):
@@ -235,7 +235,7 @@ class BaseMixtureEstimator(BaseEstimator, abc.ABC):
             # a stream holds out nothing to choose the prior by: the first candidate
             precision = precision_candidates(type(self).__name__, self.alpha_candidates)[0]
             self.alpha_precision_ = precision if self.alpha == "auto" else None
-            self.model_ = self._build(self.n_experts, seed)
+            self.model_ = self._build(self.n_experts, seed, DTYPE)  # streams train as they predict
             self.n_experts_, self.n_experts_curve_ = self.n_experts, None
             self.alpha_, self.alpha_curve_ = self._alpha(len(t), precision), None
             self.history_, self.n_iter_, self.stop_reason_ = History(), 0, "partial_fit"
@@ -254,13 +254,17 @@ class BaseMixtureEstimator(BaseEstimator, abc.ABC):
         return self
 
     def _gradient_pass(self, x_ND: torch.Tensor, t: np.ndarray) -> dict[str, float]:
-        config = self._train_config(0, len(t), max_epochs=1, precision=self._fitted_precision())
+        config = TrainConfig(loss=self._loss_name(), optimizer=SOLVERS[self.solver], lr=self.lr,
+                             max_epochs=1, seed=0, progress=False,
+                             batch_size=rows_per_update(self.batch_size, self.solver, len(t)),
+                             weight_decay=self._alpha(len(t), self._fitted_precision()))
         if self._optimizer is None:
             self._optimizer = make_optimizer(self.model_, config)
         if self._generator is None:  # a reloaded estimator
             self._generator = torch.Generator().manual_seed(0)
         targets = prepare_targets(type(self).__name__, "y", self._target_tensor(t),
-                                  out_features=self._n_outputs(), loss=config.loss, dtype=DTYPE)
+                                  out_features=self._n_outputs(), loss=config.loss,
+                                  dtype=x_ND.dtype)
         train_epoch(self.model_, self._optimizer, x_ND, targets, config, self._generator)
         return evaluate(self.model_, x_ND, targets, config, "train")
 
@@ -303,7 +307,7 @@ class BaseMixtureEstimator(BaseEstimator, abc.ABC):
         if self.n_experts == "auto":
             refused["auto_criterion"] = (self.auto_criterion, "bic")
         for name, (value, needed) in refused.items():
-            if value != needed:
+            if value not in (needed, "auto"):
                 raise ValueError(f"{owner}: solver='em' needs {name}={needed!r}; got "
                                  f"{name}={value!r}.")
 
@@ -315,10 +319,12 @@ class BaseMixtureEstimator(BaseEstimator, abc.ABC):
                              f"{max(need, 2)} rows; got n_samples={n_rows}. Use fewer experts or "
                              "more data.")
 
-    def _to_tensor(self, X: np.ndarray) -> torch.Tensor:
+    def _to_tensor(self, X: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """X standardised, as a tensor of ``dtype`` (default: the fitted model's)."""
         columns = getattr(self, "feature_names_in_", None)
         x_ND = standardize(type(self).__name__, "X", self.scaler_, X, columns)
-        return torch.tensor(x_ND, dtype=DTYPE)
+        dtype = dtype or next(self.model_.parameters()).dtype
+        return torch.tensor(x_ND, dtype=dtype)
 
     def _check_finite(self, X: Any = None, y: Any = None) -> None:
         """A DataError naming the first NaN or inf of X (validated) or of y (as given)."""
@@ -330,59 +336,21 @@ class BaseMixtureEstimator(BaseEstimator, abc.ABC):
     def _target_tensor(self, t: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.ascontiguousarray(t))
 
-    def _build(self, n_experts: int, seed: int) -> DenseMixture:
+    def _build(self, n_experts: int, seed: int, dtype: torch.dtype) -> DenseMixture:
         expert = ExpertConfig(kind=self._expert_kind(), hidden=self.expert_hidden,
                               activation=self.expert_activation, head=self._head)
         generator = torch.Generator().manual_seed(seed)
         if self.gate == "gaussian":
             return LocalizedMixtureOfExperts(self.n_features_in_, self._n_outputs(), n_experts,
-                                             expert=expert, generator=generator).to(DTYPE)
+                                             expert=expert, generator=generator).to(dtype)
         return MixtureOfExperts(self.n_features_in_, self._n_outputs(), n_experts, expert=expert,
-                                generator=generator).to(DTYPE)
-
-    def _train_config(self, seed: int, n_rows: int, *, precision: float,
-                      max_epochs: int | None = None, validation: bool = False,
-                      checkpoint_path: str | None = None) -> TrainConfig:
-        return TrainConfig(loss=self._loss_name(), optimizer=SOLVERS[self.solver], lr=self.lr,
-                           max_epochs=max_epochs or self.max_epochs, batch_size=self.batch_size,
-                           weight_decay=self._alpha(n_rows, precision),
-                           patience=self.n_iter_no_change, min_delta=self.tol,
-                           monitor="val_loss" if validation else "train_loss", seed=seed,
-                           progress=bool(self.verbose), checkpoint_path=checkpoint_path,
-                           checkpoint_every=CHECKPOINT_EVERY)
+                                generator=generator).to(dtype)
 
     def _holdout_rows(self, t: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """Training and held-out positions, ``validation_fraction`` held out, stratified by
         class."""
         labels = t if t.ndim == 1 and t.dtype.kind == "i" else None  # class indices
         return holdout_split(len(t), self.validation_fraction, seed, labels)
-
-    def _train(self, x_ND: torch.Tensor, t: np.ndarray, n_experts: int, seed: int, *,
-               precision: float, stage: str, validation: bool | None = None):
-        """Build and fit one mixture at prior ``precision``; with early stopping, the best
-        validation epoch is kept. Convergence warnings wait for the final fit
-        (:meth:`_warn_if_not_converged`), so that candidates do not repeat them. With a
-        ``checkpoint`` folder, the ``stage`` resumes from its file there (:mod:`._resume`)."""
-        validation = self.early_stopping if validation is None else validation
-        model = self._build(n_experts, seed)
-        path = None if self._stages is None else self._stages.path(stage)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            if self.solver == "em":
-                config = self._em_config(seed, len(t), precision=precision)
-                return model, fit_em_stage(model, x_ND, self._target_tensor(t), config, path)
-            if not validation:
-                config = self._train_config(seed, len(t), precision=precision,
-                                            checkpoint_path=path)
-                return model, fit(model, x_ND, self._target_tensor(t), config,
-                                  resume=path is not None)
-            train_rows, val_rows = self._holdout_rows(t, seed)
-            config = self._train_config(seed, len(train_rows), precision=precision,
-                                        validation=True, checkpoint_path=path)
-            result = fit(model, x_ND[train_rows], self._target_tensor(t[train_rows]), config,
-                         x_val=x_ND[val_rows], y_val=self._target_tensor(t[val_rows]),
-                         callbacks=[KeepBest("val_loss")], resume=path is not None)
-        return model, result
 
     # --- the fitted mixture's view ------------------------------------------------------------
     @torch.no_grad()
@@ -395,3 +363,17 @@ class BaseMixtureEstimator(BaseEstimator, abc.ABC):
     def gate_proba(self, X: Any) -> np.ndarray:
         """The gate's mixing proportions p_e(x), shape (N, E); rows sum to 1."""
         return self._forward(X).routing.probs_NE.numpy()
+
+
+def _chain_history(stage: Stage) -> History:
+    """The kept stage's history, after those of the stages it was warm-started from: one path of
+    epochs, numbered on, each record naming its ``stage``."""
+    chain = stage.chain()
+    if len(chain) == 1:
+        return stage.result.history
+    records, offset = [], 0
+    for link in chain:
+        records.extend({**record, "epoch": record["epoch"] + offset, "stage": link.label}
+                       for record in link.result.history)
+        offset += len(link.result.history)
+    return History(records)

@@ -1,5 +1,5 @@
-"""How the estimators choose what they are not told: the number of experts (BIC or held-out loss)
-and the strength of the prior on the weights (the one-standard-error rule on held-out rows).
+"""How the estimators choose what they are not told: the number of experts (held-out loss, or BIC
+for EM) and the strength of the prior on the weights (the one-standard-error rule on held-out rows).
 
 Shape legend: N rows, C candidates, V held-out rows.
 
@@ -70,24 +70,67 @@ def bic(log_likelihood: float, n_parameters: int, n_rows: int) -> float:
     return -2.0 * log_likelihood + n_parameters * math.log(n_rows)
 
 
-def select_n_experts(candidates: Sequence[int],
-                     fit: Callable[[int], tuple[nn.Module, Any]],
-                     score: Callable[[nn.Module, Any], float], criterion: str
-                     ) -> tuple[int, dict[str, list], tuple[nn.Module, Any]]:
-    """Fit every candidate size with ``fit(n_experts) -> (model, result)`` and keep the one whose
-    ``score(model, result)`` is lowest. Returns the chosen size, the curve (``{"n_experts": ...,
-    criterion: scores}``) and the chosen fit, which the caller can keep as its final model.
+def select_n_experts(candidates: Sequence[int], fit: Callable[[int], Any],
+                     score: Callable[[Any], float], criterion: str
+                     ) -> tuple[int, dict[str, list], Any]:
+    """Fit every candidate size with ``fit(n_experts)`` and keep the one whose ``score(fit)`` is
+    lowest. Returns the chosen size, the curve (``{"n_experts": ..., criterion: scores}``) and the
+    chosen fit, which the caller can keep as its final model.
 
     Example:
-        >>> pick, curve, _ = select_n_experts([1, 2, 3], lambda k: (None, k),
-        ...                                   lambda model, k: (k - 2) ** 2, "bic")
+        >>> pick, curve, _ = select_n_experts([1, 2, 3], lambda k: k, lambda k: (k - 2) ** 2, "bic")
         >>> pick, curve
         (2, {'n_experts': [1, 2, 3], 'bic': [1, 0, 1]})
     """
     fits = [fit(n) for n in candidates]
-    scores = [score(model, result) for model, result in fits]
+    scores = [score(f) for f in fits]
     best = int(np.argmin(scores))
     return candidates[best], {"n_experts": list(candidates), criterion: scores}, fits[best]
+
+
+def search_n_experts(candidates: Sequence[int], fit: Callable[[int], Any],
+                     held_out_losses: Callable[[Any], np.ndarray], patience: int = 2
+                     ) -> tuple[int, dict[str, list], Any]:
+    """The fewest experts whose held-out loss is within one standard error of the lowest.
+
+    Candidates are fitted from the smallest (``fit(n)``, each scored by ``held_out_losses(fit)``,
+    one loss per held-out row); the search stops once ``patience`` larger counts in a row have not
+    lowered the best mean loss by more than one SE, so the largest, dearest fits are often skipped.
+    The choice, by :func:`one_standard_error_choice` with fewer experts the stronger, does not
+    reward experts that only fit noise, and does not count parameters: an MLP expert's many weights
+    do not decide it (BIC would). Returns the chosen count, the curve (``{"n_experts", "val_loss",
+    "val_loss_se", "not_fitted"}``) and the chosen candidate's fit.
+
+    Example:
+        >>> rows = np.linspace(0, 1, 40)
+        >>> loss = {1: 1.0 + rows, 2: 0.5 + rows, 3: 0.5 + rows, 4: 0.5 + rows, 6: 0.5 + rows}
+        >>> pick, curve, _ = search_n_experts([1, 2, 3, 4, 6], lambda n: n, lambda n: loss[n])
+        >>> pick, curve["n_experts"], curve["not_fitted"]
+        (2, [1, 2, 3, 4], [6])
+    """
+    fits: list[Any] = []
+    losses: list[np.ndarray] = []
+    best = stale = 0  # the lowest mean so far, and the sizes since one beat it by an SE
+    for n in candidates:
+        fits.append(fit(n))
+        losses.append(np.nan_to_num(np.asarray(held_out_losses(fits[-1]), dtype=np.float64),
+                                    nan=np.inf, posinf=np.inf))
+        if len(losses) > 1:
+            with np.errstate(invalid="ignore"):  # inf - inf where a fit diverged
+                diff_V = losses[-1] - losses[best]
+                se = diff_V.std(ddof=1) / math.sqrt(len(diff_V)) if len(diff_V) > 1 else 0.0
+            gain = -float(diff_V.mean())
+            stale = 0 if (math.isfinite(gain) and gain > se) or not math.isfinite(
+                float(losses[best].mean())) else stale + 1
+            if float(losses[-1].mean()) < float(losses[best].mean()):
+                best = len(losses) - 1
+        if stale >= patience:
+            break
+    tried = list(candidates[:len(fits)])
+    chosen, mean_C, se_C = one_standard_error_choice(np.stack(losses), [-n for n in tried])
+    curve = {"n_experts": tried, "val_loss": mean_C.tolist(), "val_loss_se": se_C.tolist(),
+             "not_fitted": list(candidates[len(fits):])}
+    return tried[chosen], curve, fits[chosen]
 
 
 def select_precision(precisions: Sequence[float], fit: Callable[[float], nn.Module],

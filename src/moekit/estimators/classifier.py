@@ -25,9 +25,11 @@ class MixtureOfExpertsClassifier(ClassifierMixin, BaseMixtureEstimator):
     (1991) on one-hot targets.
 
     Parameters:
-        n_experts: E, or 'auto' to fit each of ``auto_candidates`` and keep the best by
-            ``auto_criterion`` ('bic', or 'validation' loss); the curve is kept in
-            ``n_experts_curve_``.
+        n_experts: E, or 'auto': ``auto_candidates`` are fitted from the smallest, and the fewest
+            experts whose held-out loss is within one standard error of the lowest are kept
+            (``auto_criterion='validation'``; the search stops once two larger counts in a row
+            do not lower it); BIC for solver='em' (``auto_criterion='bic'``). The curve is kept in
+            ``n_experts_curve_``, the reason in ``choices_``.
         expert: 'linear' (the paper's), 'mlp' (one hidden layer of ``expert_hidden`` units), or
             'auto' (the default): 'mlp' for the gradient solvers, 'linear' for solver='em'.
         expert_activation: the MLP expert's hidden activation: 'tanh' (the default), 'relu',
@@ -39,22 +41,36 @@ class MixtureOfExpertsClassifier(ClassifierMixin, BaseMixtureEstimator):
             (Jordan & Jacobs 1994: linear experts and loss='nll' only; ``max_epochs`` caps the EM
             iterations, ``tol`` is the relative rise of the log-likelihood below which it stops,
             ``alpha`` the ridge of its least-squares and Newton systems).
-        max_epochs, lr, batch_size: passes over the data, step size, rows per step (None: all).
+        max_epochs, lr: passes over the data, step size.
+        batch_size: rows per update; None for all; 'auto' (the default): 256, or all rows when
+            there are fewer (and for solver='lbfgs' or 'em').
         alpha: L2 penalty on the weights, alpha / 2 * sum of squares, added to the mean loss; or
             'auto' (the default), c / n_samples: a Gaussian prior of precision c on the weights
             against the summed log-likelihood, so that more rows are regularised less. c is the
             one of ``alpha_candidates`` whose mixture, fitted on all but ``validation_fraction``
             of the rows, predicts the rest best (log-loss; a regressor's squared error), by the
-            one-standard-error rule: the largest c within one SE of the lowest loss. The mixture
-            is then refitted on every row: one extra fit per candidate. With a single candidate,
-            fewer than 20 rows, or in ``partial_fit``, c is the first candidate.
+            one-standard-error rule: the largest c within one SE of the lowest loss. With early
+            stopping (the default) the candidates share the held-out rows and the chosen one is
+            kept, each weaker c warm-started from the stronger one's weights; without it the
+            mixture is refitted on every row (one extra fit). With a single candidate, fewer
+            than 20 rows, or in ``partial_fit``, c is the first candidate.
         alpha_candidates: the precisions c that alpha='auto' chooses from, (2.0, 0.5) by default.
         tol, n_iter_no_change: stop when the monitored loss has not improved by ``tol`` for
             ``n_iter_no_change`` epochs.
         early_stopping: hold out ``validation_fraction`` of the rows, monitor their loss and keep
-            the weights of the best epoch.
+            the weights of the best epoch; 'auto' (the default): on for the gradient solvers with
+            at least 50 rows. The stages of the 'auto' choices then all train on the same rows and
+            the chosen one is kept (no refit); each weaker prior is warm-started from the
+            stronger one.
+        dtype: the training's float type: 'float32', 'float64', or 'auto' (the default: float32
+            for the gradient solvers, float64 for EM). The fitted model predicts in float64.
+        threads: threads to train on; None (the default) chooses for the work (one thread for
+            small steps, else the idle cores: :mod:`moekit.threads`) unless the caller set a
+            count (OMP_NUM_THREADS, torch.set_num_threads); the count is restored after the fit.
         random_state: seeds the initial weights and the shuffling.
-        verbose: show a progress bar when > 0.
+        verbose: when > 0, one labelled progress bar per stage (candidate k of n, the prior,
+            the final fit) with the held-out loss. Ctrl-C during a fit stops it cleanly: no
+            further stage runs, the best model so far is kept and ``interrupted_`` is True.
         checkpoint: a folder (created if missing) where the fit keeps its state: a gradient fit
             every 10 epochs, an EM fit when it ends, one file per stage (each candidate of the
             'auto' choices, then the final fit). Fitting again with the same folder, parameters
@@ -68,12 +84,17 @@ class MixtureOfExpertsClassifier(ClassifierMixin, BaseMixtureEstimator):
     Attributes:
         classes_, n_features_in_, feature_names_in_ (when X has string column names), model_ (the
         fitted :class:`~moekit.nn.dense.MixtureOfExperts`, on standardised inputs), scaler_,
-        history_ (per-epoch metrics; per EM iteration, with the log-likelihood, for solver='em'),
-        n_iter_ (epochs or EM iterations), stop_reason_, n_experts_, n_experts_curve_, alpha_
-        (the penalty on all n_samples rows), alpha_precision_ (the prior precision c that
+        history_ (per-epoch metrics; per EM iteration, with the log-likelihood, for solver='em';
+        a warm-started stage's history follows the one it started from, each record naming its
+        ``stage``), n_iter_ (epochs or EM iterations), stop_reason_, n_experts_,
+        n_experts_curve_, alpha_ (the penalty c / rows on the rows the kept model trained on),
+        alpha_precision_ (the prior precision c that
         alpha='auto' chose; None for a fixed alpha), alpha_curve_ (each candidate precision's mean
         held-out loss per row, log-loss or squared error in standardised units, and its paired
         SE against the lowest; None when nothing was chosen);
+        choices_ (each setting moekit chose, its value and why: dtype, batch_size,
+        early_stopping, threads, n_experts, alpha), interrupted_ (Ctrl-C stopped the fit),
+        threads_ (the thread count it trained on);
         a regressor fitted by EM also has expert_variance_ (E,), in standardised target units.
     """
 

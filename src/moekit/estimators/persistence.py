@@ -78,6 +78,8 @@ def save_estimator(estimator: Any, directory: Path | str, *,
         "n_iter": int(estimator.n_iter_),
         "stop_reason": estimator.stop_reason_,
         "history": estimator.history_.to_list(),
+        "choices": getattr(estimator, "choices_", []),
+        "interrupted": bool(getattr(estimator, "interrupted_", False)),
     }
     if name == "MixtureOfExpertsClassifier":
         state["classes"] = estimator.classes_.tolist()
@@ -216,6 +218,11 @@ def load_estimator(directory: Path | str) -> Any:
     if not all(isinstance(r, dict) for r in history or []):
         raise record.refuse("history", "a list of objects (one per epoch)", history)
     estimator.history_ = History(history)
+    choices = record.get("choices") or []
+    if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+        raise record.refuse("choices", "a list of objects (setting, value, why)", choices)
+    estimator.choices_ = choices
+    estimator.interrupted_ = record.boolean("interrupted") if record.has("interrupted") else False
     if cls is MixtureOfExpertsClassifier:
         estimator.classes_ = _classes(record, model.config.out_features)
     else:

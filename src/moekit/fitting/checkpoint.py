@@ -10,8 +10,9 @@ parameter's dtype and shape; the TrainConfig; the optimizer's class and hyper-pa
 fit as if it were this one (another lr silently ignored, another optimizer's state loaded into this
 one), so it is refused with a :class:`~moekit.exceptions.DataError` naming each difference. Only
 ``RESUME_MAY_CHANGE`` may differ: ``max_epochs`` (raised, or at least the epochs already run),
-``progress``, ``checkpoint_path``, ``checkpoint_every``; and the callbacks (one of the same class at
-the same position gets its saved state back). A file that cannot be read is refused by name.
+``progress``, ``progress_label``, ``on_interrupt``, ``checkpoint_path``, ``checkpoint_every``; and
+the callbacks (one of the same class at the same position gets its saved state back). A file
+that cannot be read is refused by name.
 
 An EM fit is short and deterministic, so it is saved whole when it ends (:func:`save_em_result`):
 a finished fit is read back instead of run again, one interrupted midway runs again from its start.
@@ -40,7 +41,8 @@ from moekit.io.files import atomic_path
 logger = logging.getLogger(__name__)
 
 FORMAT = 2  # 1: checkpoints that recorded no identity (they cannot be checked, so not resumed)
-RESUME_MAY_CHANGE = ("max_epochs", "progress", "checkpoint_path", "checkpoint_every")
+RESUME_MAY_CHANGE = ("max_epochs", "progress", "progress_label", "on_interrupt", "checkpoint_path",
+                     "checkpoint_every")
 RESUMABLE = ("epoch", "stop", "stop_reason", "best", "epochs_since_best")
 # The parts of an identity, each with the words its fix uses; a part is compared only when the part
 # it is derived from agrees (parameter shapes follow the model's config, the optimizer's

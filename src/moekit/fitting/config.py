@@ -5,6 +5,11 @@ Metrics (prefixed ``train_`` or ``val_``):
     sse       squared error of the blended output per case: mean over rows of sum over outputs
     mse       squared error per output unit: mean over rows and outputs
     accuracy  classification only: the class with the highest blended output is the answer
+
+The ``train_`` metrics are exact by default: the model evaluated on every training row after the
+epoch (the paper's stopping rule needs that). ``train_metrics='running'`` records instead the mean
+over the epoch's minibatches of each batch's metrics, taken in the forward pass of its update (the
+weights before the update, as scikit-learn's MLP reports its loss): no second pass over the data.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from moekit._checks import check_choice, check_int, check_positive_float
 from moekit.fitting.objective import resolve_loss_name
 
 OPTIMIZERS = ("sgd", "adam", "lbfgs")
+TRAIN_METRICS = ("full", "running")
+ON_INTERRUPT = ("raise", "stop")
 METRICS = ("loss", "sse", "mse", "accuracy")
 
 
@@ -39,7 +46,13 @@ class TrainConfig:
         weight_decay: an L2 penalty, weight_decay / 2 * (sum of squared weights), added to the
             objective that is minimised (the ``loss`` metrics do not include it); 0 disables it.
         seed: seeds the generator that shuffles minibatches (model weights come from the caller).
-        progress: show a progress bar (on stderr).
+        train_metrics: 'full' (every training row evaluated after each epoch) or 'running' (the
+            mean of the batches' metrics during the epoch; see the module's docstring).
+        progress: show a progress bar (on stderr), labelled ``progress_label``.
+        on_interrupt: what Ctrl-C (KeyboardInterrupt) during an epoch does: 'raise' it, or
+            'stop' the fit there as if a callback had stopped it, with
+            ``stop_reason='interrupted'`` (callbacks' ``on_train_end`` still run, so
+            :class:`~moekit.fitting.callbacks.KeepBest` restores the best epoch).
         checkpoint_path: if set, a checkpoint is written there every ``checkpoint_every`` epochs
             and at the end; ``fit(..., resume=True)`` continues from it. A resumed fit must have
             the same config, but for ``RESUME_MAY_CHANGE`` (:mod:`moekit.fitting.checkpoint`):
@@ -61,7 +74,10 @@ class TrainConfig:
     min_delta: float = 0.0
     weight_decay: float = 0.0
     seed: int = 0
+    train_metrics: str = "full"
     progress: bool = True
+    progress_label: str = "fit"
+    on_interrupt: str = "raise"
     checkpoint_path: str | None = None
     checkpoint_every: int = 100
 
@@ -92,6 +108,8 @@ class TrainConfig:
         if self.patience is not None:
             check_int(owner, "patience", self.patience, minimum=1)
         check_int(owner, "checkpoint_every", self.checkpoint_every, minimum=1)
+        check_choice(owner, "train_metrics", self.train_metrics, TRAIN_METRICS)
+        check_choice(owner, "on_interrupt", self.on_interrupt, ON_INTERRUPT)
         if not isinstance(self.weight_decay, (int, float)) or not self.weight_decay >= 0:
             raise ValueError(f"{owner}: weight_decay must be a number >= 0; "
                              f"got weight_decay={self.weight_decay!r}.")

@@ -4,8 +4,9 @@ Shape legend: N rows, D input features, O outputs, C classes (C = O for classifi
 
 Full batch with plain SGD and no momentum is the protocol of Jacobs et al. (1991); minibatches, Adam
 and L-BFGS are there for everything else. Each epoch ends with the model evaluated on the whole
-training set (and the validation set, if given); those metrics (:mod:`moekit.fitting.config`)
-drive stopping and the history.
+training set, or with the running means of its batches (``TrainConfig.train_metrics``), and on the
+validation set if given; those metrics (:mod:`moekit.fitting.config`) drive stopping and the
+history.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from moekit.fitting.config import TrainConfig, higher_is_better
 from moekit.fitting.history import History
 from moekit.fitting.lbfgs import RestartingLBFGS
 from moekit.fitting.objective import Targets, mixture_loss, prepare_targets
+from moekit.nn.outputs import MoEOutput
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +37,8 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TrainResult:
     """The outcome of :func:`fit`: the history, the epochs run, and why it stopped
-    ('threshold', 'patience', 'callback', 'diverged' or 'max_epochs')."""
+    ('threshold', 'patience', 'callback', 'diverged', 'max_epochs', or 'interrupted': Ctrl-C with
+    ``TrainConfig(on_interrupt='stop')``)."""
 
     history: History
     epochs: int
@@ -48,15 +51,22 @@ class TrainResult:
 
 
 @torch.no_grad()
+def _metrics(out: MoEOutput, loss: Tensor, dense_NO: Tensor, classes_N: Tensor | None
+             ) -> dict[str, float]:
+    sq_NO = (dense_NO - out.output).square()
+    metrics = {"loss": loss.item(), "sse": sq_NO.sum(-1).mean().item(), "mse": sq_NO.mean().item()}
+    if classes_N is not None:
+        metrics["accuracy"] = (out.output.argmax(-1) == classes_N).double().mean().item()
+    return metrics
+
+
+@torch.no_grad()
 def evaluate(model: nn.Module, x_ND: Tensor, targets: Targets, config: TrainConfig,
              prefix: str) -> dict[str, float]:
     """The metrics of ``model`` on one data set, named ``{prefix}_{metric}``."""
     out = model(x_ND)
     loss = mixture_loss(config.loss, out, targets.for_loss, variance=config.variance) + out.aux_loss
-    sq_NO = (targets.dense_NO - out.output).square()
-    metrics = {"loss": loss.item(), "sse": sq_NO.sum(-1).mean().item(), "mse": sq_NO.mean().item()}
-    if targets.classes_N is not None:
-        metrics["accuracy"] = (out.output.argmax(-1) == targets.classes_N).double().mean().item()
+    metrics = _metrics(out, loss, targets.dense_NO, targets.classes_N)
     return {f"{prefix}_{k}": v for k, v in metrics.items()}
 
 
@@ -79,25 +89,50 @@ def _batches(n_rows: int, batch_size: int | None,
 
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, x_ND: Tensor,
-                 targets: Targets, config: TrainConfig, generator: torch.Generator) -> None:
-    """One pass over the data: one update per (shuffled) minibatch, or one full-batch update."""
+                targets: Targets, config: TrainConfig, generator: torch.Generator
+                ) -> dict[str, float]:
+    """One pass over the data: one update per (shuffled) minibatch, or one full-batch update.
+
+    Returns the running ``train_*`` metrics (``config.train_metrics='running'``): each batch's
+    metrics from the forward pass of its update, averaged over rows; else an empty dict.
+    """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    running = config.train_metrics == "running"
+    totals: dict[str, float] = {}
     for rows in _batches(x_ND.shape[0], config.batch_size, generator):
         x_batch = x_ND if rows is None else x_ND[rows]
         y_batch = targets.for_loss if rows is None else targets.for_loss[rows]
+        seen: list[dict[str, float]] = []  # L-BFGS calls the closure more than once per step
 
-        def closure(x_batch: Tensor = x_batch, y_batch: Tensor = y_batch) -> Tensor:
+        def closure(x_batch: Tensor = x_batch, y_batch: Tensor = y_batch,
+                    rows: Tensor | None = rows, seen: list = seen) -> Tensor:
             optimizer.zero_grad()
             out = model(x_batch)
             loss = mixture_loss(config.loss, out, y_batch, variance=config.variance) + out.aux_loss
+            if running and not seen:
+                seen.append(_batch_metrics(out, loss, targets, rows))
             if config.weight_decay:
                 loss = loss + 0.5 * config.weight_decay * sum(p.square().sum() for p in params)
             loss.backward()
             return loss
 
         optimizer.step(closure)
+        if seen:
+            n_batch = x_batch.shape[0]
+            for name, value in seen[0].items():
+                totals[name] = totals.get(name, 0.0) + value * n_batch
     model.eval()
+    return {f"train_{name}": total / x_ND.shape[0] for name, total in totals.items()}
+
+
+def _batch_metrics(out: MoEOutput, loss: Tensor, targets: Targets, rows: Tensor | None
+                   ) -> dict[str, float]:
+    dense_NO = targets.dense_NO if rows is None else targets.dense_NO[rows]
+    classes_N = targets.classes_N
+    if classes_N is not None and rows is not None:
+        classes_N = classes_N[rows]
+    return _metrics(out, loss.detach(), dense_NO, classes_N)
 
 
 def _update_stopping(state: TrainState, record: dict[str, float]) -> None:
@@ -182,25 +217,27 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, config: TrainConfig | None = Non
     for callback in callbacks:
         callback.on_train_begin(state)
 
-    bar = tqdm(total=config.max_epochs, initial=state.epoch, desc="fit", unit="epoch",
-               disable=not config.progress, leave=False)
-    while not state.stop and state.epoch < config.max_epochs:
-        train_epoch(model, optimizer, x_ND, targets, config, generator)
-        state.epoch += 1
-        record = {"epoch": state.epoch, **evaluate(model, x_ND, targets, config, "train")}
-        if val is not None:
-            record.update(evaluate(model, *val, config, "val"))
-        state.history.append(record)
-        _update_stopping(state, record)
-        for callback in callbacks:
-            callback.on_epoch_end(state)
-        if state.stop and state.stop_reason is None:
-            state.stop_reason = "callback"
-        if config.checkpoint_path and (state.epoch % config.checkpoint_every == 0 or state.stop):
-            save_checkpoint(state, generator, callbacks, identity)
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['train_loss']:.4g}", refresh=False)
-    bar.close()
+    bar = _progress_bar(config, state.epoch)
+    try:
+        while not state.stop and state.epoch < config.max_epochs:
+            record = _run_epoch(state, generator, x_ND, targets, val)
+            for callback in callbacks:
+                callback.on_epoch_end(state)
+            if state.stop and state.stop_reason is None:
+                state.stop_reason = "callback"
+            if config.checkpoint_path and (state.epoch % config.checkpoint_every == 0
+                                           or state.stop):
+                save_checkpoint(state, generator, callbacks, identity)
+            bar.update(1)
+            bar.set_postfix(_postfix(record), refresh=False)
+    except KeyboardInterrupt:
+        if config.on_interrupt == "raise":
+            raise
+        # the epoch under way is dropped; the last checkpoint (if any) stays the resumable state
+        state.stop, state.stop_reason = True, "interrupted"
+        identity = None
+    finally:
+        bar.close()
 
     state.stop_reason = state.stop_reason or "max_epochs"
     if state.stop_reason == "max_epochs" and config.stop_metric is not None and len(state.history):
@@ -208,12 +245,41 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, config: TrainConfig | None = Non
                       f"max_epochs={config.max_epochs} (last value "
                       f"{state.history[-1][config.stop_metric]:.4g}). Raise max_epochs or lr.",
                       ConvergenceWarning, stacklevel=2)
-    if config.checkpoint_path:
+    if config.checkpoint_path and identity is not None:
         save_checkpoint(state, generator, callbacks, identity)
     for callback in callbacks:
         callback.on_train_end(state)
     logger.info("fit stopped after %d epochs (%s)", state.epoch, state.stop_reason)
     return TrainResult(state.history, state.epoch, state.stop_reason, config)
+
+
+def _run_epoch(state: TrainState, generator: torch.Generator, x_ND: Tensor, targets: Targets,
+               val: tuple[Tensor, Targets] | None) -> dict[str, float]:
+    """Train one epoch, record its metrics in the history and update the stopping state."""
+    config = state.config
+    running = train_epoch(state.model, state.optimizer, x_ND, targets, config, generator)
+    state.epoch += 1
+    record = {"epoch": state.epoch,
+              **(running or evaluate(state.model, x_ND, targets, config, "train"))}
+    if val is not None:
+        record.update(evaluate(state.model, *val, config, "val"))
+    state.history.append(record)
+    _update_stopping(state, record)
+    return record
+
+
+def _progress_bar(config: TrainConfig, epoch: int) -> tqdm:
+    """A bar labelled ``config.progress_label``; it counts to ``max_epochs`` only when the fit
+    runs to the cap (no ``patience``), else it counts epochs without a made-up end."""
+    total = config.max_epochs if config.patience is None and config.stop_metric is None else None
+    return tqdm(total=total, initial=epoch, desc=config.progress_label, unit="epoch",
+                disable=not config.progress, leave=True, dynamic_ncols=True)
+
+
+def _postfix(record: dict[str, float]) -> dict[str, str]:
+    """The bar's numbers: the held-out loss and accuracy when there is a validation set."""
+    shown = [k for k in ("train_loss", "val_loss", "val_accuracy") if k in record]
+    return {k: f"{record[k]:.4g}" for k in shown}
 
 
 def _check_metrics_produced(config: TrainConfig, targets: Targets, val_targets: Targets | None

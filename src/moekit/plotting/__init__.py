@@ -1,9 +1,11 @@
 """Figures (matplotlib's object API; no backend is chosen at import): the shared style
 (:mod:`~moekit.plotting.style`), the gate's partition (:mod:`~moekit.plotting.partition`), the
 experts' decision lines (:mod:`~moekit.plotting.expert_lines`), routing statistics
-(:mod:`~moekit.plotting.routing`) and curves over training (:mod:`~moekit.plotting.curves`)."""
+(:mod:`~moekit.plotting.routing`), curves over training (:mod:`~moekit.plotting.curves`) and a
+fitted model's predictions against the truth (:mod:`~moekit.plotting.diagnostics`)."""
 
 from moekit.plotting.curves import plot_learning_curves, plot_training_curves
+from moekit.plotting.diagnostics import plot_confusion_matrix, plot_predicted_vs_actual
 from moekit.plotting.expert_lines import expert_decision_lines, plot_lines_over_time
 from moekit.plotting.partition import (
                                        ExpertLine,
@@ -28,6 +30,7 @@ __all__ = [
     "expert_decision_lines",
     "gate_probs",
     "plot_coactivation",
+    "plot_confusion_matrix",
     "plot_expert_by_label",
     "plot_importance",
     "plot_learning_curves",
@@ -35,6 +38,7 @@ __all__ = [
     "plot_load",
     "plot_mixing_proportions",
     "plot_partition",
+    "plot_predicted_vs_actual",
     "plot_routing_over_training",
     "plot_training_curves",
     "save_figure",

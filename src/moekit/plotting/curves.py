@@ -1,4 +1,5 @@
-"""Curves over training: the stop metric of many replicate runs, and one fit's learning curves.
+"""Curves over training: the stop metric of many replicate runs, and one fit's learning curves
+(training and validation, with the kept epoch marked).
 
 Shape legend: R runs, T epochs.
 """
@@ -47,21 +48,103 @@ def plot_training_curves(curves: dict[str, np.ndarray], criterion: float, *,
     return fig
 
 
-def plot_learning_curves(history: History) -> Figure:
-    """The training (and validation) loss per epoch, and the accuracy where there is one."""
+def history_column(history: History, name: str) -> np.ndarray:
+    """One metric over the records as floats (T,), NaN where a record lacks it.
+
+    Example:
+        >>> history_column(History([{"a": 1.0}, {"b": 2.0}]), "a").tolist()
+        [1.0, nan]
+    """
+    return np.array([np.nan if r.get(name) is None else float(r[name]) for r in history],
+                    dtype=np.float64)
+
+
+def history_steps(history: History) -> tuple[np.ndarray, str]:
+    """The x axis of a history (T,) and its name: 'epoch' (gradient fits), else 'iteration' (EM
+    fits), else the record's position counted from 1."""
+    for name in ("epoch", "iteration"):
+        if name in history.keys:
+            steps_T = history_column(history, name)
+            if not np.isnan(steps_T).any():
+                return steps_T, name
+    return np.arange(1, len(history) + 1, dtype=np.float64), "epoch"
+
+
+def kept_record(history: History) -> tuple[int | None, str]:
+    """The record whose weights the fit kept, and why: the lowest ``val_loss`` where the history
+    has one (early stopping restores that epoch's weights), else the last record.
+
+    Returns ``(position, reason)``; position is None for an empty history.
+
+    Example:
+        >>> kept_record(History([{"val_loss": 0.5}, {"val_loss": 0.25}, {"val_loss": 0.3}]))
+        (1, 'lowest validation loss')
+    """
+    if not len(history):
+        return None, "no records"
+    if "val_loss" in history.keys:
+        val_T = history_column(history, "val_loss")
+        finite_T = np.where(np.isfinite(val_T), val_T, np.nan)  # a diverged epoch is never kept
+        if not np.isnan(finite_T).all():
+            return int(np.nanargmin(finite_T)), "lowest validation loss"
+    return len(history) - 1, "last record"
+
+
+def _objective(history: History) -> tuple[str, str, str] | None:
+    """The column the fit minimised (or EM's maximised), its validation twin, and a title."""
     keys = history.keys
-    panels = [m for m in ("loss", "accuracy") if f"train_{m}" in keys]
-    fig = new_figure(5.2 * len(panels), 3.8)
+    if "train_loss" in keys or "val_loss" in keys:
+        return "train_loss", "val_loss", "loss"
+    if "log_likelihood" in keys:
+        return "log_likelihood", "val_log_likelihood", "log-likelihood"
+    return None
+
+
+def plot_learning_curves(history: History, *, loss_label: str = "loss",
+                         title: str = "") -> Figure:
+    """The training and validation loss per epoch on one axis, the accuracy beside it where the
+    history has one, and the epoch whose weights were kept (:func:`kept_record`) marked.
+
+    Works with or without the ``val_*`` columns (early stopping off, older runs) and on an EM
+    history (``iteration``, ``log_likelihood``: the mean log-likelihood per row, plotted as is,
+    higher is better). ``loss_label`` names the y axis of the loss (say what loss, per what,
+    on what scale).
+
+    Example:
+        >>> h = History([{"epoch": 1, "train_loss": 0.9, "val_loss": 1.0},
+        ...              {"epoch": 2, "train_loss": 0.5, "val_loss": 0.7}])
+        >>> fig = plot_learning_curves(h, loss_label="cross-entropy per row (nats)")
+    """
+    keys = history.keys
+    objective = _objective(history)
+    panels = ([objective] if objective else []) + (
+        [("train_accuracy", "val_accuracy", "accuracy")]
+        if {"train_accuracy", "val_accuracy"} & set(keys) else [])
+    fig = new_figure(5.2 * max(len(panels), 1), 3.8)
+    if not panels:
+        ax = fig.add_subplot()
+        ax.text(0.5, 0.5, "no loss or accuracy was recorded", ha="center", va="center")
+        ax.set_axis_off()
+        return fig
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    epochs = history.column("epoch")
-    for ax, metric in zip(axes, panels, strict=True):
-        for split, style in (("train", "-"), ("val", "--")):
-            name = f"{split}_{metric}"
+    steps_T, step_name = history_steps(history)
+    kept, reason = kept_record(history)
+    short = len(history) < 30  # few points: draw markers so that each one shows
+    for ax, (train, val, metric) in zip(axes, panels, strict=True):
+        for name, style, color, label in ((train, "-", OKABE_ITO[0], "training"),
+                                          (val, "--", OKABE_ITO[1], "validation")):
             if name in keys:
-                ax.plot(epochs, history.column(name), style,
-                        color=OKABE_ITO[0] if split == "train" else OKABE_ITO[1],
-                        label="training" if split == "train" else "validation")
-        ax.set(xlabel="epoch", ylabel=metric, title=f"{metric} per epoch")
+                ax.plot(steps_T, history_column(history, name), style, color=color, label=label,
+                        marker="o" if short else None, markersize=3)
+        if kept is not None:
+            ax.axvline(steps_T[kept], color="k", ls=":", lw=1,
+                       label=f"kept: {step_name} {steps_T[kept]:g} ({reason})")
+        ylabel = "accuracy (share of rows right)" if metric == "accuracy" else loss_label
+        ax.set(xlabel=step_name, ylabel=ylabel, title=f"{metric} per {step_name}")
+        if metric == "accuracy":  # a share: never drawn past 1
+            ax.set_ylim(top=min(ax.get_ylim()[1], 1.005))
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
     return fig

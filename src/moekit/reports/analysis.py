@@ -156,7 +156,8 @@ def analyze(model: nn.Module, x: Tensor, y: Tensor | None = None, *, out_dir: Pa
               "feature_names": list(feature_names) if feature_names else None,
               "target": None if y is None else ("regression" if y.is_floating_point()
                                                 else "classes"),
-              "target_edges": list(rec.target_edges) if rec.target_edges else None},
+              "target_edges": list(rec.target_edges) if rec.target_edges else None,
+              "target_scale": _target_scale(y, target_unscale, target_name)},
         likelihood=likelihood if stats["posterior"] else None,
         importance=expert_importance(model, x, y, batch_size=batch_size,
                                      load_E=rec.stats.load_E).to_dict(),
@@ -222,6 +223,43 @@ def _figures(model: nn.Module, x_ND: Tensor, labels_N: np.ndarray | None, stats:
     return files
 
 
+def _target_scale(y: Tensor | None, target_unscale: tuple[float, float], target_name: str
+                  ) -> dict[str, Any] | None:
+    """For a float target the model sees standardised, the mean and standard deviation that map
+    it back to the target's units (the metric 'mse' is on the standardised scale); else None."""
+    if y is None or not y.is_floating_point() or tuple(target_unscale) == (0.0, 1.0):
+        return None
+    return {"name": target_name, "mean": float(target_unscale[0]),
+            "std": float(target_unscale[1])}
+
+
+def metric_label(stats: dict[str, Any]) -> str:
+    """The importance metric's name as the report shows it: 'mse' on a standardised target says
+    so (its numbers are not in the target's units).
+
+    Example:
+        >>> metric_label({"importance": {"metric": "mse"},
+        ...               "data": {"target_scale": {"mean": 10.0, "std": 2.0}}})
+        'mse (standardised target)'
+    """
+    metric = stats["importance"]["metric"]
+    scaled = (stats.get("data") or {}).get("target_scale")
+    return f"{metric} (standardised target)" if scaled and metric == "mse" else metric
+
+
+def scale_note(stats: dict[str, Any]) -> str:
+    """A sentence saying how to read an mse on the standardised target in the target's units;
+    empty when the metric is not such an mse."""
+    scaled = (stats.get("data") or {}).get("target_scale")
+    if not scaled or stats["importance"]["metric"] != "mse":
+        return ""
+    mean, std, name = scaled["mean"], scaled["std"], scaled.get("name") or "the target"
+    return (f" The mse here is on the standardised target ({name} minus its mean {mean:.4g}, "
+            f"over its standard deviation {std:.4g}), as the model is fitted: multiply by "
+            f"{std:.4g}^2 = {std * std:.4g} for the target's squared units, and the RMS output "
+            f"change by {std:.4g}.")
+
+
 def _nan_if_none(value: float | None) -> float:
     return math.nan if value is None else value
 
@@ -276,7 +314,8 @@ def summary_sentences(stats: dict[str, Any]) -> list[str]:
     if rows:
         sign = -1 if imp["higher_is_better"] else 1
         worst = max(rows, key=lambda r: sign * r["ablated_change"])
-        found.append(f"Removing expert {worst['expert']} hurts most: {imp['metric']} goes from "
+        found.append(f"Removing expert {worst['expert']} hurts most: {metric_label(stats)} goes "
+                     f"from "
                      f"{imp['baseline']:.4g} to {worst['ablated']:.4g}.")
     if stats["agreement"]:
         a = stats["agreement"]
@@ -313,24 +352,25 @@ def analysis_sections(stats: dict[str, Any], out_dir: Path | str, *, heading: st
     sections = [Section(prefix + "Routing summary", intro + overview + "".join(
         text(s) for s in summary_sentences(stats)))]
     imp = stats["importance"]
+    metric = metric_label(stats)
     contribution = stats["contribution_share"] or [None] * e
     posterior = (stats["posterior"] or {}).get("mean_posterior") or [None] * e
     per_expert = table(
         ["expert", "load", "mean p", "primary share", "output share", "mean posterior h",
-         f"{imp['metric']} without it", f"{imp['metric']} all rows to it", "RMS output change"],
+         f"{metric} without it", f"{metric} all rows to it", "RMS output change"],
         [(r["expert"], _num(stats["load"]["load"][i]), _num(stats["load"]["mean_proportion"][i]),
           _num(stats["load"]["primary_share"][i]), _num(contribution[i]), _num(posterior[i]),
           _num(r["ablated"], 4), _num(r["forced"], 4), _num(r["output_change"], 4))
          for i, r in enumerate(imp["experts"])])
-    temps = table(["gate temperature", imp["metric"], "change"],
+    temps = table(["gate temperature", metric, "change"],
                   [(1.0, _num(imp["baseline"], 4), "0")]
                   + [(t["temperature"], _num(t["metric"], 4), _num(t["change"], 4))
                      for t in imp["temperatures"]])
     sections.append(Section(prefix + "Experts and interventions", per_expert + text(
-        f"Baseline {imp['metric']}: {imp['baseline']:.4g} "
+        f"Baseline {metric}: {imp['baseline']:.4g} "
         f"({'higher' if imp['higher_is_better'] else 'lower'} is better). Removing an expert "
         "renormalises the others; forcing sends every row to that expert alone; the output share "
-        "is each expert's part of sum ||p_e o_e||.") + temps))
+        "is each expert's part of sum ||p_e o_e||." + scale_note(stats)) + temps))
     by_label = stats["expert_by_label"]
     if by_label:
         counts = table([f"expert \\ {by_label['kind']}"] + by_label["labels"],

@@ -21,12 +21,18 @@ th { background: #f2f2f2; }
 .not-reproduced { color: #a31515; font-weight: 600; }
 figure { margin: 1.2em 0; } figcaption { font-size: 0.9em; color: #555; }
 img { max-width: 100%; } code, pre { background: #f6f6f6; padding: 0.1em 0.3em; }
+.banner { border: 2px solid; border-radius: 4px; padding: 0.7em 1em; margin: 1em 0;
+          font-weight: 600; }
+.banner.warning { border-color: #b36b00; background: #fff4e0; color: #5c3700; }
+.banner.note { border-color: #0072B2; background: #eaf4fb; color: #053b5c; }
 """
+BANNER_KINDS = ("warning", "note")
 
 
 @dataclass(frozen=True)
 class Section:
-    """A heading and its HTML body (build bodies with the helpers below, which escape text)."""
+    """A heading and its HTML body (build bodies with the helpers below, which escape text); an
+    empty title renders the body alone."""
 
     title: str
     body: str
@@ -38,6 +44,15 @@ def text(paragraph: str) -> str:
 
 def preformatted(content: str) -> str:
     return f"<pre>{html.escape(content)}</pre>"
+
+
+def banner(message: str, kind: str = "warning") -> str:
+    """A framed paragraph that stands out from the text: a 'warning' (the reader must know it to
+    trust what follows) or a 'note'."""
+    if kind not in BANNER_KINDS:
+        raise ValueError(f"banner: kind must be one of {BANNER_KINDS}; got kind={kind!r}.")
+    role = ' role="alert"' if kind == "warning" else ""
+    return f'<div class="banner {kind}"{role}>{html.escape(message)}</div>'
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]], *,
@@ -67,7 +82,8 @@ def render(title: str, sections: Sequence[Section]) -> str:
     parts = [(f"<!doctype html><html><head><meta charset='utf-8'>"
               f"<title>{html.escape(title)}</title>"),
              f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"]
-    parts += [f"<h2>{html.escape(s.title)}</h2>{s.body}" for s in sections]
+    # a section without a title (a banner) sits right under the page's title
+    parts += [(f"<h2>{html.escape(s.title)}</h2>" if s.title else "") + s.body for s in sections]
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -41,6 +41,7 @@ from moekit.io.run_folder import (
     run_folder,
 )
 from moekit.reports.fit import ANALYSIS_DIR, expert_loads, write_fit_report
+from moekit.reports.metrics import fit_metrics
 from moekit.runs.folder import MODEL_DIR, REPORT_FILE, SUMMARY_FILE, load_run_data, scores_name
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ ESTIMATOR_PARAMETERS = {"n_experts": "n_experts", "expert": "expert", "hidden": 
 # replace it), and the options that are not the fit's: a resumed fit may change them
 # (max_epochs may be raised: the estimator's own check allows it and refuses it lowered).
 OLDER_FIT = (SUMMARY_FILE, MODEL_DIR)
-NOT_THE_FITS = {"out", "overwrite", "resume", "progress", "max_epochs"}
+NOT_THE_FITS = {"out", "overwrite", "resume", "progress", "max_epochs", "threads"}
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class FitRunConfig:
     overwrite: bool = False
     resume: bool = False
     progress: bool = True
+    threads: int | None = None
 
 
 @dataclass
@@ -102,7 +104,8 @@ def _estimator(config: FitRunConfig, task: str, checkpoint: Path | None = None
     params = {param: getattr(config, name) for name, param in ESTIMATOR_PARAMETERS.items()}
     if checkpoint is not None and "checkpoint" in ESTIMATOR_DEFAULTS:
         params["checkpoint"] = str(checkpoint)
-    return cls(**params, random_state=config.seed, verbose=int(config.progress))
+    return cls(**params, random_state=config.seed, verbose=int(config.progress),
+               threads=config.threads)
 
 
 def _fit_identity(config: FitRunConfig, data: Path) -> dict[str, Any]:
@@ -177,7 +180,7 @@ def run_fit(config: FitRunConfig) -> FitOutcome:
         save_estimator(estimator, build / MODEL_DIR, metadata={
             "preprocessing": prep.to_dict(), "validation_rows": val.tolist()})
         write_text_atomic(build / SUMMARY_FILE, json.dumps(summary, indent=2))
-        write_fit_report(build / REPORT_FILE, estimator, inputs, y, summary)
+        write_fit_report(build / REPORT_FILE, estimator, inputs, y, summary, validation_rows=val)
     return FitOutcome(summary, {"model": out / MODEL_DIR, "summary": out / SUMMARY_FILE,
                                 "report": out / REPORT_FILE})
 
@@ -195,11 +198,21 @@ def summarize(estimator: Any, inputs: pd.DataFrame, y: np.ndarray, train: np.nda
         "alpha_curve": estimator.alpha_curve_, "score_name": score_name,
         "train_score": float(estimator.score(inputs.iloc[train], y[train])),
         "validation_score": float(estimator.score(inputs.iloc[val], y[val])) if len(val) else None,
+        "train_metrics": _finite(fit_metrics(estimator, inputs, y, train, prep.task)),
+        "validation_metrics": _finite(fit_metrics(estimator, inputs, y, val, prep.task)),
         "expert_loads": expert_loads(estimator.gate_proba(inputs)),
+        "choices": getattr(estimator, "choices_", []),
+        "interrupted": bool(getattr(estimator, "interrupted_", False)),
+        "threads": getattr(estimator, "threads_", None),
     }
     if prep.task == "classify":
         summary["classes"] = estimator.classes_.tolist()
     return summary
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float | None]:
+    """Metrics for JSON: a NaN (R^2 of one row) becomes null."""
+    return {k: v if np.isfinite(v) else None for k, v in metrics.items()}
 
 
 def report_run(run: Path | str, data: Path | str | None = None) -> Path:
@@ -222,4 +235,5 @@ def report_run(run: Path | str, data: Path | str | None = None) -> Path:
     train = np.setdiff1d(np.arange(len(d.y)), val)
     summary = {**d.summary, **summarize(d.estimator, d.inputs, d.y, train, val, d.prep),
                "data": d.source}
-    return write_fit_report(Path(run) / REPORT_FILE, d.estimator, d.inputs, d.y, summary)
+    return write_fit_report(Path(run) / REPORT_FILE, d.estimator, d.inputs, d.y, summary,
+                            validation_rows=val)

@@ -90,7 +90,7 @@ class RunData:
     estimator: Any
     prep: Preprocessing
     summary: dict[str, Any]
-    source: str
+    source: str  # the absolute path of the CSV file read
     inputs: pd.DataFrame  # the model's input columns, (N, D)
     rows: np.ndarray  # each input row's position in the file (0 = the first data row)
     y: np.ndarray | None  # the target where the file has it (as fitted when every row has one)
@@ -102,18 +102,43 @@ def scores_name(task: str) -> str:
     return "accuracy" if task == "classify" else "R^2"
 
 
+def data_file(run: Path, summary: dict[str, Any], data: Path | str | None = None) -> Path:
+    """The absolute path of the CSV to read a run's rows from: ``data`` (relative to the current
+    folder), else the file the run was fitted on (summary.json's "data", recorded absolute by
+    `moekit fit`; an older run's relative path is taken from the current folder). A recorded file
+    that is gone is a :class:`DataError` that says to pass ``data`` (``--data``).
+
+    Example:
+        >>> data_file(Path("runs/fit"), {"data": "/home/me/wine.csv"})  # doctest: +SKIP
+        PosixPath('/home/me/wine.csv')
+    """
+    if data is not None:
+        return Path(data).resolve()
+    recorded = summary.get("data")
+    if not recorded:
+        raise DataError(f"{str(run)!r} does not record its data file; pass ",
+                        Setting("data", "DATA.csv"), ".")
+    path = Path(recorded)
+    relative = "" if path.is_absolute() else (
+        f" (recorded relative to the folder `moekit fit` ran in, read from {str(Path.cwd())!r})")
+    path = path.resolve()
+    if not path.is_file():
+        raise DataError(f"no data file at {str(path)!r}, the CSV file the run in {str(run)!r} was "
+                        f"fitted on{relative}: it was moved or deleted. Pass ",
+                        Setting("data", "DATA.csv"), " with its new place (the same table).")
+    return path
+
+
 def load_run_data(run: Path | str, data: Path | str | None = None, *,
                   labelled_only: bool = True) -> RunData:
-    """Load a run and read ``data`` (default: the CSV it was fitted on) through its encoding.
+    """Load a run and read ``data`` (default: the CSV it was fitted on) through its encoding; the
+    file's path is made absolute (:func:`data_file`), so a run is read the same from any folder.
 
     With ``labelled_only`` and a target column, rows without a target are left out, as fitting left
     them out (so the saved validation rows point at the same rows); otherwise every row is kept.
     """
     estimator, prep, summary = load_run(run)
-    source = data or summary.get("data")  # recorded absolute by `moekit fit` (relative: older)
-    if source is None:
-        raise DataError(f"{str(run)!r} does not record its data file; pass ",
-                        Setting("data", "DATA.csv"), ".")
+    source = data_file(Path(run), summary, data)
     frame = read_csv(source)
     y = known = None
     if prep.target in frame.columns and labelled_only:
