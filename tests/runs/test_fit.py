@@ -258,3 +258,27 @@ def test_fit_help_shows_the_estimators_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "hidden units of an mlp expert (default 64)" in text
     assert "epoch cap (default 500)" in text and "step size (default 0.01)" in text
+
+
+def test_ctrl_c_during_the_fit_saves_the_best_model_so_far_marked_interrupted(tmp_path,
+                                                                             monkeypatch, capsys):
+    import moekit.fitting.gradient as gradient
+
+    calls, original = [], gradient.train_epoch
+
+    def interrupted_at_epoch_8(*args):
+        calls.append(1)
+        if len(calls) == 8:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(gradient, "train_epoch", interrupted_at_epoch_8)
+    out = tmp_path / "run"
+    assert main(["fit", str(CLASSES), "--target", "label", "--experts", "auto", "--out", str(out),
+                 *QUICK]) == 0
+    assert len(calls) == 8  # no stage after the interrupted one
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["interrupted"] is True and summary["stop_reason"] == "interrupted"
+    assert "Interrupted (Ctrl-C)" in capsys.readouterr().out
+    assert "interrupted" in (out / "report.html").read_text().lower()
+    assert load_estimator(out / "model").interrupted_ is True
