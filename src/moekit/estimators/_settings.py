@@ -22,7 +22,9 @@ from typing import Any
 
 import torch
 
-BATCH_ROWS = 256  # rows per update (scikit-learn's MLP uses 200); fewer rows: full batch
+BATCH_ROWS = 256  # the smallest minibatch (scikit-learn's MLP uses 200); fewer rows: full batch
+MAX_BATCH_ROWS = 1024
+UPDATES_PER_EPOCH = 8  # a batch doubles from BATCH_ROWS while an epoch keeps this many updates
 MIN_ROWS_TO_STOP_EARLY = 50  # below this, a 10 % hold-out is too small to stop by
 BATCH_INDEPENDENCE_TOL = 1e-5  # float32 against float64 predictions of the same weights
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -47,12 +49,22 @@ def compute_dtype(dtype: str, solver: str) -> torch.dtype:
 
 
 def rows_per_update(batch_size: int | str | None, solver: str, n_rows: int) -> int | None:
-    """'auto': full batch (None) for EM, L-BFGS and up to BATCH_ROWS rows, else BATCH_ROWS."""
+    """'auto': full batch (None) for EM, L-BFGS and up to BATCH_ROWS rows; else BATCH_ROWS,
+    doubled up to MAX_BATCH_ROWS while an epoch still makes UPDATES_PER_EPOCH updates (small
+    tables need many updates per epoch; large ones pay less per-step overhead in bigger batches).
+
+    Example:
+        >>> [rows_per_update("auto", "adam", n) for n in (200, 1350, 7200, 72_000)]
+        [None, 256, 512, 1024]
+    """
     if batch_size != "auto":
         return batch_size  # type: ignore[return-value]
     if solver in ("em", "lbfgs") or n_rows <= BATCH_ROWS:
         return None
-    return BATCH_ROWS
+    rows = BATCH_ROWS
+    while rows * 2 <= MAX_BATCH_ROWS and n_rows >= rows * 2 * UPDATES_PER_EPOCH:
+        rows *= 2
+    return rows
 
 
 def stops_early(early_stopping: bool | str, solver: str, n_rows: int) -> bool:
@@ -102,8 +114,9 @@ def describe(params: dict[str, Any], settings: FitSettings, *, n_rows: int, n_tr
     batch = settings.batch_size or "all rows"
     if params["batch_size"] == "auto":
         why = (f"{auto}: full batch for {params['solver']!r}" if params["solver"] in ("em", "lbfgs")
-               else f"{auto}: minibatches of {BATCH_ROWS} rows, full batch up to {BATCH_ROWS} "
-               f"training rows ({n_train} here)")
+               else f"{auto}: minibatches of {BATCH_ROWS} to {MAX_BATCH_ROWS} rows, at least "
+               f"{UPDATES_PER_EPOCH} updates an epoch; full batch up to {BATCH_ROWS} training rows "
+               f"({n_train} here)")
     else:
         why = "set by the caller"
     add("batch_size", batch, why)

@@ -42,8 +42,8 @@ class MixtureOfExpertsClassifier(ClassifierMixin, BaseMixtureEstimator):
             iterations, ``tol`` is the relative rise of the log-likelihood below which it stops,
             ``alpha`` the ridge of its least-squares and Newton systems).
         max_epochs, lr: passes over the data, step size.
-        batch_size: rows per update; None for all; 'auto' (the default): 256, or all rows when
-            there are fewer (and for solver='lbfgs' or 'em').
+        batch_size: rows per update; None for all; 'auto' (the default): 256, doubled up to 1024
+            while an epoch keeps 8 updates; all rows below 256 (and for solver='lbfgs' or 'em').
         alpha: L2 penalty on the weights, alpha / 2 * sum of squares, added to the mean loss; or
             'auto' (the default), c / n_samples: a Gaussian prior of precision c on the weights
             against the summed log-likelihood, so that more rows are regularised less. c is the
