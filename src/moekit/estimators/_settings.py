@@ -17,6 +17,7 @@ time).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +26,7 @@ import torch
 BATCH_ROWS = 256  # the smallest minibatch (scikit-learn's MLP uses 200); fewer rows: full batch
 MAX_BATCH_ROWS = 1024
 UPDATES_PER_EPOCH = 8  # a batch doubles from BATCH_ROWS while an epoch keeps this many updates
+MIN_PATIENCE_UPDATES = 100  # a fit stops after no fewer updates without improvement
 MIN_ROWS_TO_STOP_EARLY = 50  # below this, a 10 % hold-out is too small to stop by
 BATCH_INDEPENDENCE_TOL = 1e-5  # float32 against float64 predictions of the same weights
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -65,6 +67,21 @@ def rows_per_update(batch_size: int | str | None, solver: str, n_rows: int) -> i
     while rows * 2 <= MAX_BATCH_ROWS and n_rows >= rows * 2 * UPDATES_PER_EPOCH:
         rows *= 2
     return rows
+
+
+def patience_epochs(n_iter_no_change: int, batch_size: int | None, n_rows: int) -> int:
+    """Epochs without improvement before a fit stops: ``n_iter_no_change``, raised so that they
+    hold at least MIN_PATIENCE_UPDATES updates (a small table's epoch is one or two updates: ten
+    of them stop a fit that has barely started; measured on diabetes, 317 training rows, the
+    kept epoch was the 6th).
+
+    Example:
+        >>> [patience_epochs(10, batch, rows) for batch, rows in [(None, 300), (256, 317),
+        ...                                                       (512, 7200)]]
+        [100, 50, 10]
+    """
+    updates = 1 if batch_size is None else math.ceil(n_rows / batch_size)
+    return max(n_iter_no_change, math.ceil(MIN_PATIENCE_UPDATES / updates))
 
 
 def stops_early(early_stopping: bool | str, solver: str, n_rows: int) -> bool:
@@ -122,7 +139,8 @@ def describe(params: dict[str, Any], settings: FitSettings, *, n_rows: int, n_tr
     add("batch_size", batch, why)
     if settings.early_stopping:
         why = (f"{n_rows - n_train} of {n_rows} rows held out; the epoch with the lowest held-out "
-               "loss is kept")
+               f"loss is kept, after n_iter_no_change epochs (at least {MIN_PATIENCE_UPDATES} "
+               "updates) without improvement")
     else:
         why = "no rows held out: the fit stops when the training loss stops improving"
     origin = auto if params["early_stopping"] == "auto" else "set by the caller"

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from moekit.estimators._resume import CHECKPOINT_EVERY, FitStages, fit_em_stage
-from moekit.estimators._settings import FitSettings
+from moekit.estimators._settings import FitSettings, patience_epochs
 from moekit.exceptions import ConvergenceWarning
 from moekit.fitting.callbacks import KeepBest
 from moekit.fitting.config import TrainConfig
@@ -116,7 +116,9 @@ class StageFitter:
         return TrainConfig(loss=est._loss_name(), optimizer=SOLVERS[est.solver], lr=est.lr,
                            max_epochs=est.max_epochs, batch_size=self.settings.batch_size,
                            weight_decay=est._alpha(n_rows, precision),
-                           patience=est.n_iter_no_change, min_delta=est.tol,
+                           patience=patience_epochs(est.n_iter_no_change,
+                                                    self.settings.batch_size, n_rows),
+                           min_delta=est.tol,
                            monitor="val_loss" if self.val_rows is not None else "train_loss",
                            seed=self.seed, train_metrics="running", progress=bool(est.verbose),
                            progress_label=label, on_interrupt="stop",
