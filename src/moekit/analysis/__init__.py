@@ -2,12 +2,27 @@
 (:mod:`~moekit.analysis.recorder`, :mod:`~moekit.analysis.store`), its statistics
 (:mod:`~moekit.analysis.stats`), agreement between two models (:mod:`~moekit.analysis.agreement`),
 interventions on the routing (:mod:`~moekit.analysis.interventions`) and what they do to the task
-(:mod:`~moekit.analysis.importance`), and routing over training
-(:mod:`~moekit.analysis.over_training`)."""
+(:mod:`~moekit.analysis.importance`), routing over training
+(:mod:`~moekit.analysis.over_training`), and the routing of a language model's layers
+(:mod:`~moekit.analysis.layer_stats`): its paths across layers
+(:mod:`~moekit.analysis.layer_paths`), experts against token categories
+(:mod:`~moekit.analysis.layer_categories`), consecutive tokens repeating an expert
+(:mod:`~moekit.analysis.layer_repeats`), and two routings of the same tokens compared
+(:mod:`~moekit.analysis.layer_overlap`)."""
 
 from moekit.analysis.agreement import Agreement, routing_agreement
 from moekit.analysis.importance import ImportanceRow, ImportanceTable, expert_importance
 from moekit.analysis.interventions import ablate_expert, force_expert, intervene, scale_temperature
+from moekit.analysis.layer_categories import CategoryTables, lift_table, top_lift_pairs
+from moekit.analysis.layer_overlap import (
+    ExpertMatch,
+    RoutingOverlap,
+    Saturation,
+    match_seed_experts,
+    routing_saturation,
+)
+from moekit.analysis.layer_repeats import RepeatRates
+from moekit.analysis.layer_stats import LayerRoutingResult, LayerRoutingStats
 from moekit.analysis.over_training import RoutingHistory, routing_summary
 from moekit.analysis.recorder import (
                                       Recording,
@@ -30,12 +45,19 @@ from moekit.analysis.store import RoutingStore
 __all__ = [
     "Agreement",
     "BatchRouting",
+    "CategoryTables",
+    "ExpertMatch",
     "ImportanceRow",
     "ImportanceTable",
+    "LayerRoutingResult",
+    "LayerRoutingStats",
     "Recording",
+    "RepeatRates",
     "RoutingHistory",
+    "RoutingOverlap",
     "RoutingStats",
     "RoutingStore",
+    "Saturation",
     "ablate_expert",
     "batch_routing",
     "bin_names",
@@ -44,12 +66,16 @@ __all__ = [
     "force_expert",
     "intervene",
     "iter_batches",
+    "lift_table",
     "match_experts",
+    "match_seed_experts",
     "max_over_mean",
     "nmi_from_contingency",
     "record_routing",
     "routing_agreement",
+    "routing_saturation",
     "routing_summary",
     "scale_temperature",
     "target_bin_edges",
+    "top_lift_pairs",
 ]

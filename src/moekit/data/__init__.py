@@ -1,9 +1,12 @@
 """Data: the Peterson & Barney (1952) vowels of the 1991 paper (:mod:`~moekit.data.vowels`),
-synthetic tasks with a known answer (:mod:`~moekit.data.synthetic`), and a user's CSV table
-(:mod:`~moekit.data.tabular`)."""
+synthetic tasks with a known answer (:mod:`~moekit.data.synthetic`), a user's CSV table
+(:mod:`~moekit.data.tabular`), and Python source as bytes (:mod:`~moekit.data.source_text`)
+labelled by token category (:mod:`~moekit.data.token_categories`)."""
 
+from moekit.data.source_text import ByteCorpus, CorpusSplit, stdlib_corpus, text_corpus
 from moekit.data.synthetic import piecewise_linear
 from moekit.data.tabular import Preprocessing, prepare_fit, read_csv
+from moekit.data.token_categories import CATEGORIES, label_byte_classes, label_python
 from moekit.data.vowels import (
                                 VOWEL_CODES,
                                 VOWEL_LABELS,
@@ -14,14 +17,21 @@ from moekit.data.vowels import (
 )
 
 __all__ = [
+    "CATEGORIES",
     "VOWEL_CODES",
     "VOWEL_LABELS",
+    "ByteCorpus",
+    "CorpusSplit",
     "FormantTable",
     "Preprocessing",
     "VowelTask",
+    "label_byte_classes",
+    "label_python",
     "peterson_barney",
     "piecewise_linear",
     "prepare_fit",
     "read_csv",
+    "stdlib_corpus",
+    "text_corpus",
     "vowel_task",
 ]

@@ -218,7 +218,7 @@ def load_estimator(directory: Path | str) -> Any:
     if not all(isinstance(r, dict) for r in history or []):
         raise record.refuse("history", "a list of objects (one per epoch)", history)
     estimator.history_ = History(history)
-    choices = record.get("choices") or []
+    choices = (record.get("choices") if record.has("choices") else None) or []  # older folders
     if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
         raise record.refuse("choices", "a list of objects (setting, value, why)", choices)
     estimator.choices_ = choices

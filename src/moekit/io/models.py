@@ -44,13 +44,14 @@ from moekit.io.records import FIX
 from moekit.io.weights import check_weights_fit, load_weights, read_weights_header, write_weights
 from moekit.nn.dense import MixtureOfExperts
 from moekit.nn.hierarchical import HierarchicalMixtureOfExperts
+from moekit.nn.lm import MoETransformerLM
 from moekit.nn.localized import LocalizedMixtureOfExperts
 from moekit.nn.sparse import SparseMoE
 
 # Classes save_model can write; each has ``config``, ``config_class`` and ``from_config``.
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
     cls.__name__: cls for cls in (MixtureOfExperts, SparseMoE, HierarchicalMixtureOfExperts,
-                                  LocalizedMixtureOfExperts)}
+                                  LocalizedMixtureOfExperts, MoETransformerLM)}
 
 
 def save_model(model: nn.Module, directory: Path | str, *,

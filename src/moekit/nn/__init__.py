@@ -5,7 +5,8 @@ Read bottom up: :mod:`~moekit.nn.outputs` (the records every stage passes on),
 :mod:`~moekit.nn.gaussian_gate`, :mod:`~moekit.nn.tree_gate`), :mod:`~moekit.nn.dispatch` and
 :mod:`~moekit.nn.grouped_mm` (only the chosen experts run), :mod:`~moekit.nn.experts`, then the
 layers: the dense mixtures of 1991 (:mod:`~moekit.nn.dense`, :mod:`~moekit.nn.hierarchical`,
-:mod:`~moekit.nn.localized`) and the routed block (:mod:`~moekit.nn.sparse`).
+:mod:`~moekit.nn.localized`) and the routed block (:mod:`~moekit.nn.sparse`); on top, the byte-level
+MoE transformer language model (:mod:`~moekit.nn.attention`, :mod:`~moekit.nn.lm`).
 """
 
 from moekit.nn.dense import DenseMixture, MixtureOfExperts, MoEConfig
@@ -14,10 +15,11 @@ from moekit.nn.gates import GateConfig, SoftmaxGate
 from moekit.nn.gaussian_gate import GaussianGate, GaussianGateParams
 from moekit.nn.grouped_mm import release_gradient_memory
 from moekit.nn.hierarchical import HierarchicalMixtureOfExperts, HMEConfig
+from moekit.nn.lm import LMConfig, LMCosts, LMLoss, LMOutput, MoETransformerLM
 from moekit.nn.localized import LocalizedMixtureOfExperts, LocalizedMoEConfig
 from moekit.nn.outputs import DispatchPlan, MoEOutput, Routing
 from moekit.nn.routers import ExpertChoiceRouter, RouterConfig, SigmoidBiasRouter, TopKRouter
-from moekit.nn.sparse import SparseMoE, SparseMoEConfig
+from moekit.nn.sparse import SparseMoE, SparseMoEConfig, replay_routing
 from moekit.nn.tree_gate import TreeGate
 
 __all__ = [
@@ -31,6 +33,10 @@ __all__ = [
     "GaussianGateParams",
     "HMEConfig",
     "HierarchicalMixtureOfExperts",
+    "LMConfig",
+    "LMCosts",
+    "LMLoss",
+    "LMOutput",
     "LinearExperts",
     "LocalizedMixtureOfExperts",
     "LocalizedMoEConfig",
@@ -38,6 +44,7 @@ __all__ = [
     "MixtureOfExperts",
     "MoEConfig",
     "MoEOutput",
+    "MoETransformerLM",
     "RouterConfig",
     "Routing",
     "SigmoidBiasRouter",
@@ -47,4 +54,5 @@ __all__ = [
     "TopKRouter",
     "TreeGate",
     "release_gradient_memory",
+    "replay_routing",
 ]

@@ -8,6 +8,11 @@ Only the chosen experts run: the router decides (:mod:`moekit.nn.routers`), the 
 rows by expert (:mod:`moekit.nn.dispatch`), the bank runs each expert on its block given the
 per-expert counts (:mod:`moekit.nn.grouped_mm`, by ``experts_implementation``), and the combine
 adds the outputs back to their rows.
+
+Routing controls, for analysis (``forward``'s keyword arguments; each None by default, and then the
+layer runs exactly as without them): ``logit_offset_E`` is added to the router's logits before its
+rule chooses (steering), ``keep_E`` leaves the router only those experts to choose from (ablation),
+``forced_experts_NK`` replaces the choice by given experts (replay, :func:`replay_routing`).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from moekit.nn.experts import ExpertConfig
 from moekit.nn.finite import check_finite_rows, check_flag
 from moekit.nn.grouped_mm import check_implementation
 from moekit.nn.outputs import MoEOutput, Routing
-from moekit.nn.routers import RouterConfig
+from moekit.nn.routers import RouterConfig, SigmoidBiasRouter, TopKRouter
 
 
 @dataclass(frozen=True)
@@ -159,7 +164,13 @@ class SparseMoE(nn.Module):
                    experts_implementation=c.experts_implementation,
                    check_finite=c.check_finite, generator=generator)
 
-    def forward(self, x: Tensor, *, generator: torch.Generator | None = None) -> MoEOutput:
+    def forward(self, x: Tensor, *, generator: torch.Generator | None = None,
+                logit_offset_E: Tensor | None = None, keep_E: Tensor | None = None,
+                forced_experts_NK: Tensor | None = None) -> MoEOutput:
+        """Route the rows of ``x`` (..., D), run the chosen experts, combine.
+
+        The routing controls (see :meth:`route`) default to None: the layer's own routing.
+        """
         d_model = self.config.d_model
         if x.shape[-1] != d_model:
             raise ValueError(f"SparseMoE: x has {x.shape[-1]} features in its last axis but the "
@@ -167,7 +178,8 @@ class SparseMoE(nn.Module):
         if self.config.check_finite:
             check_finite_rows("SparseMoE", x)
         x_ND = x.reshape(-1, d_model)
-        routing = self.router(x_ND, generator=generator)
+        routing = self.route(x_ND, generator=generator, logit_offset_E=logit_offset_E,
+                             keep_E=keep_E, forced_experts_NK=forced_experts_NK)
         plan = plan_dispatch(routing, self.config.n_experts,
                              capacity_factor=self.config.capacity_factor)
         y_MD = self.experts.forward_grouped(gather_rows(x_ND, plan), plan.counts_E,
@@ -178,6 +190,42 @@ class SparseMoE(nn.Module):
         aux_loss, parts = self._aux_losses(routing)
         return MoEOutput(output=y_ND.reshape(x.shape), routing=routing, aux_loss=aux_loss,
                          aux_parts=parts, dispatch=plan)
+
+    def route(self, x_ND: Tensor, *, generator: torch.Generator | None = None,
+              logit_offset_E: Tensor | None = None, keep_E: Tensor | None = None,
+              forced_experts_NK: Tensor | None = None) -> Routing:
+        """The router's decision for the rows ``x_ND``, under optional controls.
+
+        Args:
+            logit_offset_E: (E,) added to every row's router logits before the router's rule
+                chooses (steering; the weights follow the shifted logits too).
+            keep_E: (E,) bool, the experts the router may choose (ablation: the router's own
+                ``choose(logits_NE, keep_E)``).
+            forced_experts_NK: (N, K') long, the experts each row goes to (replay), weighted by the
+                router's rule over them (:func:`replay_routing`); not with ``keep_E``.
+
+        With any control the router runs as usual first (its noise, and in training mode the
+        sigmoid router's load-bias update, come from that uncontrolled pass), then its rule is
+        applied again to its logits, shifted and restricted; noisy top-k's smooth load estimate
+        is then not kept (the importance loss falls back to counted loads).
+        """
+        routing = self.router(x_ND, generator=generator)
+        if logit_offset_E is None and keep_E is None and forced_experts_NK is None:
+            return routing
+        n_experts, logits_NE = self.config.n_experts, routing.logits_NE
+        if logit_offset_E is not None:
+            _check_per_expert("logit_offset_E", logit_offset_E, n_experts, floating=True)
+            logits_NE = logits_NE + logit_offset_E.to(logits_NE)  # its dtype and device
+        if forced_experts_NK is not None:
+            if keep_E is not None:
+                raise ValueError("SparseMoE: forced_experts_NK already fixes every row's experts; "
+                                 "got keep_E too. Pass one of them.")
+            _check_forced(forced_experts_NK, x_ND.shape[0], n_experts)
+            return replay_routing(self.router, logits_NE, forced_experts_NK.to(logits_NE.device))
+        if keep_E is not None:
+            _check_per_expert("keep_E", keep_E, n_experts, floating=False)
+            keep_E = keep_E.to(logits_NE.device)
+        return self.router.choose(logits_NE, keep_E)
 
     def _aux_losses(self, routing: Routing) -> tuple[Tensor, dict[str, Tensor]]:
         c = self.config
@@ -197,3 +245,68 @@ class SparseMoE(nn.Module):
         for name, value in parts.items():
             total = total + weights[name] * value
         return total, parts
+
+
+def replay_routing(router: nn.Module, logits_NE: Tensor, experts_NK: Tensor) -> Routing:
+    """Route each row to the given experts, weighted by the router's own rule over them.
+
+    For a top-k (and switch) router the weights are those :meth:`TopKRouter.choose` gives its
+    chosen experts: with ``renormalize`` (K > 1) the softmax over the given experts' logits, i.e.
+    the live probabilities renormalised over them; else their full softmax probabilities p_i
+    (Switch's K = 1). For the sigmoid router: their sigmoid scores, divided by their sum when it
+    renormalises. Replaying the experts a router chose from the same logits therefore reproduces
+    its routing bit for bit, and the weights stay functions of the logits, so the task loss
+    reaches the router. Expert choice (a variable number of experts per row) is refused.
+
+    Example:
+        >>> router = RouterConfig(kind="topk", top_k=2).build(3, 4)
+        >>> logits = torch.tensor([[2.0, 1.0, 0.0, 0.0]])
+        >>> replay_routing(router, logits, torch.tensor([[0, 2]])).weights_NK
+        tensor([[0.8808, 0.1192]])
+    """
+    if isinstance(router, TopKRouter):
+        probs_NE = torch.softmax(logits_NE, dim=-1)
+        if router.config.renormalizes:
+            weights_NK = torch.softmax(logits_NE.gather(-1, experts_NK), dim=-1)
+        else:
+            weights_NK = probs_NE.gather(-1, experts_NK)
+        return Routing(weights_NK, experts_NK, probs_NE, logits_NE)
+    if isinstance(router, SigmoidBiasRouter):
+        scores_NE = torch.sigmoid(logits_NE)
+        chosen_NK = scores_NE.gather(-1, experts_NK)
+        weights_NK = (chosen_NK / chosen_NK.sum(-1, keepdim=True).clamp_min(1e-30)
+                      if router.config.renormalizes else chosen_NK)
+        return Routing(weights_NK, experts_NK, scores_NE / scores_NE.sum(-1, keepdim=True),
+                       logits_NE)
+    raise ValueError(f"SparseMoE: forced_experts_NK replays token-choice routing (router kind "
+                     f"'topk', 'switch' or 'sigmoid'); got {type(router).__name__}. Under expert "
+                     "choice restrict the experts with keep_E instead.")
+
+
+def _check_per_expert(name: str, value: Tensor, n_experts: int, *, floating: bool) -> None:
+    kind = "a floating" if floating else "a bool"
+    ok = isinstance(value, Tensor) and (value.is_floating_point() if floating
+                                        else value.dtype == torch.bool)
+    if not ok or tuple(value.shape) != (n_experts,):
+        got = (f"{value.dtype} of shape {tuple(value.shape)}" if isinstance(value, Tensor)
+               else type(value).__name__)
+        raise ValueError(f"SparseMoE: {name} must be {kind} tensor of shape (n_experts,) = "
+                         f"({n_experts},); got {got}.")
+
+
+def _check_forced(experts_NK: Tensor, n_rows: int, n_experts: int) -> None:
+    ok = (isinstance(experts_NK, Tensor) and experts_NK.dtype == torch.long
+          and experts_NK.ndim == 2 and experts_NK.shape[0] == n_rows
+          and 1 <= experts_NK.shape[1] <= n_experts)
+    if not ok:
+        got = (f"{experts_NK.dtype} of shape {tuple(experts_NK.shape)}"
+               if isinstance(experts_NK, Tensor) else type(experts_NK).__name__)
+        raise ValueError(f"SparseMoE: forced_experts_NK must be a long tensor of shape (N, K) = "
+                         f"({n_rows}, K), 1 <= K <= n_experts={n_experts}, one row per input "
+                         f"row; got {got}.")
+    if experts_NK.numel() == 0:
+        return
+    low, high = (int(v) for v in torch.aminmax(experts_NK))
+    if low < 0 or high >= n_experts:
+        raise ValueError(f"SparseMoE: forced_experts_NK must hold experts in [0, {n_experts}); "
+                         f"got values from {low} to {high}.")
