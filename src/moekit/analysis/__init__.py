@@ -14,6 +14,15 @@ from moekit.analysis.agreement import Agreement, routing_agreement
 from moekit.analysis.importance import ImportanceRow, ImportanceTable, expert_importance
 from moekit.analysis.interventions import ablate_expert, force_expert, intervene, scale_temperature
 from moekit.analysis.layer_categories import CategoryTables, lift_table, top_lift_pairs
+from moekit.analysis.layer_hooks import routing_hooks
+from moekit.analysis.layer_interventions import (
+    AblationTable,
+    InterventionEffect,
+    ablate_layer_experts,
+    ablation_table,
+    intervention_effect,
+    steer_layer_experts,
+)
 from moekit.analysis.layer_overlap import (
     ExpertMatch,
     RoutingOverlap,
@@ -21,7 +30,10 @@ from moekit.analysis.layer_overlap import (
     match_seed_experts,
     routing_saturation,
 )
+from moekit.analysis.layer_recorder import LayerRecording, record_layers
 from moekit.analysis.layer_repeats import RepeatRates
+from moekit.analysis.layer_replay import replay_layers
+from moekit.analysis.layer_risk import RiskDifference, risk_difference
 from moekit.analysis.layer_stats import LayerRoutingResult, LayerRoutingStats
 from moekit.analysis.over_training import RoutingHistory, routing_summary
 from moekit.analysis.recorder import (
@@ -43,39 +55,51 @@ from moekit.analysis.stats import (
 from moekit.analysis.store import RoutingStore
 
 __all__ = [
+    "AblationTable",
     "Agreement",
     "BatchRouting",
     "CategoryTables",
     "ExpertMatch",
     "ImportanceRow",
     "ImportanceTable",
+    "InterventionEffect",
+    "LayerRecording",
     "LayerRoutingResult",
     "LayerRoutingStats",
     "Recording",
     "RepeatRates",
+    "RiskDifference",
     "RoutingHistory",
     "RoutingOverlap",
     "RoutingStats",
     "RoutingStore",
     "Saturation",
     "ablate_expert",
+    "ablate_layer_experts",
+    "ablation_table",
     "batch_routing",
     "bin_names",
     "coefficient_of_variation",
     "expert_importance",
     "force_expert",
     "intervene",
+    "intervention_effect",
     "iter_batches",
     "lift_table",
     "match_experts",
     "match_seed_experts",
     "max_over_mean",
     "nmi_from_contingency",
+    "record_layers",
     "record_routing",
+    "replay_layers",
+    "risk_difference",
     "routing_agreement",
+    "routing_hooks",
     "routing_saturation",
     "routing_summary",
     "scale_temperature",
+    "steer_layer_experts",
     "target_bin_edges",
     "top_lift_pairs",
 ]
