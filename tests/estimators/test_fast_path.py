@@ -156,3 +156,25 @@ def test_choices_survive_a_reload(tmp_path):
     save_estimator(clf, tmp_path / "m")
     again = load_estimator(tmp_path / "m")
     assert again.choices_ == clf.choices_ and again.interrupted_ is False
+
+
+def test_auto_on_a_large_table_fits_candidates_on_a_sample_then_the_choice_on_every_row(
+        monkeypatch):
+    import moekit.estimators._stages as stages
+
+    monkeypatch.setattr(stages, "SELECTION_ROWS", 400)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1.5, 1.5, 1500)
+    y = np.select([x < -0.5, x < 0.5], [2 * x + 3, -x], 3 * x - 3) + rng.normal(0, 0.1, 1500)
+    rows_seen = []
+    original = stages.fit
+    monkeypatch.setattr(stages, "fit", lambda model, x_ND, *a, **k: rows_seen.append(
+        len(x_ND)) or original(model, x_ND, *a, **k))
+    reg = _quiet_fit(MixtureOfExpertsRegressor(n_experts="auto", expert="linear",
+                                               alpha_candidates=(2.0,), random_state=0),
+                     x.reshape(-1, 1), y)
+    n_train = 1500 - 150
+    assert rows_seen[:-1] == [400] * (len(rows_seen) - 1) and rows_seen[-1] == n_train
+    assert reg.n_experts_ >= 3  # the three pieces, at least, from 400 rows
+    why = next(c for c in reg.choices_ if c["setting"] == "n_experts")["why"]
+    assert f"candidates fitted on 400 of the {n_train:,} training rows" in why

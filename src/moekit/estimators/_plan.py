@@ -73,14 +73,20 @@ class StagePlan:
         """The number of experts: held-out loss (one-SE rule, fewest experts) or BIC."""
         est, fitter = self.estimator, self.fitter
         sizes = size_candidates(type(est).__name__, est.auto_candidates)
+        rows = fitter.selection_rows()  # short candidate fits on a sample of a large table
 
         def candidate(n: int) -> Stage:
             label = f"n_experts={n} (candidate {sizes.index(n) + 1} of {len(sizes)})"
-            return self._stage(n, precision, f"n_experts_{n}", label)
+            return self._stage(n, precision, f"n_experts_{n}", label, rows=rows)
 
         if fitter.settings.criterion == "validation":
             n, curve, stage = search_n_experts(sizes, candidate, fitter.held_out_losses)
             why = _size_reason(n, curve)
+            if rows is not None and not self.interrupted:
+                why += (f"; candidates fitted on {len(rows):,} of the {fitter.n_train:,} training "
+                        "rows, the chosen count then on every one")
+                stage = self._stage(n, precision, f"n_experts_{n}_all_rows",
+                                    f"n_experts={n} on every training row")
         else:
             def score(stage: Stage) -> float:
                 x_ND, t = fitter.x_ND[fitter.train_rows], fitter.t[fitter.train_rows]

@@ -28,6 +28,7 @@ MAX_BATCH_ROWS = 1024
 UPDATES_PER_EPOCH = 8  # a batch doubles from BATCH_ROWS while an epoch keeps this many updates
 MIN_PATIENCE_UPDATES = 100  # a fit stops after no fewer updates without improvement
 MIN_ROWS_TO_STOP_EARLY = 50  # below this, a 10 % hold-out is too small to stop by
+SELECTION_ROWS = 50_000  # n_experts='auto' fits its candidates on at most this many training rows
 BATCH_INDEPENDENCE_TOL = 1e-5  # float32 against float64 predictions of the same weights
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from moekit.estimators._resume import CHECKPOINT_EVERY, FitStages, fit_em_stage
-from moekit.estimators._settings import FitSettings, patience_epochs
+from moekit.estimators._settings import SELECTION_ROWS, FitSettings, patience_epochs
 from moekit.exceptions import ConvergenceWarning
 from moekit.fitting.callbacks import KeepBest
 from moekit.fitting.config import TrainConfig
@@ -79,6 +79,14 @@ class StageFitter:
     @property
     def n_train(self) -> int:
         return len(self.train_rows)
+
+    def selection_rows(self) -> np.ndarray | None:
+        """A fixed random sample of SELECTION_ROWS training rows for candidate fits, or None when
+        there are no more rows than that."""
+        if self.n_train <= SELECTION_ROWS:
+            return None
+        rng = np.random.default_rng(self.seed)
+        return np.sort(rng.choice(self.train_rows, SELECTION_ROWS, replace=False))
 
     def fit(self, n_experts: int, precision: float, stage: str, label: str, *,
             warm_from: Stage | None = None, rows: np.ndarray | None = None) -> Stage:
