@@ -23,6 +23,7 @@ import traceback
 from collections.abc import Sequence
 
 from moekit._version import __version__
+from moekit.cli.lm import add_lm
 from moekit.cli.paper import add_compare_solvers, add_demo, add_vowels, add_vowels_sweep
 from moekit.cli.tables import add_analyze, add_fit, add_predict, add_report
 from moekit.exceptions import NAME_ONLY, DataError, MoekitError, Setting
@@ -43,6 +44,8 @@ expert took
 model
   moekit compare-solvers           passes to the paper's criterion: gradient descent, Adam, \
 L-BFGS, EM
+  moekit lm train                  a byte-level MoE language model beside its dense twin of \
+equal active compute (CPU, ~7 min; --quick: seconds)
 """
 __all__ = ["build_parser", "flag", "main"]
 
@@ -53,7 +56,7 @@ FLAGS = {"n_experts": "--experts", "data": "--data", "expert_hidden": "--hidden"
 FIT_PARAMETERS = ("n_experts", "expert_hidden", "expert", "gate", "loss", "solver", "lr", "alpha",
                   "max_epochs", "random_state", "validation_fraction")
 # Commands that write a run folder (their --out), and those that rewrite files inside one.
-FOLDER_OUT = {"fit", "vowels", "vowels-sweep", "demo", "compare-solvers"}
+FOLDER_OUT = {"fit", "vowels", "vowels-sweep", "demo", "compare-solvers", "lm train"}
 IN_PLACE = {"report", "analyze"}
 OS_HINTS = {errno.ENOSPC: "the disk is full: free some space and rerun",
             errno.EDQUOT: "the disk quota is used up: free some space and rerun",
@@ -89,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="on an error, show the traceback (before or after the command)")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add in (add_vowels, add_vowels_sweep, add_demo, add_fit, add_predict, add_report,
-                add_analyze, add_compare_solvers):
+                add_analyze, add_compare_solvers, add_lm):
         add(subparsers)
     for sub in subparsers.choices.values():  # `moekit fit ... --debug` works too
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,

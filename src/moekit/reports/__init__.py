@@ -5,7 +5,8 @@ analysis of one model (:mod:`~moekit.reports.analysis`) and the report of a `moe
 
 from moekit.reports.analysis import AnalysisInput, analysis_sections, analyze, analyze_input
 from moekit.reports.html import Section, write_report
+from moekit.reports.lm import lm_report, lm_summary
 from moekit.reports.metrics import fit_metrics
 
 __all__ = ["AnalysisInput", "Section", "analysis_sections", "analyze", "analyze_input",
-           "fit_metrics", "write_report"]
+           "fit_metrics", "lm_report", "lm_summary", "write_report"]
