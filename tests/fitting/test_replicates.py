@@ -97,3 +97,16 @@ def test_rows_of_x_and_y_must_match(gen):
     with pytest.raises(ValueError, match=r"train_replicates: row counts must match; x has \d+, "
                                          r"y has 5"):
         train_replicates(_models([0]), x, y[:5], [0.1], ReplicateConfig(progress=False))
+
+
+def test_progress_counts_runs_finished_not_epochs(gen):
+    """Three runs: two reach the criterion early, one hits the cap of 300 epochs; the hook hears
+    of each run as it finishes, the last at the cap."""
+    x, y = _task(gen)
+    heard = []
+    result = train_replicates(_models([0, 1, 2]), x, y, [2.0, 2.0, 0.01], ReplicateConfig(
+        max_epochs=300, stop_metric="mse", stop_threshold=0.15, progress=False),
+        on_progress=lambda finished, epoch: heard.append((finished, epoch)))
+    assert [f for f, _ in heard] == sorted(f for f, _ in heard) and heard[-1] == (3, 300)
+    fast = sorted(result.epochs_R.tolist())[:2]
+    assert heard[0] == (1 if fast[0] < fast[1] else 2, fast[0])

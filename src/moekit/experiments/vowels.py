@@ -44,7 +44,12 @@ from moekit.experiments.vowels_measures import (
     rising_epochs,
     vowel_groups,
 )
-from moekit.fitting.replicates import ReplicateConfig, ReplicateResult, train_replicates
+from moekit.fitting.replicates import (
+    ProgressHook,
+    ReplicateConfig,
+    ReplicateResult,
+    train_replicates,
+)
 from moekit.nn.dense import MixtureOfExperts
 from moekit.nn.experts import ExpertConfig
 
@@ -272,9 +277,11 @@ def run_seed(seed: int, run: int) -> int:
 
 
 def _train(system: System, task: VowelTask, config: VowelsConfig, steps: tuple[float, ...], *,
-           prune: bool, track_epochs: tuple[int, ...] = ()):
+           prune: bool, track_epochs: tuple[int, ...] = (),
+           on_progress: ProgressHook | None = None):
     """Train ``config.runs`` runs of ``system`` at every step, as one batched computation; run r of
-    every step starts from the same weights (seed (seed, r))."""
+    every step starts from the same weights (seed (seed, r)). ``on_progress``: called with the
+    runs finished (:func:`~moekit.fitting.replicates.train_replicates`)."""
     dtype = config.torch_dtype
     models = [system.build(torch.Generator().manual_seed(run_seed(config.seed, r)), dtype)
               for _ in steps for r in range(config.runs)]
@@ -287,7 +294,8 @@ def _train(system: System, task: VowelTask, config: VowelsConfig, steps: tuple[f
                               prune=_lower_bound_rule(len(steps), config.runs) if prune else None,
                               track=([g * config.runs for g in range(len(steps))]
                                      if track_epochs else ()),
-                              track_epochs=track_epochs, description=system.name)
+                              track_epochs=track_epochs, description=system.name,
+                              on_progress=on_progress)
     return models, result
 
 
@@ -313,20 +321,22 @@ def _result(system: System, task: VowelTask, config: VowelsConfig, models: list,
 
 
 def run_system(system: System, task: VowelTask, config: VowelsConfig, *,
-               track_epochs: tuple[int, ...] = ()) -> SystemResult:
+               track_epochs: tuple[int, ...] = (), on_progress: ProgressHook | None = None
+               ) -> SystemResult:
     """Explore the step grid for one system (runs x steps batched) and keep the best step's runs."""
     models, result = _train(system, task, config, config.steps, prune=True,
-                            track_epochs=track_epochs)
+                            track_epochs=track_epochs, on_progress=on_progress)
     trials = _trials(config.steps, config.runs, result)
     best = choose_step(trials)
     return _result(system, task, config, models, result, trials, best, trials[best].lr)
 
 
 def run_steps(system: System, task: VowelTask, config: VowelsConfig,
-              steps: tuple[float, ...]) -> list[SystemResult]:
+              steps: tuple[float, ...], *, on_progress: ProgressHook | None = None
+              ) -> list[SystemResult]:
     """The system's runs at each of ``steps``, every run to its end (no choice between the steps,
     so none is stopped early), batched as one computation; a result per step."""
-    models, result = _train(system, task, config, steps, prune=False)
+    models, result = _train(system, task, config, steps, prune=False, on_progress=on_progress)
     trials = _trials(steps, config.runs, result)
     return [_result(system, task, config, models, result, [trials[g]], g, lr)
             for g, lr in enumerate(steps)]

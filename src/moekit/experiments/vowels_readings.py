@@ -90,11 +90,16 @@ def _entries(results: list[SystemResult], nets: list[SystemResult], kind: str
 
 
 def readings(config: VowelsConfig, task: VowelTask, own: list[SystemResult],
-             control_own: SystemResult | None) -> list[Reading]:
-    """Reading (a) from the results already run, then (b) and (c) (run here, batched per system).
+             control_own: SystemResult | None, *, common: list[SystemResult] | None = None,
+             sigmoid: list[SystemResult] | None = None) -> list[Reading]:
+    """Reading (a) from the results already run, then (b) and (c), run here (batched per system)
+    unless given.
 
     ``own`` are Table 1's systems at their own best steps; ``control_own`` the one-expert control
-    at its own best step (None when there are no mixtures).
+    at its own best step (None when there are no mixtures). ``common``: the runs of
+    :func:`common_systems` at the common step, in that order; ``sigmoid``: those of
+    :func:`sigmoid_runs`, one result per step (:mod:`moekit.experiments.vowels_jobs` runs them
+    beside the others).
     """
     nets_a = [r for r in own if r.system.kind == "backprop"]
     extra = [control_own] if control_own is not None else []
@@ -103,23 +108,41 @@ def readings(config: VowelsConfig, task: VowelTask, own: list[SystemResult],
     if not config.readings:
         return found
     step = config.common_step
-    common = [run_steps(s, task, config, (step,))[0] for s in systems_of(config)]
-    if control_own is not None:
-        common.append(run_steps(control_own.system, task, config, (step,))[0])
+    if common is None:
+        control = control_own.system if control_own is not None else None
+        common = [run_steps(s, task, config, (step,))[0]
+                  for s in common_systems(config, control)]
     nets_b = [r for r in common if r.system.kind == "backprop"]
     found.append(Reading("common_step", f"(b) every system at one smooth step ({step:g})",
                          _entries(common, nets_b, config.t_test)))
-    mixtures = [r for r in own if r.system.kind == "mixture"]
-    if mixtures:  # the smallest mixture: whether logistic experts split does not need both sizes
-        mixture = min(mixtures, key=lambda r: r.system.size)
-        system = dataclasses.replace(mixture.system, expert_head="sigmoid")
-        sigmoid = run_steps(system, task, config, tuple(sorted({mixture.lr, step})))
+    plan = sigmoid_runs(config, own)
+    if plan is not None:
+        if sigmoid is None:
+            sigmoid = run_steps(plan[0], task, config, plan[1])
         found.append(Reading(
             "sigmoid_experts", "(c) sigmoid experts, at the softmax mixture's step of (a) and at "
             "the common step",
             tuple(e for r in sigmoid for e in _entries(
                 [r], nets_b if r.lr == step else nets_a, config.t_test))))
     return found
+
+
+def common_systems(config: VowelsConfig, control: System | None) -> list[System]:
+    """Reading (b)'s systems, each run at the common step: Table 1's, then the control."""
+    return systems_of(config) + ([control] if control is not None else [])
+
+
+def sigmoid_runs(config: VowelsConfig, own: list[SystemResult]
+                 ) -> tuple[System, tuple[float, ...]] | None:
+    """Reading (c): the smallest mixture of ``own`` with sigmoid experts, and its steps (the one
+    (a) chose for the softmax version, and the common step); None without mixtures. Whether
+    logistic experts split does not need both sizes."""
+    mixtures = [r for r in own if r.system.kind == "mixture"]
+    if not mixtures:
+        return None
+    mixture = min(mixtures, key=lambda r: r.system.size)
+    system = dataclasses.replace(mixture.system, expert_head="sigmoid")
+    return system, tuple(sorted({mixture.lr, config.common_step}))
 
 
 def control_of(config: VowelsConfig) -> System | None:

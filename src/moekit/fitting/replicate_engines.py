@@ -10,6 +10,22 @@ experts or outputs runs along contiguous rows. It composes the error functions f
 per-row pieces as :mod:`moekit.losses` (experts on axis 1, outputs on axis 2), so the formulas are
 written once. Tests check that both engines give the same losses, metrics and gradients in
 float64, and the same fitted runs.
+
+Both engines give :func:`~moekit.fitting.replicates.train_replicates` the losses, stop metrics and
+gradients of an epoch through ``errors_and_grads``. The stacked engine's is its fast path, the same
+numbers as autograd through its ``errors`` (the reference) to the last bit, in less time:
+- the runs of a large batch go through the forward and backward in chunks of about
+  ``CHUNK_ELEMENTS`` numbers per (R, E, O, N) tensor, which stay in a core's cache (one such
+  tensor of 325 runs of 8 experts is 16 MB, and an epoch writes a few dozen);
+- the products with the inputs x, and their weights' gradients (grad @ x^T), run on the whole
+  batch, as in ``errors``: in float32 a matrix product's rounding can depend on how many rows it
+  has, and at an oscillating step one rounding changes a run's path;
+- for linear experts and Eqs. 1-3, the backward is written out formula by formula as autograd
+  runs it (the same operations in the same order), without autograd's overhead.
+Bit for bit needs one thread (with two, torch may split a small sum of a chunk otherwise than the
+batch's) and rows in whole CPU vectors (400 in the vowel task; elementwise kernels compute the last
+numbers of a tensor that does not fill its vectors by a scalar formula, which may round them
+otherwise); the tests check it.
 """
 
 from __future__ import annotations
@@ -33,6 +49,14 @@ from moekit.nn.dense import MixtureOfExperts
 from moekit.nn.experts import ACTIVATIONS, LinearExperts, MLPExperts
 from moekit.nn.gates import SoftmaxGate
 
+# The fast path's chunks: about CHUNK_ELEMENTS numbers per (chunk, E, O, N) tensor (1 MB in
+# float32), for batches over CHUNKED_BATCH numbers per such tensor; smaller batches run whole, as
+# each chunk costs the fixed overhead of some 60 operations (about 0.2 ms). Measured on the 2-core
+# test machine, one thread, an epoch of 325 runs (benchmarks/vowels_speed.py, with the by-hand
+# backward): 8 experts 33 ms against 54 ms by autograd unchunked, 4 experts 16 against 22 ms.
+CHUNK_ELEMENTS = 1 << 18
+CHUNKED_BATCH = 1 << 20
+
 
 class VmapEngine:
     """The reference: any model, its own forward, vmapped over the stacked parameters."""
@@ -53,6 +77,15 @@ class VmapEngine:
 
     def errors(self, work: dict[str, Tensor], rows: Tensor) -> tuple[Tensor, Tensor]:
         return self._errors(work, {k: v[rows] for k, v in self.buffers.items()})
+
+    def errors_and_grads(self, work: dict[str, Tensor], rows: Tensor
+                         ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Loss and stop metric of each run in ``work`` (R,), and the gradient of each run's loss
+        with respect to its parameters (shaped like ``work``)."""
+        leaves = {k: v.detach().requires_grad_(True) for k, v in work.items()}
+        loss_R, metric_R = self.errors(leaves, rows)
+        grads = torch.autograd.grad(loss_R.sum(), list(leaves.values()))
+        return loss_R.detach(), metric_R.detach(), dict(zip(leaves, grads, strict=True))
 
     def module_state(self, params: dict[str, Tensor], r: int) -> dict[str, Tensor]:
         return {k: v[r].detach().clone() for k, v in params.items()}
@@ -82,6 +115,7 @@ class StackedMixtureEngine:
         self.classes_N = targets.classes_N
         stacked, _ = stack_module_state(list(models))
         self.params = self._to_rows_last(stacked)
+        self._scratch: dict[str, Tensor] = {}
 
     # Layout conversions between the modules' state dicts and the rows-last stacked tensors.
     def _to_rows_last(self, s: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -113,12 +147,25 @@ class StackedMixtureEngine:
             state["experts.b2_EO"] = p["b2_REO1"].squeeze(-1)
         return {k: v.contiguous().clone() for k, v in state.items()}
 
-    def _expert_logits(self, p: dict[str, Tensor]) -> Tensor:
-        x_DN = self.x_DN
-        if "w_REOD" in p:
-            return torch.matmul(p["w_REOD"], x_DN) + p["b_REO1"]  # (R, E, O, N)
+    @property
+    def input_weights(self) -> tuple[str, ...]:
+        """The weights that multiply the inputs x: the gate's, and the experts' (first layer)."""
+        return ("gate_w_RED", "w_REOD" if self.config.expert.kind == "linear" else "w1_REHD")
+
+    def _inputs_times(self, w: Tensor) -> Tensor:
+        """w @ x for a stacked weight (R, ..., D): (R, ..., N), one matrix product of R x ... rows
+        (``torch.matmul`` folds the leading axes)."""
+        return torch.matmul(w, self.x_DN)
+
+    def _shape_times(self, w: Tensor) -> Tensor:
+        """An empty tensor shaped as w @ x (on the meta device: no memory)."""
+        return torch.empty(*w.shape[:-1], self.x_DN.shape[1], dtype=w.dtype, device="meta")
+
+    def _expert_logits(self, p: dict[str, Tensor], pre: dict[str, Tensor]) -> Tensor:
+        if self.config.expert.kind == "linear":
+            return pre["w_REOD"] + p["b_REO1"]  # (R, E, O, N)
         act = ACTIVATIONS[self.config.expert.activation]
-        h_REHN = act(torch.matmul(p["w1_REHD"], x_DN) + p["b1_REH1"])
+        h_REHN = act(pre["w1_REHD"] + p["b1_REH1"])
         return torch.matmul(p["w2_REOH"], h_REHN) + p["b2_REO1"]
 
     def _head(self, z_REON: Tensor) -> Tensor:
@@ -127,19 +174,29 @@ class StackedMixtureEngine:
             return torch.softmax(z_REON, dim=2)
         return torch.sigmoid(z_REON) if head == "sigmoid" else z_REON
 
+    def _head_into(self, z_REON: Tensor, out: Tensor) -> Tensor:
+        """:meth:`_head`, written into ``out`` (the same kernels)."""
+        head = self.config.expert.head
+        if head == "softmax":
+            return torch._softmax(z_REON, 2, False, out=out)
+        return torch.sigmoid(z_REON, out=out) if head == "sigmoid" else z_REON
+
     def errors(self, work: dict[str, Tensor], rows: Tensor) -> tuple[Tensor, Tensor]:
-        """Loss (mean over rows) and stop metric of each run in ``work``, shape (R,) each."""
-        logits_REN = torch.matmul(work["gate_w_RED"], self.x_DN)
+        """Loss (mean over rows) and stop metric of each run in ``work``, shape (R,) each; the
+        reference of :meth:`errors_and_grads` (differentiate it with autograd)."""
+        return self._errors(work, {k: self._inputs_times(work[k]) for k in self.input_weights})
+
+    def _errors(self, work: dict[str, Tensor], pre: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """:meth:`errors` given ``pre``, the products of the input weights with x."""
+        logits_REN = pre["gate_w_RED"]
         if "gate_b_RE1" in work:
             logits_REN = logits_REN + work["gate_b_RE1"]
         log_p_REN = torch.log_softmax(logits_REN, dim=1)
         p_REN = log_p_REN.exp()
-        z_REON = self._expert_logits(work)
+        z_REON = self._expert_logits(work, pre)
         o_REON = self._head(z_REON)
-        blend_RON = (p_REN.unsqueeze(2) * o_REON).sum(1)
-        diff_RON = self.target_ON - blend_RON
-        blend_sq_RON = diff_RON * diff_RON
         if self.loss == "cooperative":  # Eq. 1
+            blend_sq_RON = self._blend_squared_errors(p_REN, o_REON)
             loss_RN = blend_sq_RON.sum(1)
         elif self.loss == "categorical_nll":
             index_RE1N = self.classes_N.expand(*z_REON.shape[:2], 1, -1)
@@ -152,6 +209,157 @@ class StackedMixtureEngine:
             else:  # Eq. 3
                 log_lik_REN = gaussian_log_likelihood(sq_REN, self.variance)
                 loss_RN = -log_mixture(log_p_REN, log_lik_REN, dim=1)
-        per_case_RN = blend_sq_RON.sum(1)
-        metric_R = per_case_RN.mean(-1) if self.metric == "sse" else blend_sq_RON.mean((1, 2))
+        if self.loss != "cooperative":  # the metric needs no gradient
+            with torch.no_grad():
+                blend_sq_RON = self._blend_squared_errors(p_REN, o_REON)
+        if self.metric == "sse":
+            metric_R = blend_sq_RON.sum(1).mean(-1)
+        else:
+            metric_R = blend_sq_RON.mean((1, 2))
         return loss_RN.mean(-1), metric_R
+
+    def _blend_squared_errors(self, p_REN: Tensor, o_REON: Tensor) -> Tensor:
+        """(d - sum_i p_i o_i)^2 per output: (R, O, N)."""
+        blend_RON = (p_REN.unsqueeze(2) * o_REON).sum(1)
+        diff_RON = self.target_ON - blend_RON
+        return diff_RON * diff_RON
+
+    def chunk_runs(self, n_runs: int) -> int:
+        """Runs per chunk of :meth:`errors_and_grads` for a batch of ``n_runs``: all of them up to
+        ``CHUNKED_BATCH`` numbers per (R, E, O, N) tensor or on more than one thread (where a
+        chunk's sums may be split otherwise than the batch's), else about ``CHUNK_ELEMENTS``."""
+        per_run = self.config.n_experts * self.config.out_features * self.x_DN.shape[1]
+        if n_runs * per_run <= CHUNKED_BATCH or torch.get_num_threads() > 1:
+            return n_runs
+        return max(1, CHUNK_ELEMENTS // per_run)
+
+    def errors_and_grads(self, work: dict[str, Tensor], rows: Tensor
+                         ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Loss and stop metric of each run in ``work`` (R,), and the gradient of each run's loss
+        with respect to its parameters: bit for bit autograd's of :meth:`errors`, in less time
+        (the conditions: the module's docstring).
+
+        Linear experts under Eqs. 1-3 go by hand (:meth:`_linear_chunk`); the others by autograd,
+        through :meth:`errors` itself when the batch runs whole. The products with x (forward)
+        and with x^T (their weights' gradients) run on the whole batch, as in :meth:`errors`;
+        everything between runs ``chunk_runs(R)`` runs at a time, those products its inputs.
+        """
+        n_runs = next(iter(work.values())).shape[0]
+        x_DN = self.x_DN
+        step = self.chunk_runs(n_runs)
+        by_hand = self.config.expert.kind == "linear" and self.loss != "categorical_nll"
+        if not by_hand and n_runs <= step:  # autograd through errors, as it is
+            leaves = {k: v.detach().requires_grad_(True) for k, v in work.items()}
+            loss_R, metric_R = self.errors(leaves, rows)
+            found = torch.autograd.grad(loss_R.sum(), list(leaves.values()))
+            return loss_R.detach(), metric_R.detach(), dict(zip(leaves, found, strict=True))
+        with torch.no_grad():
+            pre = {k: torch.matmul(work[k], x_DN, out=self._buffer(f"x {k}", self._shape_times(
+                work[k]))) for k in self.input_weights}
+        if n_runs <= step:  # one chunk: no copies
+            loss_R, metric_R, grads = self._chunk(work, pre, slice(0, n_runs))
+        else:
+            loss_R = torch.empty(n_runs, dtype=x_DN.dtype)
+            metric_R = torch.empty(n_runs, dtype=x_DN.dtype)
+            grads = {k: self._buffer(f"grad {k}", pre[k]) if k in pre else torch.empty_like(v)
+                     for k, v in work.items()}
+            for start in range(0, n_runs, step):
+                part = slice(start, min(start + step, n_runs))
+                loss_R[part], metric_R[part], found = self._chunk(work, pre, part)
+                for k, grad in found.items():
+                    grads[k][part] = grad
+        n = x_DN.shape[1]
+        for k in pre:  # autograd's backward of the folded matmul: grad @ x^T, the whole batch
+            grads[k] = grads[k].view(-1, n).mm(x_DN.t()).view(work[k].shape)
+        return loss_R, metric_R, grads
+
+    def _chunk(self, work: dict[str, Tensor], pre: dict[str, Tensor], part: slice
+               ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Loss, metric and gradients of the runs ``part``, with respect to ``pre`` (the products
+        with x) and to the other parameters: by hand for linear experts and Eqs. 1-3, else by
+        autograd."""
+        if self.config.expert.kind == "linear" and self.loss != "categorical_nll":
+            with torch.no_grad():
+                return self._linear_chunk({k: v[part] for k, v in work.items()},
+                                          {k: v[part] for k, v in pre.items()})
+        leaves = {k: (pre[k] if k in pre else work[k])[part].detach().requires_grad_(True)
+                  for k in work}
+        loss_C, metric_C = self._errors(leaves, {k: leaves[k] for k in pre})
+        found = torch.autograd.grad(loss_C.sum(), list(leaves.values()))
+        return loss_C.detach(), metric_C.detach(), dict(zip(leaves, found, strict=True))
+
+    def _linear_chunk(self, work: dict[str, Tensor], pre: dict[str, Tensor]
+                      ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """:meth:`_chunk` for linear experts and Eqs. 1-3: the forward of :meth:`_errors`, then
+        the backward autograd would run through it, formula by formula in autograd's order (its
+        derivatives.yaml, torch 2.x), so the same numbers to the last bit (tested), without the
+        engine's overhead and into buffers kept from epoch to epoch: an epoch of 25 runs 1.2x
+        (4 experts) to 1.4x (8 experts) as fast as autograd's (one thread, 2-core machine)."""
+        gate_RE1 = work.get("gate_b_RE1")
+        logits_REN = pre["gate_w_RED"] if gate_RE1 is None else pre["gate_w_RED"] + gate_RE1
+        log_p_REN = torch.log_softmax(logits_REN, dim=1)
+        p_REN = log_p_REN.exp()
+        z_REON = torch.add(pre["w_REOD"], work["b_REO1"], out=self._buffer("z", pre["w_REOD"]))
+        o_REON = self._head_into(z_REON, self._buffer("o", z_REON))
+        product_REON = self._buffer("product", z_REON)
+        blend_RON = torch.mul(p_REN.unsqueeze(2), o_REON, out=product_REON).sum(1)
+        diff_RON = self.target_ON - blend_RON
+        blend_sq_RON = diff_RON * diff_RON
+        n_runs, n = o_REON.shape[0], o_REON.shape[-1]
+        # loss_R.sum() then mean over rows: d/d loss_RN = 1 / N (materialised as mean's backward
+        # is: ones expanded, divided by N)
+        g_RN = torch.ones(n_runs, 1, dtype=o_REON.dtype) / n
+        if self.loss == "cooperative":  # loss_RN = sum_o (d - blend)^2
+            t_RON = g_RN.unsqueeze(1) * diff_RON
+            g_blend_RON = (t_RON + t_RON).neg()  # the product's two factors; then d - blend
+            g_p_REN = (g_blend_RON.unsqueeze(1) * o_REON).sum(2, keepdim=True).squeeze(2)
+            g_o_REON = g_blend_RON.unsqueeze(1) * p_REN.unsqueeze(2)
+            g_log_p_REN = g_p_REN * p_REN  # exp's backward
+            loss_RN = blend_sq_RON.sum(1)
+        else:
+            diff_REON = torch.sub(self.target_ON, o_REON, out=self._buffer("diff", o_REON))
+            sq_REN = torch.mul(diff_REON, diff_REON, out=product_REON).sum(2)  # squared_errors
+            if self.loss == "competitive":  # loss_RN = sum_i p_i sq_i
+                loss_RN = competitive_rows(p_REN, sq_REN, dim=1)
+                g_REN = g_RN.unsqueeze(1)
+                g_log_p_REN = (g_REN * sq_REN) * p_REN
+                g_sq_REN = g_REN * p_REN
+            else:  # Eq. 3: loss_RN = -logsumexp_i(log p_i - sq_i / 2v)
+                a_REN = log_p_REN + gaussian_log_likelihood(sq_REN, self.variance)
+                lse_RN = torch.logsumexp(a_REN, dim=1)
+                loss_RN = -lse_RN
+                g_log_p_REN = (-g_RN).unsqueeze(1) * (a_REN - lse_RN.unsqueeze(1)).exp()
+                g_sq_REN = (g_log_p_REN / (2.0 * self.variance)).neg()
+            t_REON = torch.mul(g_sq_REN.unsqueeze(2), diff_REON, out=product_REON)
+            # the product's two factors, then d - o
+            g_o_REON = torch.add(t_REON, t_REON, out=t_REON).neg_()
+        g_z_REON = self._head_backward(g_o_REON, o_REON, out=z_REON)
+        g_logits_REN = torch._log_softmax_backward_data(g_log_p_REN, log_p_REN, 1,
+                                                        log_p_REN.dtype)
+        grads = {"gate_w_RED": g_logits_REN, "w_REOD": g_z_REON,
+                 "b_REO1": g_z_REON.sum(-1, keepdim=True)}
+        if gate_RE1 is not None:
+            grads["gate_b_RE1"] = g_logits_REN.sum(-1, keepdim=True)
+        if self.metric == "sse":
+            metric_R = blend_sq_RON.sum(1).mean(-1)
+        else:
+            metric_R = blend_sq_RON.mean((1, 2))
+        return loss_RN.mean(-1), metric_R, grads
+
+    def _head_backward(self, g_o_REON: Tensor, o_REON: Tensor, out: Tensor) -> Tensor:
+        head = self.config.expert.head
+        if head == "softmax":
+            return torch.ops.aten._softmax_backward_data.out(g_o_REON, o_REON, 2, o_REON.dtype,
+                                                             grad_input=out)
+        if head == "sigmoid":
+            return torch.ops.aten.sigmoid_backward.grad_input(g_o_REON, o_REON, grad_input=out)
+        return g_o_REON
+
+    def _buffer(self, name: str, like: Tensor) -> Tensor:
+        """A tensor shaped like ``like`` (its dtype too), its memory kept from epoch to epoch:
+        glibc gives a freed block of a megabyte or more back to the system, and writing a new
+        one costs a page fault per 4 kB (8 experts, 25 runs: epochs 1.3x as slow)."""
+        flat = self._scratch.get(name)
+        if flat is None or flat.numel() < like.numel() or flat.dtype != like.dtype:
+            flat = self._scratch[name] = torch.empty(like.numel(), dtype=like.dtype)
+        return flat[:like.numel()].view(like.shape)

@@ -9,6 +9,10 @@ forward and backward serves all of them. Each run has its own step size and stop
 it reaches the criterion it is frozen (its step becomes 0), so its result equals a single run of
 :func:`moekit.fitting.gradient.fit` with the same start, step and criterion (tested).
 
+Each epoch, the engine (:mod:`moekit.fitting.replicate_engines`) gives every active run's loss,
+stop metric and gradient in one call; the stop metric comes from the same forward as the update,
+so the criterion is checked after every update at no extra cost.
+
 The protocol is the paper's: full batch, plain gradient descent with no momentum, one update per
 epoch, stop when the training error of the blended output reaches a threshold.
 """
@@ -37,6 +41,9 @@ STOP_METRICS = ("sse", "mse")
 
 # Called every epoch with (epoch, ReplicateState); returns a bool mask (R,) of runs to stop now.
 PruneRule = Callable[[int, "ReplicateState"], Tensor]
+# Called with (runs finished, epoch) whenever runs finish (reach the criterion, diverge, are pruned
+# or hit the cap): what a progress display needs.
+ProgressHook = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -49,7 +56,8 @@ class ReplicateConfig:
         stop_metric: 'sse', squared error of the blended output per case (summed over outputs,
             averaged over cases), or 'mse', per output unit (averaged over cases and outputs).
         stop_threshold: stop a run once its stop_metric is at or below this (0.08 in the paper).
-        progress: show a progress bar.
+        progress: show a progress bar of the runs finished (it counts runs, not epochs: a batch
+            ends when its last run does, long before the epoch cap as a rule).
     """
 
     loss: str = "mixture_nll"
@@ -109,7 +117,8 @@ def train_replicates(models: Sequence[nn.Module], x: Tensor, y: Tensor,
                      lrs: Sequence[float] | Tensor, config: ReplicateConfig | None = None, *,
                      track: Sequence[int] = (), track_epochs: Sequence[int] = (),
                      prune: PruneRule | None = None, engine: str = "auto",
-                     description: str = "runs") -> ReplicateResult:
+                     description: str = "runs", on_progress: ProgressHook | None = None
+                     ) -> ReplicateResult:
     """Train R models of one architecture as one batched computation, each with its own step size.
 
     Args:
@@ -122,6 +131,8 @@ def train_replicates(models: Sequence[nn.Module], x: Tensor, y: Tensor,
         engine: 'stacked' (the fast rows-last path for dense mixtures), 'vmap' (the reference: any
             model, its own forward under torch.func.vmap), or 'auto' (stacked where it applies).
         description: the progress bar's label.
+        on_progress: called with (runs finished, epoch) whenever runs finish, e.g. to show the
+            progress of a batch trained in another process.
 
     Example:
         >>> from moekit import MixtureOfExperts
@@ -169,35 +180,35 @@ def train_replicates(models: Sequence[nn.Module], x: Tensor, y: Tensor,
     # Only the active runs are computed: ``rows`` indexes them, ``work`` holds their parameters.
     rows = torch.arange(n_runs)
     work = _gather(params, rows)
-    bar = tqdm(total=config.max_epochs, desc=description, unit="epoch", disable=not config.progress,
-               leave=False)
+    bar = tqdm(total=n_runs, desc=description, disable=not config.progress, leave=False,
+               bar_format="{desc}: {n}/{total} runs finished |{bar}| [{elapsed}{postfix}]")
     for epoch in range(config.max_epochs + 1):
-        loss_W, metric_W = runner.errors(work, rows)
-        metric_RT[rows, epoch] = metric_W.detach()
-        loss_RT[rows, epoch] = loss_W.detach()
+        loss_W, metric_W, grads = runner.errors_and_grads(work, rows)
+        metric_RT[rows, epoch] = metric_W
+        loss_RT[rows, epoch] = loss_W
         if epoch in track_at:
             _scatter(params, work, rows)
             _snapshot(snapshots, runner, params, epoch, active_R=state.active_R)
-        _update_state(state, rows, epoch, loss_W.detach(), metric_W.detach(), config)
+        _update_state(state, rows, epoch, loss_W, metric_W, config)
         if prune is not None and state.active_R.any():
             stop_R = prune(epoch, state) & state.active_R
             state.pruned_R |= stop_R
             state.active_R &= ~stop_R
-        if not state.active_R.any() or epoch == config.max_epochs:
-            break
         keep_W = state.active_R[rows]
-        grads = torch.autograd.grad(loss_W.sum(), list(work.values()))
+        n_keep = int(keep_W.sum())
+        if n_keep == 0 or epoch == config.max_epochs:
+            _report(bar, on_progress, n_runs, epoch)
+            break
         step_W = lr_R[rows] * keep_W.to(lr_R.dtype)  # runs that stopped this epoch take no step
         with torch.no_grad():
-            for p, g in zip(work.values(), grads, strict=True):
-                p.sub_(step_W.view(-1, *(1,) * (p.ndim - 1)) * g)
-        if not keep_W.all():  # drop the runs that stopped from the batch
+            for k, p in work.items():
+                p.sub_(step_W.view(-1, *(1,) * (p.ndim - 1)) * grads[k])
+        if n_keep < len(rows):  # drop the runs that stopped from the batch
             _scatter(params, work, rows)
             rows = rows[keep_W]
             work = _gather(params, rows)
+            _report(bar, on_progress, n_runs - n_keep, epoch)
         state.epochs_R[rows] += 1
-        bar.update(1)
-        bar.set_postfix(active=len(rows), refresh=False)
     bar.close()
 
     _scatter(params, work, rows)
@@ -208,7 +219,15 @@ def train_replicates(models: Sequence[nn.Module], x: Tensor, y: Tensor,
 
 
 def _gather(stacked: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
-    return {k: v[rows].detach().requires_grad_(True) for k, v in stacked.items()}
+    return {k: v[rows] for k, v in stacked.items()}
+
+
+def _report(bar: tqdm, on_progress: ProgressHook | None, finished: int, epoch: int) -> None:
+    """Show that ``finished`` runs of the batch have finished, at ``epoch``."""
+    bar.update(finished - bar.n)
+    bar.set_postfix_str(f"epoch {epoch}", refresh=False)
+    if on_progress is not None:
+        on_progress(finished, epoch)
 
 
 def _scatter(stacked: dict[str, Tensor], work: dict[str, Tensor], rows: Tensor) -> None:
@@ -219,11 +238,16 @@ def _scatter(stacked: dict[str, Tensor], work: dict[str, Tensor], rows: Tensor) 
 def _update_state(state: ReplicateState, rows: Tensor, epoch: int, loss_W: Tensor,
                   metric_W: Tensor, config: ReplicateConfig) -> None:
     """Mark the computed runs (``rows``) that diverged or reached the criterion."""
-    diverged = rows[~(torch.isfinite(loss_W) & torch.isfinite(metric_W))]
+    finite_W = torch.isfinite(loss_W) & torch.isfinite(metric_W)
+    # like fit(): the criterion is checked after each update
+    at_criterion_W = (metric_W <= config.stop_threshold) if epoch >= 1 else None
+    if bool(finite_W.all()) and (at_criterion_W is None or not bool(at_criterion_W.any())):
+        return  # no run stops: most epochs
+    diverged = rows[~finite_W]
     state.diverged_R[diverged] = True
     state.active_R[diverged] = False
-    if epoch >= 1:  # like fit(): the criterion is checked after each update
-        reached = rows[(metric_W <= config.stop_threshold) & state.active_R[rows]]
+    if at_criterion_W is not None:
+        reached = rows[at_criterion_W & state.active_R[rows]]
         state.reached_R[reached] = True
         state.active_R[reached] = False
 

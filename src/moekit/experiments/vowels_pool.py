@@ -1,0 +1,179 @@
+"""Run the jobs of `moekit vowels` (:mod:`moekit.experiments.vowels_jobs`) side by side: in this
+process when one is enough, else in a :class:`concurrent.futures.ProcessPoolExecutor` of spawned
+workers, each on one thread, the highest-priority job first, releasing the jobs that wait on a
+result as it comes back.
+
+Workers are spawned, not forked: a fork of a process that has run torch can hang in its thread
+pool. Each keeps freed memory in its heap (:func:`moekit.runtime.keep_freed_memory`): an epoch
+frees a few dozen tensors of up to 16 MB, which glibc would hand back to the system and page-fault
+in again the next epoch (the backprop nets' explorations ran 1.4x as fast). Progress comes back
+through a queue: each job's runs finished, and the expected work done over the whole run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import queue
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from moekit.data.vowels import VowelTask
+from moekit.experiments.vowels import VowelsConfig
+from moekit.experiments.vowels_jobs import Job, choose_processes, jobs_after, output_jobs, run_job
+from moekit.runtime import keep_freed_memory
+
+POLL_SECONDS = 0.1  # how often the parent relays the workers' progress
+
+_WORKER: dict[str, Any] = {}  # in a worker: "progress", its queue to the parent
+
+
+class _Bars:
+    """The progress bars: one per job running, counting its runs finished (no time estimate:
+    an exploration's runs finish in bursts), and one for the whole run, counting the expected
+    work of the jobs done (:attr:`Job.cost`), whose time estimate is the honest one."""
+
+    def __init__(self, enabled: bool, jobs: list[Job]) -> None:
+        self.enabled = enabled
+        self.n_jobs, self.n_done = len(jobs), 0
+        self.total = tqdm(total=sum(j.cost for j in jobs), desc="moekit vowels",
+                          disable=not enabled, leave=False,
+                          bar_format="{desc}: {percentage:3.0f}% of the expected work |{bar}| "
+                                     "[{elapsed}<{remaining}{postfix}]")
+        self.total.set_postfix_str(f"0/{self.n_jobs} jobs")
+        self.bars: dict[str, tqdm] = {}
+
+    def start(self, job: Job) -> None:
+        self.bars[job.key] = tqdm(  # the solver comparison reports no runs
+            total=job.runs, desc=f"  {job.label}",
+            disable=not self.enabled or job.kind == "solvers", leave=False,
+            bar_format="{desc}: {n}/{total} runs finished |{bar}| [{elapsed}{postfix}]")
+
+    def update(self, key: str, finished: int, epoch: int) -> None:
+        bar = self.bars.get(key)
+        if bar is not None:
+            bar.update(finished - bar.n)
+            bar.set_postfix_str(f"epoch {epoch}", refresh=False)
+
+    def done(self, job: Job, released: list[Job]) -> None:
+        self.bars.pop(job.key).close()
+        self.n_jobs += len(released)
+        self.n_done += 1
+        self.total.total += sum(j.cost for j in released)
+        self.total.set_postfix_str(f"{self.n_done}/{self.n_jobs} jobs", refresh=False)
+        self.total.update(job.cost)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+        self.total.close()
+
+
+class _Plan:
+    """The jobs waiting and the results so far; what each result releases."""
+
+    def __init__(self, jobs: list[Job], config: VowelsConfig, out: Path | None) -> None:
+        self.waiting, self.config, self.out = list(jobs), config, out
+        self.released = {j.key for j in jobs}
+        self.results: dict[str, Any] = {}
+
+    def take(self) -> Job:
+        job = max(self.waiting, key=lambda j: j.priority)
+        self.waiting.remove(job)
+        return job
+
+    def finish(self, job: Job, result: Any) -> list[Job]:
+        """Keep ``result``; the jobs it releases (now waiting)."""
+        self.results[job.key] = result
+        lr = getattr(result, "lr", None)
+        new = jobs_after(job, self.config, lr) if lr is not None else []
+        new += output_jobs(self.results, self.config, self.out,
+                           self.released | {j.key for j in new})
+        self.released |= {j.key for j in new}
+        self.waiting += new
+        return new
+
+
+def run_jobs(jobs: list[Job], task: VowelTask, config: VowelsConfig, *,
+             processes: int | None = None, out: Path | None = None) -> dict[str, Any]:
+    """Run ``jobs`` and the jobs their results release (:func:`jobs_after`; with a folder
+    ``out``, :func:`output_jobs` too) in ``processes`` worker processes (None:
+    :func:`choose_processes`; 1: in this process); each job's result by its key. A job's error
+    is raised here, once the jobs running beside it have stopped.
+
+    Example:
+        >>> from moekit.data.vowels import vowel_task
+        >>> from moekit.experiments.vowels import quick_config
+        >>> from moekit.experiments.vowels_jobs import first_jobs
+        >>> config = quick_config(runs=1, hidden=(), compare_solvers=False, readings=False,
+        ...                       compare_losses=False, progress=False)
+        >>> sorted(run_jobs(first_jobs(config), vowel_task(), config, processes=1))
+        ['own 4 Experts', 'own 8 Experts', 'own control']
+    """
+    processes = choose_processes(config, len(jobs)) if processes is None else processes
+    plan, bars = _Plan(jobs, config, out), _Bars(config.progress, jobs)
+    quiet = dataclasses.replace(config, progress=False)  # the bars here show progress
+    try:
+        if processes <= 1:
+            _run_here(plan, bars, task, quiet)
+        else:
+            _run_in_workers(plan, bars, task, quiet, processes)
+    finally:
+        bars.close()
+    return plan.results
+
+
+def _run_here(plan: _Plan, bars: _Bars, task: VowelTask, config: VowelsConfig) -> None:
+    while plan.waiting:
+        job = plan.take()
+        bars.start(job)
+        result = run_job(job, task, config, lambda f, e, key=job.key: bars.update(key, f, e))
+        bars.done(job, plan.finish(job, result))
+
+
+def _run_in_workers(plan: _Plan, bars: _Bars, task: VowelTask, config: VowelsConfig,
+                    processes: int) -> None:
+    context = multiprocessing.get_context("spawn")
+    progress = context.Queue()
+    running: dict[Future, Job] = {}
+    with ProcessPoolExecutor(processes, mp_context=context, initializer=_start_worker,
+                             initargs=(progress,)) as pool:
+        try:
+            while plan.waiting or running:
+                while plan.waiting and len(running) < processes:
+                    job = plan.take()
+                    bars.start(job)
+                    running[pool.submit(_run_in_worker, job, task, config)] = job
+                finished, _ = wait(running, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
+                _relay(progress, bars)
+                for future in finished:
+                    job = running.pop(future)
+                    bars.done(job, plan.finish(job, future.result()))
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # the running jobs end before the raise
+            raise
+        finally:
+            progress.close()
+
+
+def _relay(progress: Any, bars: _Bars) -> None:
+    """Show the progress the workers reported since the last call."""
+    while True:
+        try:
+            key, finished, epoch = progress.get_nowait()
+        except queue.Empty:
+            return
+        bars.update(key, finished, epoch)
+
+
+def _start_worker(progress: Any) -> None:
+    _WORKER["progress"] = progress
+    keep_freed_memory()  # run_job computes on one thread
+
+
+def _run_in_worker(job: Job, task: VowelTask, config: VowelsConfig) -> Any:
+    return run_job(job, task, config, lambda f, e: _WORKER["progress"].put((job.key, f, e)))
+
