@@ -27,13 +27,6 @@ NAMES = ["a", "b", "c"]
 
 
 @pytest.fixture
-def lm(gen):
-    config = LMConfig(d_model=16, n_layers=2, n_heads=2, n_experts=4, expert_hidden=16,
-                      max_seq_len=32)
-    return MoETransformerLM(config, generator=gen).eval()
-
-
-@pytest.fixture
 def batches(gen):
     """Two batches (x_BT, y_BT, category_BT) of 3 x 8 tokens."""
     out = []

@@ -14,18 +14,10 @@ from torch import nn
 from moekit.analysis.layer_hooks import find_routers, routing_hooks, softmax_top_k
 from moekit.analysis.layer_recorder import LayerRecording, record_layers
 from moekit.analysis.layer_stats import LayerRoutingStats
-from moekit.nn.lm import LMConfig, MoETransformerLM
 from moekit.nn.outputs import MoEOutput, Routing
 from moekit.nn.sparse import SparseMoE
 
 N_CATEGORIES = 3
-
-
-@pytest.fixture
-def lm(gen):
-    config = LMConfig(d_model=16, n_layers=2, n_heads=2, n_experts=4, expert_hidden=16,
-                      max_seq_len=32)
-    return MoETransformerLM(config, generator=gen).eval()
 
 
 @pytest.fixture

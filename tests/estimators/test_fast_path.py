@@ -102,18 +102,9 @@ def test_auto_settings_follow_the_data_size_and_the_solver():
     assert not resolve(params, 30).early_stopping  # too few rows to hold some out
 
 
-def test_ctrl_c_keeps_the_best_model_so_far_and_runs_no_further_stage(monkeypatch):
+def test_ctrl_c_keeps_the_best_model_so_far_and_runs_no_further_stage(interrupt_at):
     X, y = load_iris(return_X_y=True)
-    epochs = []
-    original = gradient.train_epoch
-
-    def interrupted_at_epoch_12(*args):
-        epochs.append(1)
-        if len(epochs) == 12:
-            raise KeyboardInterrupt
-        return original(*args)
-
-    monkeypatch.setattr(gradient, "train_epoch", interrupted_at_epoch_12)
+    epochs = interrupt_at(12)
     clf = MixtureOfExpertsClassifier(n_experts="auto", random_state=0)
     with pytest.warns(UserWarning, match="interrupted"):
         clf.fit(X, y)

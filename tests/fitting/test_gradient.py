@@ -329,21 +329,11 @@ def test_running_train_metrics_are_the_row_weighted_means_of_the_batches():
     assert record["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-9)
 
 
-def test_ctrl_c_with_on_interrupt_stop_ends_the_fit_with_the_best_epoch(monkeypatch):
-    import moekit.fitting.gradient as gradient
+def test_ctrl_c_with_on_interrupt_stop_ends_the_fit_with_the_best_epoch(interrupt_at):
     from moekit import KeepBest
 
     x, y = _piecewise(seed=0, n=100)
-    calls = []
-    original = gradient.train_epoch
-
-    def interrupted_at_epoch_6(*args):
-        calls.append(1)
-        if len(calls) == 6:
-            raise KeyboardInterrupt
-        return original(*args)
-
-    monkeypatch.setattr(gradient, "train_epoch", interrupted_at_epoch_6)
+    calls = interrupt_at(6)
     moe = MixtureOfExperts(1, 1, 2).double()
     config = TrainConfig(max_epochs=50, progress=False, on_interrupt="stop")
     result = fit(moe, x, y, config, x_val=x, y_val=y, callbacks=[KeepBest("val_loss")])

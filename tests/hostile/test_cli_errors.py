@@ -19,18 +19,9 @@ CLASSES = ASSETS / "classes.csv"
 QUICK = ["--no-progress", "--max-epochs", "30", "--experts", "2"]
 
 
-@pytest.fixture(scope="module")
-def fit_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fit") / "run"
-    assert main(["fit", str(CLASSES), "--target", "label", "--out", str(out), *QUICK]) == 0
-    return out
-
-
 @pytest.fixture
-def run(fit_run, tmp_path):
-    copy = tmp_path / "run"
-    shutil.copytree(fit_run, copy)
-    return copy
+def run(run_copy):  # a copy of the package's complete fit run (conftest.py)
+    return run_copy
 
 
 def write(path: Path, content: str | bytes) -> Path:

@@ -44,19 +44,6 @@ def one_error(capsys, *needles: str) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def fit_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fit") / "run"
-    assert main(["fit", str(CLASSES), "--target", "label", "--out", str(out), *QUICK]) == 0
-    return out
-
-
-@pytest.fixture
-def run_copy(fit_run, tmp_path):
-    copy = tmp_path / "run"
-    shutil.copytree(fit_run, copy, symlinks=True)
-    return copy
-
 
 # --- a `moekit vowels` run folder whose results.json names hostile paths ------------------------
 

@@ -21,68 +21,41 @@ def rows(header, n=6):
     return header + "\n" + "".join(f"{i},{i % 2},{i * 2}\n" for i in range(n))
 
 
-def test_a_duplicated_target_column_is_refused(tmp_path):
-    path = table(tmp_path, rows("x,t,t"))
-    with pytest.raises(DataError, match=r"repeats column names: 't' names columns 2 and 3 "
-                                        r"\(counted from 1\)\. pandas would rename the copies "
-                                        r"\('t\.1'\), so a repeated target"):
-        read_csv(path)
+# header and rows -> what the error says (rows(header): six rows of three numbers)
+REFUSED = {
+    "a repeated target": (rows("x,t,t"), (r"repeats column names: 't' names columns 2 and 3 "
+                          r"\(counted from 1\)\. pandas would rename the copies \('t\.1'\), so "
+                          r"a repeated target")),
+    "a repeated feature": (rows("x,x,t"), (r"'x' names columns 1 and 2 .* Give each column its "
+                           r"own name, or remove the copies")),
+    "three copies of a name": ("t,x,t,y,t\n" + "1,2,1,3,1\n" * 3,
+                               r"'t' names columns 1, 3 and 5"),
+    "two repeated names": ("a,b,a,b\n1,2,3,4\n",
+                           r"'a' names columns 1 and 3; 'b' names columns 2 and 4"),
+    # read_csv skips the space and the quotes
+    "a repeat behind quotes and spaces": ('x, "t",t\n1,0,0\n', r"'t' names columns 2 and 3"),
+    "an empty name": (rows("x,,t"), (r"column 2 has no name in the header \(counted from 1\)\. "
+                      "Name it, or remove it")),
+    "a saved pandas index": (",x,t\n0,1.5,0\n1,2.5,1\n",
+                             r"column 1 has no name .* save it with index=False"),
+    "trailing separators": ("x,y,t,\n1,2,0,\n3,4,1,\n", r"column 4 has no name"),
+    # pandas would make x the row labels
+    "rows longer than the header": ("x,y,t\n1,2,0,\n3,4,1,\n",
+                                    (r"data rows have more fields than its header has names "
+                                    r"\(3\), so their first field would become a row label")),
+}
 
 
-def test_a_duplicated_feature_column_is_refused(tmp_path):
-    path = table(tmp_path, rows("x,x,t"))
-    with pytest.raises(DataError, match=r"'x' names columns 1 and 2 .* Give each column its own "
-                                        "name, or remove the copies"):
-        read_csv(path)
-
-
-def test_three_copies_of_a_name_are_all_named(tmp_path):
-    path = table(tmp_path, "t,x,t,y,t\n" + "1,2,1,3,1\n" * 3)
-    with pytest.raises(DataError, match=r"'t' names columns 1, 3 and 5"):
-        read_csv(path)
-
-
-def test_two_repeated_names_are_both_named(tmp_path):
-    path = table(tmp_path, "a,b,a,b\n1,2,3,4\n")
-    with pytest.raises(DataError, match=r"'a' names columns 1 and 3; 'b' names columns 2 and 4"):
-        read_csv(path)
-
-
-def test_names_repeated_with_quotes_and_spaces_are_still_repeats(tmp_path):
-    path = table(tmp_path, 'x, "t",t\n1,0,0\n')  # read_csv skips the space and the quotes
-    with pytest.raises(DataError, match=r"'t' names columns 2 and 3"):
-        read_csv(path)
+@pytest.mark.parametrize("case", REFUSED)
+def test_a_header_pandas_would_rewrite_is_refused(tmp_path, case):
+    text, message = REFUSED[case]
+    with pytest.raises(DataError, match=message):
+        read_csv(table(tmp_path, text))
 
 
 def test_a_name_that_looks_like_a_renamed_copy_is_kept(tmp_path):
     frame = read_csv(table(tmp_path, rows("t,t.1,x")))
     assert list(frame.columns) == ["t", "t.1", "x"]
-
-
-def test_an_empty_column_name_is_refused(tmp_path):
-    path = table(tmp_path, rows("x,,t"))
-    with pytest.raises(DataError, match=r"column 2 has no name in the header \(counted from 1\)\. "
-                                        "Name it, or remove it"):
-        read_csv(path)
-
-
-def test_a_saved_pandas_index_is_refused_with_the_fix(tmp_path):
-    path = table(tmp_path, ",x,t\n0,1.5,0\n1,2.5,1\n")
-    with pytest.raises(DataError, match=r"column 1 has no name .* save it with index=False"):
-        read_csv(path)
-
-
-def test_trailing_separators_in_header_and_rows_are_refused(tmp_path):
-    path = table(tmp_path, "x,y,t,\n1,2,0,\n3,4,1,\n")
-    with pytest.raises(DataError, match=r"column 4 has no name"):
-        read_csv(path)
-
-
-def test_rows_longer_than_the_header_are_refused(tmp_path):
-    path = table(tmp_path, "x,y,t\n1,2,0,\n3,4,1,\n")  # pandas would make x the row labels
-    with pytest.raises(DataError, match=r"data rows have more fields than its header has names "
-                                        r"\(3\), so their first field would become a row label"):
-        read_csv(path)
 
 
 def test_a_fit_on_a_duplicated_target_writes_nothing(tmp_path):

@@ -261,18 +261,8 @@ def test_fit_help_shows_the_estimators_defaults(capsys):
 
 
 def test_ctrl_c_during_the_fit_saves_the_best_model_so_far_marked_interrupted(tmp_path,
-                                                                             monkeypatch, capsys):
-    import moekit.fitting.gradient as gradient
-
-    calls, original = [], gradient.train_epoch
-
-    def interrupted_at_epoch_8(*args):
-        calls.append(1)
-        if len(calls) == 8:
-            raise KeyboardInterrupt
-        return original(*args)
-
-    monkeypatch.setattr(gradient, "train_epoch", interrupted_at_epoch_8)
+                                                                             interrupt_at, capsys):
+    calls = interrupt_at(8)
     out = tmp_path / "run"
     assert main(["fit", str(CLASSES), "--target", "label", "--experts", "auto", "--out", str(out),
                  *QUICK]) == 0
