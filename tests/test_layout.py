@@ -17,7 +17,7 @@ import moekit
 ROOT = Path(__file__).parents[1]
 SRC = ROOT / "src" / "moekit"
 SUBPACKAGES = ["analysis", "cli", "data", "estimators", "experiments", "fitting", "interop", "io",
-               "nn", "plotting", "reports", "runs"]
+               "nn", "parallel", "plotting", "reports", "runs"]
 MAX_LINES = 400
 # Every name `from moekit import ...` gave before the package map.
 FLAT_LAYOUT_NAMES = [

@@ -21,6 +21,7 @@ def test_quick_run_prints_both_curves_and_the_categories(tmp_path, capsys):
     assert "| step | bytes seen | train bpb MoE | train bpb dense | val bpb MoE | val bpb dense |" \
         in printed
     assert "| final: all" in printed and f"Wrote {out}/moe" in printed
+    assert f"3 snapshots of the MoE in {out}/snapshots (steps 0, 10, 20)" in printed
     for category in ("keyword", "name", "operator", "string", "comment", "whitespace"):
         assert category in CATEGORIES and f"\n{category} " in printed
     summary = json.loads((out / "summary.json").read_text())
@@ -35,14 +36,19 @@ def test_quick_run_prints_both_curves_and_the_categories(tmp_path, capsys):
 def test_options_override_the_quick_sizes(tmp_path, capsys):
     out = tmp_path / "lm"
     assert main([*QUICK, "--out", str(out), "--steps", "5", "--experts", "2", "--top-k", "1",
-                 "--hidden", "16", "--router", "switch", "--eval-every", "5"]) == 0
-    options = json.loads((out / "summary.json").read_text())["options"]
+                 "--hidden", "16", "--router", "switch", "--eval-every", "5",
+                 "--snapshot-every", "0"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    options = summary["options"]
     assert (options["steps"], options["n_experts"], options["top_k"], options["expert_hidden"],
-            options["router"]) == (5, 2, 1, 16, "switch")
+            options["router"], options["snapshot_every"]) == (5, 2, 1, 16, "switch", 0)
+    assert summary["snapshots"] == [] and not (out / "snapshots").exists()
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--steps", "0"], "--steps must be an integer >= 1; got --steps 0; pass e.g. --steps 1000."),
+    (["--snapshot-every", "-2"], ("--snapshot-every must be an integer >= 0 (0: no snapshots; "
+                                  "unset: about steps / 8); got --snapshot-every -2")),
     (["--data", "/no/such/code"], ("--data /no/such/code does not exist; pass existing text files "
                                   "or folders, or --data stdlib")),
     (["--seq-len", "128"], ("--seq-len 128 is longer than the model's longest input, "

@@ -67,11 +67,13 @@ def test_the_message_counts_every_bad_row_and_names_the_first_five(gen):
 
 
 def test_a_refused_batch_moves_no_load_bias(gen):
-    """The sigmoid router updates its bias in every training forward: a refused batch must not."""
+    """The sigmoid router counts its load in every training forward: a refused batch must not."""
     layer = _sparse(gen, "sigmoid").train()
     before = layer.router.bias_E.clone()
     with pytest.raises(ValueError, match="x must be finite"):
         layer(_with_bad_row(torch.randn(16, 6, generator=gen, dtype=F64), 0))
+    assert not layer.router.load_counts_E.any()
+    layer.router.step_bias()
     assert torch.equal(layer.router.bias_E, before)
 
 

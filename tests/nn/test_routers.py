@@ -4,11 +4,18 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
 from moekit.nn.gates import GateConfig, SoftmaxGate
 from moekit.nn.init import uniform_fan_in_
 from moekit.nn.outputs import Routing
-from moekit.nn.routers import ExpertChoiceRouter, RouterConfig, SigmoidBiasRouter, TopKRouter
+from moekit.nn.routers import (
+    ExpertChoiceRouter,
+    RouterConfig,
+    SigmoidBiasRouter,
+    TopKRouter,
+    step_load_biases,
+)
 
 
 def test_worked_example():
@@ -169,15 +176,56 @@ def test_sigmoid_bias_moves_toward_balance(gen):
     x = torch.randn(40, 6, generator=gen).abs()
     first = router(x)
     assert first.experts_NK.flatten().tolist() == [3] * 40
+    # A forward only counts; the bias moves at the optimizer step.
+    assert router.load_counts_E.tolist() == [0, 0, 0, 40, 0] and not router.bias_E.any()
+    router.step_bias()
     # Expert 3 was overloaded: its bias fell, the others' rose (by the rate, sign of the gap).
     assert router.bias_E[3].item() == -0.5 and (router.bias_E[[0, 1, 2, 4]] == 0.5).all()
+    assert not router.load_counts_E.any()  # cleared for the next step
     # k = 1: the sigmoid score itself (renormalising one score would give 1.0)
     torch.testing.assert_close(first.weights_NK, torch.sigmoid(first.logits_NE[:, 3:4]))
     router.eval()
     before = router.bias_E.clone()
     router(x)
-    assert torch.equal(router.bias_E, before)  # no update outside training
+    assert not router.load_counts_E.any()  # no counting outside training
+    router.step_bias()
+    assert torch.equal(router.bias_E, before)  # no rows counted: no move
     assert not router.bias_E.requires_grad
+
+
+def test_sigmoid_bias_steps_once_from_every_micro_batch(gen):
+    """Two micro-batches then one step move the bias as one batch of both (the bug this replaced:
+    a move per forward, from each piece's own load)."""
+    router = _router(gen, kind="sigmoid", top_k=2, bias_update_rate=0.1)
+    x = torch.randn(30, 6, generator=gen)
+    whole = _router(torch.Generator().manual_seed(1234), kind="sigmoid", top_k=2,
+                    bias_update_rate=0.1)
+    whole.load_state_dict(router.state_dict())
+    for _ in range(3):  # later steps route with the moved bias
+        router(x[:17])
+        router(x[17:])
+        whole(x)
+        assert torch.equal(router.load_counts_E, whole.load_counts_E)
+        assert int(whole.load_counts_E.sum()) == 60  # 30 rows * top 2
+        router.step_bias()
+        whole.step_bias()
+        assert torch.equal(router.bias_E, whole.bias_E)
+    assert whole.bias_E.any()
+
+
+def test_step_load_biases_walks_a_model(gen):
+    model = nn.ModuleList([_router(gen, kind="sigmoid"), _router(gen, kind="topk"),
+                           _router(gen, kind="sigmoid", bias_update_rate=0.5)])
+    x = torch.randn(8, 6, generator=gen)
+    for router in model:
+        router(x)
+    assert [int(m.load_counts_E.sum()) for m in (model[0], model[2])] == [16, 16]
+    assert step_load_biases(model) == 2
+    assert model[2].bias_E.abs().sum() > 0 and not model[2].load_counts_E.any()
+    assert step_load_biases(nn.Linear(2, 2)) == 0
+    # The counts live within a step, as accumulated gradients do: saved state holds the bias only
+    # (so model folders saved before the counts existed still load).
+    assert [k for k in model.state_dict() if k.startswith("2.")] == ["2.w_DE", "2.bias_E"]
 
 
 def test_router_config_errors():
@@ -260,3 +308,29 @@ def test_choose_refuses_fewer_experts_than_top_k(gen):
     with pytest.raises(ValueError,
                        match="top_k=2 experts per row cannot be chosen from the 1 left"):
         router.choose(torch.randn(3, 5), torch.tensor([True, False, False, False, False]))
+
+
+def test_lm_training_steps_the_load_bias_once_per_optimizer_step():
+    """`moekit lm train`'s step moves a sigmoid router's bias from that step's counts, then
+    clears them (the training loop's call of step_load_biases)."""
+    import copy
+    import dataclasses
+
+    from moekit.nn.lm import LMConfig
+    from moekit.runs.lm_checkpoint import new_state, train_step
+
+    moe = LMConfig(d_model=16, n_layers=1, n_heads=2, n_experts=4, expert_hidden=8,
+                   router=RouterConfig(kind="sigmoid", bias_update_rate=0.1))
+    state = new_state({"moe": moe, "dense": dataclasses.replace(moe, ffn="dense")}, seed=0,
+                      lr=1e-3, weight_decay=0.0, warmup_steps=0, steps=2)
+    router = state.models["moe"].blocks[0].ffn.router
+    x_BT = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    twin = copy.deepcopy(state.models["moe"])  # the same forward, to read the step's counts
+    twin.loss(x_BT, x_BT.roll(-1, 1))
+    counts_E = twin.blocks[0].ffn.router.load_counts_E.double()
+    assert int(counts_E.sum()) == 32  # 16 tokens * top 2
+    train_step(state, x_BT, x_BT.roll(-1, 1))
+    assert not router.load_counts_E.any()
+    want = 0.1 * torch.sign(counts_E.mean() - counts_E)
+    torch.testing.assert_close(router.bias_E.double(), want)
+    assert want.any()

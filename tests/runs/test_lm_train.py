@@ -1,6 +1,6 @@
 """`moekit lm train` from Python: the MoE model and its dense twin trained side by side, the run
-folder, the golden losses of a seeded quick run, resume after a crash, Ctrl-C or SIGKILL to the
-same bits, and the bad inputs it refuses.
+folder and its snapshots, the golden losses of a seeded quick run, resume after a crash, Ctrl-C or
+SIGKILL to the same bits (snapshots included), and the bad inputs it refuses.
 
 Regenerate the golden file (after a deliberate change to the training) with
 ``.venv/bin/python tests/runs/test_lm_train.py``."""
@@ -22,8 +22,10 @@ from moekit.data import CATEGORIES
 from moekit.exceptions import DataError
 from moekit.io import load_model
 from moekit.io.run_folder import MANIFEST_FILE, is_resumable, partial_folder
+from moekit.nn.lm import MoETransformerLM
 from moekit.runs import lm_train
 from moekit.runs.lm_checkpoint import CHECKPOINT_FILE, lr_factor
+from moekit.runs.lm_snapshots import list_snapshots
 from moekit.runs.lm_train import LMTrainConfig, train_lm
 
 GOLDEN = Path(__file__).parents[1] / "assets" / "lm_quick_golden.json"
@@ -36,15 +38,18 @@ def quick(out: Path, **overrides) -> LMTrainConfig:
 
 
 def weights(run: Path) -> dict[str, dict[str, torch.Tensor]]:
-    return {m: load_file(run / m / "model.safetensors") for m in ("moe", "dense")}
+    """Both models' weights and every snapshot's, by their folder's path in the run."""
+    folders = ["moe", "dense", *(f"snapshots/{s.path.name}" for s in list_snapshots(run))]
+    return {m: load_file(run / m / "model.safetensors") for m in folders}
 
 
 def assert_same_run(a: Path, b: Path) -> None:
-    """Bit for bit the same weights, and the same history."""
+    """Bit for bit the same weights (the snapshots' too), and the same history."""
     wa, wb = weights(a), weights(b)
     for m in wa:
-        assert wa[m].keys() == wb[m].keys()
+        assert m in wb and wa[m].keys() == wb[m].keys(), m
         assert all(torch.equal(wa[m][k], wb[m][k]) for k in wa[m]), m
+    assert wa.keys() == wb.keys()
     assert json.loads((a / "history.json").read_text()) == \
         json.loads((b / "history.json").read_text())
 
@@ -88,7 +93,7 @@ def test_lr_factor_warms_up_then_follows_a_cosine_to_a_tenth():
 def test_the_run_folder_holds_both_models_history_summary_and_log(reference):
     out, _outcome = reference
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [MANIFEST_FILE, "dense", "history.json", "log.md", "moe", "summary.json"])
+        [MANIFEST_FILE, "dense", "history.json", "log.md", "moe", "snapshots", "summary.json"])
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["command"] == "lm train" and "moe/model.safetensors" in manifest["files"]
     history = json.loads((out / "history.json").read_text())
@@ -114,6 +119,30 @@ def test_the_run_folder_holds_both_models_history_summary_and_log(reference):
     assert moe.metadata["lm_train"]["corpus"]["splits"]["validation"]["bytes"] > 0
     log = (out / "log.md").read_text().splitlines()
     assert len(log) == 2 + 4 + 1 and log[-1].startswith("| final: all")
+
+
+def test_snapshots_of_the_moe_are_kept_at_every_interval_below_the_last_step(reference):
+    out, outcome = reference
+    # quick: every 10 of 30 steps; step 30 is moe/ itself
+    assert [(s.step, s.path.name) for s in list_snapshots(out)] == [
+        (0, "step_000000"), (10, "step_000010"), (20, "step_000020")]
+    assert outcome.summary["snapshots"] == [0, 10, 20]
+    assert outcome.history["snapshots"] == [{"step": s, "path": f"snapshots/step_{s:06d}"}
+                                            for s in (0, 10, 20)]
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert "snapshots/step_000010/model.safetensors" in manifest["files"]
+    final = load_model(out / "moe")
+    snapshots = {s.step: load_model(s.path) for s in list_snapshots(out)}
+    assert all(m.config == final.config and m.metadata == {"lm_snapshot": {"step": step}}
+               for step, m in snapshots.items())
+    # step 0 holds the initial weights, drawn from the seed; later ones have moved away
+    initial = MoETransformerLM(final.config, generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(v, initial.state_dict()[k])
+               for k, v in snapshots[0].state_dict().items())
+    moved = [k for k, v in snapshots[10].state_dict().items()
+             if not torch.equal(v, snapshots[0].state_dict()[k])]
+    assert moved and any(not torch.equal(v, final.state_dict()[k])
+                         for k, v in snapshots[20].state_dict().items())
 
 
 def test_a_seeded_quick_run_matches_its_golden_losses(tmp_path):
@@ -184,8 +213,27 @@ def test_a_resume_with_other_options_is_refused_naming_each(tmp_path):
     assert outcome.history["evals"][-1]["step"] == 40
 
 
+def test_a_snapshot_written_after_the_last_checkpoint_is_redone_on_resume(reference, tmp_path):
+    out = tmp_path / "run"
+    # checkpoints at 15 and 30; the snapshot of step 20 is written, then the crash at step 22
+    with pytest.raises(RuntimeError, match="crash"):
+        train_lm(quick(out, checkpoint_every=15), on_step=_raise_at(22, RuntimeError("crash")))
+    assert [s.step for s in list_snapshots(partial_folder(out))] == [0, 10, 20]
+    train_lm(quick(out, checkpoint_every=15, resume=True))
+    assert_same_run(reference[0], out)
+    # resumed to fewer steps than the stale snapshot's: it is gone, not kept unrecorded
+    short = tmp_path / "short"
+    with pytest.raises(RuntimeError, match="crash"):
+        train_lm(quick(short, checkpoint_every=15), on_step=_raise_at(22, RuntimeError("crash")))
+    outcome = train_lm(quick(short, checkpoint_every=15, resume=True, steps=18))
+    assert [s.step for s in list_snapshots(short)] == outcome.summary["snapshots"] == [0, 10]
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"steps": 0}, r"steps must be an integer >= 1; got steps=0; pass e\.g\. steps=1000\."),
+    ({"snapshot_every": -1}, (r"snapshot_every must be an integer >= 0 \(0: no snapshots; "
+                              r"unset: about steps / 8\); got snapshot_every=-1; pass e\.g\. "
+                              r"snapshot_every=100\.")),
     ({"data": ("/no/such/code",)},
      (r"data='/no/such/code' does not exist; pass existing text files or folders, or "
      r"data='stdlib'")),

@@ -16,7 +16,8 @@ from moekit.cli.lm_analyze import add_lm_analyze
 TRAIN_OPTIONS = {name: name for name in (
     "data", "max_bytes", "validation_fraction", "d_model", "n_layers", "n_heads", "top_k",
     "router", "n_shared", "max_seq_len", "seq_len", "batch_size", "steps", "lr", "warmup_steps",
-    "weight_decay", "eval_every", "eval_bytes", "checkpoint_every", "seed", "threads", "out")}
+    "weight_decay", "eval_every", "eval_bytes", "checkpoint_every", "snapshot_every", "seed",
+    "threads", "out")}
 TRAIN_OPTIONS.update(experts="n_experts", hidden="expert_hidden")
 
 
@@ -33,7 +34,7 @@ class TrainDefaults(argparse.RawDescriptionHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
         field = TRAIN_OPTIONS.get(action.dest)
-        if field is not None and field not in ("data", "top_k"):
+        if field is not None and field not in ("data", "top_k", "snapshot_every"):
             default = train_defaults()[field]
             text += f" (default {'chosen for the work' if default is None else default})"
         return text
@@ -70,10 +71,11 @@ def add_lm_train(commands: argparse._SubParsersAction) -> None:
         description="Train a byte-level MoE language model and a dense model of the same active\n"
                     "FLOPs per token on the same batches; evaluate both in bits per byte on the\n"
                     "validation split (per token category at the end); save both models,\n"
-                    "history.json, summary.json and log.md in --out. The run is built beside\n"
-                    "--out and put in place whole; it checkpoints itself, Ctrl-C saves a\n"
-                    "checkpoint, and --resume continues it to the weights an uninterrupted run\n"
-                    "would reach. The default run takes about 7 minutes on a quiet 2-core machine.",
+                    "snapshots of the MoE over training, history.json, summary.json and log.md\n"
+                    "in --out. The run is built beside --out and put in place whole; it\n"
+                    "checkpoints itself, Ctrl-C saves a checkpoint, and --resume continues it to\n"
+                    "the weights an uninterrupted run would reach. The default run takes about 7\n"
+                    "minutes on a quiet 2-core machine.",
         epilog="examples:\n  moekit lm train --quick --out runs/lm-quick\n"
                "  moekit lm train --out runs/lm\n"
                "  moekit lm train --data my_code/ --steps 3000 --out runs/mine\n"
@@ -111,6 +113,10 @@ def add_lm_train(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--eval-bytes", metavar="N", type=int,
                    help="validation bytes each evaluation reads (the final one reads all)")
     p.add_argument("--checkpoint-every", metavar="N", type=int, help="steps between checkpoints")
+    p.add_argument("--snapshot-every", metavar="N", type=int,
+                   help="steps between snapshots of the MoE kept in RUN/snapshots, for the "
+                        "routing saturation `moekit lm analyze` measures; 0: none (default: "
+                        "about steps / 8; 10 with --quick)")
     p.add_argument("--seed", metavar="N", type=int,
                    help="seed of the initial weights and of the batches")
     p.add_argument("--threads", metavar="N", type=types.positive_int, help="threads to compute on")
@@ -159,6 +165,10 @@ def _run_train(args: argparse.Namespace) -> int:
                   f"{cells[1]['bpb']:>9.4f}")
     print(f"{'all':<12} {final['moe']['bytes']:>8,}  {final['moe']['bpb']:>8.4f}  "
           f"{final['dense']['bpb']:>9.4f}")
-    print(f"\nWrote {config.out}/moe, {config.out}/dense, {config.out}/history.json, "
+    steps = s["snapshots"] if len(s["snapshots"]) < 5 else [*s["snapshots"][:2], "...",
+                                                             s["snapshots"][-1]]
+    snapshots = (f", {len(s['snapshots'])} snapshots of the MoE in {config.out}/snapshots "
+                 f"(steps {', '.join(map(str, steps))})" if s["snapshots"] else "")
+    print(f"\nWrote {config.out}/moe, {config.out}/dense{snapshots}, {config.out}/history.json, "
           f"{config.out}/summary.json and {config.out}/log.md")
     return 0

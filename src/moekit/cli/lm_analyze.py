@@ -41,11 +41,13 @@ def add_lm_analyze(commands: argparse._SubParsersAction) -> None:
                     "figures/ (the validation text coloured by expert, experts against token "
                     "categories and NMI over depth, transitions between layers, repeat rates "
                     "against chance, the ablation importance of every expert, training curves "
-                    "of the MoE and its dense twin). The corpus is rebuilt from the run's record "
+                    "of the MoE and its dense twin, the routing saturation over the snapshots "
+                    "the run kept). The corpus is rebuilt from the run's record "
                     "and refused if it changed.",
         epilog="examples:\n  moekit lm analyze runs/lm\n"
                "  moekit lm analyze runs/lm --max-tokens 16384 --out runs/lm-analysis\n"
                "  moekit lm analyze runs/lm --compare runs/lm-seed1   routing against a 2nd seed\n"
+               "  moekit lm analyze runs/lm --no-saturation          no routing saturation\n"
                "  moekit lm analyze --mixtral-demo runs/mixtral      an untrained transformers "
                "Mixtral, through hooks")
     p.add_argument("run", nargs="?", metavar="RUN", help="a `moekit lm train` run folder")
@@ -62,6 +64,9 @@ def add_lm_analyze(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--compare", nargs="+", metavar="RUN2",
                    help="other runs (or saved model folders) of the same architecture, e.g. "
                         "another seed or a checkpoint: how far their routing agrees")
+    p.add_argument("--no-saturation", action="store_true",
+                   help="skip the routing saturation (each snapshot of the run's MoE routed "
+                        "over the same positions, against the final routing)")
     p.add_argument("--out", dest="analysis_out", metavar="DIR",
                    help="analysis folder (default RUN/analysis; replaced whole)")
     p.add_argument("--mixtral-demo", metavar="OUT",
@@ -84,7 +89,8 @@ def _run_analyze(args: argparse.Namespace) -> int:
     if args.mixtral_demo is not None:
         run_only = [f for f, v in (("--ablation-tokens", args.ablation_tokens),
                                    ("--layers", args.layers), ("--data", args.data),
-                                   ("--compare", args.compare), ("--out", args.analysis_out))
+                                   ("--compare", args.compare), ("--out", args.analysis_out),
+                                   ("--no-saturation", args.no_saturation or None))
                     if v is not None]
         if run_only:
             parser.error(f"{run_only[0]} applies to a run folder, not to --mixtral-demo")
@@ -96,7 +102,8 @@ def _run_analyze(args: argparse.Namespace) -> int:
         if args.ablation_tokens is not None:
             options["ablation_tokens"] = args.ablation_tokens
         out = lm_analyze.analyze_lm(args.run, data=data, layers_to_render=args.layers,
-                                    compare=args.compare or (), out=args.analysis_out, **options)
+                                    compare=args.compare or (), saturation=not args.no_saturation,
+                                    out=args.analysis_out, **options)
     _print_summary(out)
     return 0
 
@@ -117,6 +124,15 @@ def _print_summary(out: Any) -> None:
     print("Strongest expert-category pairs (lift): " + "; ".join(
         f"layer {p['layer']} expert {p['expert']} {p['category']} {p['lift']:.2f}"
         for p in s["strongest_pairs"][:4]))
+    if s.get("saturation"):
+        sat = s["saturation"]
+        n = len(sat["steps"]) - 1  # the snapshots; the last row is the final model itself
+        shown = sorted({round(i * (n - 1) / 5) for i in range(6)}) if n > 6 else range(n)
+        chance_L = [sum(c) / n for c in zip(*sat["chance_overlap_SL"][:n], strict=True)]
+        print("Routing saturation, top-k overlap with the final routing per layer (chance about "
+              + ", ".join(f"{c:.2f}" for c in chance_L) + "): " + "; ".join(
+                  f"step {sat['steps'][i]}: " + ", ".join(f"{v:.2f}" for v in sat["overlap_SL"][i])
+                  for i in shown))
     if s["importance"]:
         print("Most needed experts (Δ bits per byte when removed): " + "; ".join(
             f"layer {r['layer']} expert {r['expert']} {r['delta_bpb']:+.4f} (most on "

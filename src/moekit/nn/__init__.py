@@ -18,7 +18,13 @@ from moekit.nn.hierarchical import HierarchicalMixtureOfExperts, HMEConfig
 from moekit.nn.lm import LMConfig, LMCosts, LMLoss, LMOutput, MoETransformerLM
 from moekit.nn.localized import LocalizedMixtureOfExperts, LocalizedMoEConfig
 from moekit.nn.outputs import DispatchPlan, MoEOutput, Routing
-from moekit.nn.routers import ExpertChoiceRouter, RouterConfig, SigmoidBiasRouter, TopKRouter
+from moekit.nn.routers import (
+    ExpertChoiceRouter,
+    RouterConfig,
+    SigmoidBiasRouter,
+    TopKRouter,
+    step_load_biases,
+)
 from moekit.nn.sparse import SparseMoE, SparseMoEConfig, replay_routing
 from moekit.nn.tree_gate import TreeGate
 
@@ -55,4 +61,5 @@ __all__ = [
     "TreeGate",
     "release_gradient_memory",
     "replay_routing",
+    "step_load_biases",
 ]

@@ -18,6 +18,7 @@ from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from moekit._checks import check_choice, check_int
@@ -54,7 +55,8 @@ class RouterConfig:
             (multiplicative input noise, U(1 - eps, 1 + eps)); applied in training mode only.
         jitter_eps: the jitter's half-width.
         capacity_factor: for 'expert_choice', C = capacity_factor * N * top_k / E.
-        bias_update_rate: for 'sigmoid', the step of the load-balancing bias per training batch.
+        bias_update_rate: for 'sigmoid', the step of the load-balancing bias per optimizer step
+            (:meth:`SigmoidBiasRouter.step_bias`).
 
     Example:
         >>> RouterConfig(kind="switch").top_k
@@ -238,14 +240,38 @@ class SigmoidBiasRouter(LinearScores):
     """DeepSeek-V3 (2024) auxiliary-loss-free balancing: scores s = sigmoid(x W); the top K of
     s + b choose the experts (b only steers the choice), weights are s over the chosen,
     renormalised (at K = 1 the score s_i itself, as Switch scales by p_i: renormalising one score
-    would give 1.0 and the router no gradient; ``RouterConfig.scale_top1``). In training mode
-    every forward moves b by ``bias_update_rate`` toward balance:
-    b_e += rate * sign(mean load - load_e). No gradient flows into b."""
+    would give 1.0 and the router no gradient; ``RouterConfig.scale_top1``). No gradient flows
+    into b.
+
+    The bias moves once per optimizer step, not per forward (why: with micro-batches, or rows
+    spread over processes, a per-forward update follows each piece's local load, not the step's):
+    training forwards add their assignments to ``load_counts_E``, and :meth:`step_bias` (or
+    :func:`step_load_biases` over a whole model), called once after each optimizer step, applies
+    b_e += rate * sign(mean load - load_e) from the counts of every forward since, summed over the
+    ranks of a process group, and clears them.
+
+    Example:
+        >>> router = RouterConfig(kind="sigmoid", top_k=1, bias_update_rate=0.5).build(2, 2)
+        >>> with torch.no_grad():
+        ...     _ = router.w_DE.copy_(torch.tensor([[4.0, 0.0], [0.0, 0.0]]))
+        >>> _ = router(torch.ones(3, 2))  # every row chooses expert 0
+        >>> router.load_counts_E.tolist(), router.bias_E.tolist()
+        ([3, 0], [0.0, 0.0])
+        >>> router.step_bias()
+        >>> router.load_counts_E.tolist(), router.bias_E.tolist()
+        ([0, 0], [-0.5, 0.5])
+    """
 
     def __init__(self, d_model: int, n_experts: int, config: RouterConfig, *,
                  generator: torch.Generator | None = None) -> None:
         super().__init__(d_model, n_experts, config, generator=generator)
         self.register_buffer("bias_E", torch.zeros(n_experts))
+        # int64: exact at any count, and left alone by model.to(dtype). Not in the state dict:
+        # like the gradients accumulated in a step, the counts live within one optimizer step
+        # (saved models and checkpoints are taken between steps, where they are zero), and a
+        # model folder holds one floating dtype.
+        self.register_buffer("load_counts_E", torch.zeros(n_experts, dtype=torch.long),
+                             persistent=False)
 
     def choose(self, logits_NE: Tensor, keep_E: Tensor | None = None) -> Routing:
         """The K best of sigmoid(logits) + bias per row, among the experts in ``keep_E``."""
@@ -264,12 +290,49 @@ class SigmoidBiasRouter(LinearScores):
     def forward(self, x_ND: Tensor, *, generator: torch.Generator | None = None) -> Routing:
         routing = self.choose(self.jitter(x_ND, generator) @ self.w_DE)
         if self.training:
-            self.update_bias(routing.experts_NK)
+            self.accumulate_load(routing.experts_NK)
         return routing
 
     @torch.no_grad()
-    def update_bias(self, experts_NK: Tensor) -> None:
-        """Move the load bias one step toward balance, from the experts these rows chose."""
-        load_E = torch.bincount(experts_NK.flatten(),
-                                minlength=self.n_experts).to(self.bias_E.dtype)
+    def accumulate_load(self, experts_NK: Tensor) -> None:
+        """Add the experts these rows chose to the counts the next :meth:`step_bias` uses."""
+        self.load_counts_E += torch.bincount(experts_NK.flatten(), minlength=self.n_experts)
+
+    @torch.no_grad()
+    def step_bias(self, group: dist.ProcessGroup | None = None) -> None:
+        """Move the bias one step toward balance from the counts accumulated since the last call
+        (every micro-batch of the step), then clear them.
+
+        Args:
+            group: a process group whose ranks' counts are summed first (all_reduce), so every
+                rank applies the same update from the global load; every rank of it must call.
+                None: this process's counts only.
+        """
+        counts_E = self.load_counts_E.clone()
+        if group is not None:
+            dist.all_reduce(counts_E, group=group)
+        load_E = counts_E.to(self.bias_E.dtype)
         self.bias_E += self.config.bias_update_rate * torch.sign(load_E.mean() - load_E)
+        self.load_counts_E.zero_()
+
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any,
+                              **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.load_counts_E.is_meta:  # a model built on the meta device, loaded with assign
+            self.load_counts_E = torch.zeros_like(self.load_counts_E, device=self.bias_E.device)
+
+def step_load_biases(model: nn.Module, group: dist.ProcessGroup | None = None) -> int:
+    """Apply :meth:`SigmoidBiasRouter.step_bias` to every sigmoid router in ``model``: call once
+    per optimizer step, after it. Returns how many routers stepped (0 for a model without one,
+    so a training loop may call it for any model).
+
+    Example:
+        >>> sigmoid, topk = RouterConfig(kind="sigmoid"), RouterConfig(kind="topk")
+        >>> step_load_biases(nn.ModuleList([sigmoid.build(4, 2), topk.build(4, 2)]))
+        1
+    """
+    routers = [m for m in model.modules() if isinstance(m, SigmoidBiasRouter)]
+    for router in routers:
+        router.step_bias(group)
+    return len(routers)

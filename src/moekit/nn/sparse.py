@@ -17,6 +17,7 @@ rule chooses (steering), ``keep_E`` leaves the router only those experts to choo
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -180,6 +181,14 @@ class SparseMoE(nn.Module):
         x_ND = x.reshape(-1, d_model)
         routing = self.route(x_ND, generator=generator, logit_offset_E=logit_offset_E,
                              keep_E=keep_E, forced_experts_NK=forced_experts_NK)
+        out = self.forward_routed(x_ND, routing)
+        return dataclasses.replace(out, output=out.output.reshape(x.shape))
+
+    def forward_routed(self, x_ND: Tensor, routing: Routing) -> MoEOutput:
+        """Everything after the router, for rows ``x_ND`` (N, D) routed by ``routing``: dispatch,
+        the experts, the combine, the shared experts and the auxiliary losses (what
+        :meth:`forward` runs after :meth:`route`; a routing made elsewhere, e.g. the one-process
+        reference of :mod:`moekit.parallel`, runs through the same path)."""
         plan = plan_dispatch(routing, self.config.n_experts,
                              capacity_factor=self.config.capacity_factor)
         y_MD = self.experts.forward_grouped(gather_rows(x_ND, plan), plan.counts_E,
@@ -188,8 +197,8 @@ class SparseMoE(nn.Module):
         if self.shared is not None:
             y_ND = y_ND + self.shared(x_ND).sum(1)
         aux_loss, parts = self._aux_losses(routing)
-        return MoEOutput(output=y_ND.reshape(x.shape), routing=routing, aux_loss=aux_loss,
-                         aux_parts=parts, dispatch=plan)
+        return MoEOutput(output=y_ND, routing=routing, aux_loss=aux_loss, aux_parts=parts,
+                         dispatch=plan)
 
     def route(self, x_ND: Tensor, *, generator: torch.Generator | None = None,
               logit_offset_E: Tensor | None = None, keep_E: Tensor | None = None,
@@ -205,7 +214,7 @@ class SparseMoE(nn.Module):
                 router's rule over them (:func:`replay_routing`); not with ``keep_E``.
 
         With any control the router runs as usual first (its noise, and in training mode the
-        sigmoid router's load-bias update, come from that uncontrolled pass), then its rule is
+        sigmoid router's load counts, come from that uncontrolled pass), then its rule is
         applied again to its logits, shifted and restricted; noisy top-k's smooth load estimate
         is then not kept (the importance loss falls back to counted loads).
         """

@@ -1,9 +1,10 @@
 """Figures of a language model's routing, layer by layer, and of its training beside its dense
 twin: expert load, experts against token categories, the selectivity curve (NMI over depth),
-transitions between consecutive layers, repeat rates against chance, ablation importance, and the
-validation curves. Text coloured by its experts: :mod:`moekit.plotting.lm_text`.
+transitions between consecutive layers, repeat rates against chance, ablation importance, the
+validation curves, and the routing saturation over training. Text coloured by its experts:
+:mod:`moekit.plotting.lm_text`.
 
-Shape legend: L MoE layers, E experts, C token categories, S evaluation steps.
+Shape legend: L MoE layers, E experts, C token categories, S evaluation (or snapshot) steps.
 
 Every function takes plain arrays (what ``lm_analysis.json`` holds) and returns a Figure; write it
 with :func:`~moekit.plotting.style.save_figure`. Heat maps of shares use cividis from 0; the
@@ -18,9 +19,10 @@ from typing import Any
 import numpy as np
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from moekit.plotting.routing import annotated_heatmap
-from moekit.plotting.style import OKABE_ITO, new_figure
+from moekit.plotting.style import OKABE_ITO, expert_colors, new_figure
 
 DIVERGING = "PuOr_r"  # colour-blind safe; orange = worse (Δ bpb > 0), purple = better
 
@@ -248,4 +250,42 @@ def plot_lm_training(evals: Sequence[dict[str, Any]], *, train_steps: Sequence[d
     right.legend(fontsize=8, frameon=False)
     fig.suptitle((title + ": " if title else "") + "Training: MoE beside its dense twin of equal "
                  "active compute", fontsize=11)
+    return fig
+
+
+def plot_saturation(steps_S: Sequence[int], overlap_SL: np.ndarray, chance_overlap_SL: np.ndarray,
+                    *, top1_agreement_SL: np.ndarray | None = None, top_k: int,
+                    title: str = "") -> Figure:
+    """Routing saturation over training: each snapshot's top-k overlap with the final model's
+    routing (mean |A ∩ B| / K over tokens) at every layer against the training step (left, one
+    line per layer, the overlap independent tokens would give dashed in the layer's colour), and
+    the share of tokens whose first choice is already the final one (right, when given)."""
+    steps = np.asarray(steps_S, dtype=np.float64)
+    overlap_SL = np.asarray(overlap_SL, dtype=np.float64)
+    chance_SL = np.asarray(chance_overlap_SL, dtype=np.float64)
+    n_layers = overlap_SL.shape[1]
+    colors = expert_colors(n_layers)
+    panels = [("overlap", overlap_SL, f"top-{top_k} overlap with the final routing")]
+    if top1_agreement_SL is not None:
+        panels.append(("top1", np.asarray(top1_agreement_SL, dtype=np.float64),
+                       "same first choice as the final model"))
+    pad = max(0.02 * float(np.ptp(steps)), 0.5)
+    fig = new_figure(4.6 * len(panels) + 1.6, 3.9)
+    axes = fig.subplots(1, len(panels), squeeze=False).ravel()
+    for ax, (key, values_SL, ylabel) in zip(axes, panels, strict=True):
+        for layer in range(n_layers):
+            ax.plot(steps, values_SL[:, layer], marker="o", ms=3.5, lw=1.6, color=colors[layer],
+                    label=f"layer {layer}")
+            if key == "overlap":
+                ax.plot(steps, chance_SL[:, layer], ls="--", lw=1.0, color=colors[layer])
+        ax.set(xlabel="training step of the snapshot", ylabel=ylabel, ylim=(0, 1.04),
+               xlim=(steps.min() - pad, steps.max() + pad))
+        ax.axhline(1, color="k", lw=0.6, alpha=0.5)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    handles.append(Line2D([], [], ls="--", lw=1.0, color="k"))
+    labels.append("chance: independent tokens\nwith the same loads (left)")
+    fig.legend(handles, labels, loc="outside right upper", fontsize=8, frameon=False)
+    fig.suptitle((title + ": " if title else "") + "Routing saturation: how much of the final "
+                 "routing each snapshot already has", fontsize=11)
     return fig

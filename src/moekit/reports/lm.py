@@ -20,6 +20,7 @@ from moekit.plotting.lm import (
     plot_layer_load,
     plot_lm_training,
     plot_repeat_rates,
+    plot_saturation,
     plot_selectivity,
     plot_transitions,
 )
@@ -38,11 +39,13 @@ def _f(value: Any, digits: int = 3) -> str:
 def lm_summary(analysis: dict[str, Any]) -> dict[str, Any]:
     """The headline numbers of a (JSON-ready) analysis: NMI per layer, the strongest
     expert-category pairs over all layers, repeat rates against chance, dead experts, the final
-    bits per byte of both models, the most important experts, the overlap with other models."""
+    bits per byte of both models, the most important experts, the overlap with other models, the
+    routing saturation over training (per snapshot step, the top-k overlap per layer)."""
     routing = analysis["routing"]
     cats, rep = routing["categories"], routing["repeats"]
     pairs = [{"layer": layer, **p} for layer, rows in enumerate(cats["top_pairs"]) for p in rows]
     training, ablation = analysis.get("training"), analysis.get("ablation")
+    saturation = analysis.get("saturation")
     return {
         "n_tokens": routing["n_tokens"], "nmi_L": cats["nmi_L"],
         "input_nmi_L": analysis.get("input_nmi_L"),
@@ -57,7 +60,9 @@ def lm_summary(analysis: dict[str, Any]) -> dict[str, Any]:
         "overlap": [{"name": o["name"], "overlap_L": o["saturation"]["overlap_L"],
                      "matched_overlap_L": o["matched"]["matched_overlap_L"],
                      "chance_overlap_L": o["saturation"]["chance_overlap_L"]}
-                    for o in analysis.get("overlap") or []]}
+                    for o in analysis.get("overlap") or []],
+        "saturation": None if not saturation else {
+            k: saturation[k] for k in ("steps", "overlap_SL", "chance_overlap_SL")}}
 
 
 def lm_figures(analysis: dict[str, Any], folder: Path) -> dict[str, Path]:
@@ -89,6 +94,13 @@ def lm_figures(analysis: dict[str, Any], folder: Path) -> dict[str, Path]:
     if routing["n_layers"] > 1:
         save("transitions", plot_transitions(np.array(routing["transition_probs_LEE"])))
     save("repeats", plot_repeat_rates(routing["repeats"], top_k=model["top_k"]))
+    saturation = analysis.get("saturation")
+    if saturation:
+        save("saturation", plot_saturation(
+            saturation["steps"], np.array(saturation["overlap_SL"]),
+            np.array(saturation["chance_overlap_SL"]),
+            top1_agreement_SL=np.array(saturation["top1_agreement_SL"]),
+            top_k=saturation["top_k"]))
     ablation = analysis.get("ablation")
     if ablation:
         used = [c for c, n in enumerate(ablation["tokens_C"]) if n]
@@ -255,6 +267,8 @@ def _sections(a: dict[str, Any], figures: dict[str, Path]) -> list[Section]:
             + _fig(figures, "ablation", "Ablation importance per layer")
             + table(["layer", "expert", "Δ bpb (all)", "tokens using it", "most hurt category",
                      "its Δ bpb"], rows)))
+    if a.get("saturation"):
+        sections.append(_saturation_section(a["saturation"], figures))
     for o in a.get("overlap") or []:
         rows = [(i, _f(o["saturation"]["overlap_L"][i]), _f(o["matched"]["matched_overlap_L"][i]),
                  _f(o["saturation"]["chance_overlap_L"][i])) for i in range(n_layers)]
@@ -265,6 +279,27 @@ def _sections(a: dict[str, Any], figures: dict[str, Path]) -> list[Section]:
             "arbitrary), against the overlap of independent tokens.")
             + table(["layer", "overlap as numbered", "overlap matched", "chance"], rows)))
     return sections
+
+
+def _saturation_section(sat: dict[str, Any], figures: dict[str, Path]) -> Section:
+    rows = [(step, name if name != sat["reference"] else f"{name} (itself)",
+             ", ".join(_f(v) for v in overlap_L), ", ".join(_f(v) for v in top1_L),
+             ", ".join(_f(v) for v in chance_L))
+            for step, name, overlap_L, top1_L, chance_L in zip(
+                sat["steps"], sat["snapshots"], sat["overlap_SL"], sat["top1_agreement_SL"],
+                sat["chance_overlap_SL"], strict=True)]
+    return Section("Routing saturation over training", text(
+        f"The snapshots the run kept, each routing the same {sat['n_tokens']:,} positions as "
+        f"{sat['reference']}: the mean over tokens of |A ∩ B| / K, A a snapshot's "
+        f"top-{sat['top_k']} set and B the final one, experts as numbered (one model over time, "
+        "no matching), per "
+        "layer; and the share of tokens whose first choice is already the final one. Chance is "
+        "the overlap of independent tokens with the same loads. A layer whose curve reaches 1 "
+        "early fixed its routing early in training while its experts went on learning; one near "
+        "chance until late kept reassigning tokens.")
+        + _fig(figures, "saturation", "Routing saturation over training")
+        + table(["step", "snapshot", "overlap with the final routing, per layer",
+                 "same first choice, per layer", "chance, per layer"], rows))
 
 
 def lm_report(analysis: dict[str, Any], out: Path | str) -> Path:

@@ -12,9 +12,11 @@ that of the byte it predicts, as ``ByteCorpus.windows`` gives it) and hands them
 :func:`~moekit.runs.lm_routing.analyze_model`, which writes ``RUN/analysis/`` (replaced whole):
 ``lm_analysis.json``, ``report.html`` and ``figures/*.png``.
 
-Only the run's model folders, ``history.json`` and the corpus record are read; the training run
-keeps no checkpoints once it finished, so the routing of checkpoints or of a second seed is
-compared when given (``compare``).
+Only the run's model folders, ``history.json`` and the corpus record are read. The snapshots of
+the MoE the run kept over training (``RUN/snapshots/step_XXXXXX``: :mod:`.lm_snapshots`) give the
+routing saturation curve, each snapshot's top-k overlap with the final routing per layer
+(:mod:`.lm_saturation`; ``saturation=False`` skips it); the routing of another seed (or any model
+of the same architecture) is compared when given (``compare``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from moekit.runs.lm_routing import (
     corpus_stream,
     mixtral_demo,
 )
+from moekit.runs.lm_snapshots import list_snapshots
 
 ANALYSIS_DIR = "analysis"
 RERUN = "moekit lm train --out {run} --overwrite"
@@ -135,14 +138,15 @@ def analyze_lm(run: Path | str, *, data: str | Path | Sequence[str | Path] | Non
                max_tokens: int | None = DEFAULT_MAX_TOKENS,
                ablation_tokens: int = DEFAULT_ABLATION_TOKENS,
                layers_to_render: Sequence[int] | None = None,
-               compare: Sequence[Path | str] = (), out: Path | str | None = None,
-               progress: bool = False) -> Path:
+               compare: Sequence[Path | str] = (), saturation: bool = True,
+               out: Path | str | None = None, progress: bool = False) -> Path:
     """Analyse the MoE model of a `moekit lm train` run (module docstring) into ``out``
     (default ``RUN/analysis``, replaced whole); returns that folder.
 
     ``data``: where the run's text is now, when it moved ('stdlib' or paths). ``compare``: other
     runs (or model folders) of the same architecture, e.g. another seed, to measure how far their
-    routing agrees. Other arguments: :func:`analyze_model`.
+    routing agrees. ``saturation``: measure the routing saturation over the run's snapshots
+    (none when it kept none). Other arguments: :func:`analyze_model`.
 
     Example:
         >>> analyze_lm("runs/lm")  # doctest: +SKIP
@@ -176,7 +180,8 @@ def analyze_lm(run: Path | str, *, data: str | Path | Sequence[str | Path] | Non
     final = {m: history["final"][m]["bpb"] for m in history["final"]}
     c = model.config
     text = "the Python standard library" if record.get("source") == "stdlib" else "text files"
-    steps = history["evals"][-1]["step"] if history["evals"] else "?"
+    steps = history["evals"][-1]["step"] if history["evals"] else len(history["steps"])
+    snapshots = [(s.step, s.path) for s in list_snapshots(run)] if saturation else []
     description = (f"The MoE model of {run}: {c.n_layers} layers of {c.n_experts} experts, top-"
                    f"{c.top_k} ({c.router.kind}), width {c.d_model}, trained {steps} steps on "
                    f"{text}; final validation bits per byte: "
@@ -184,6 +189,7 @@ def analyze_lm(run: Path | str, *, data: str | Path | Sequence[str | Path] | Non
     return analyze_model(model, stream.batches, record.get("categories") or [], out,
                          max_tokens=max_tokens, input_categories_T=stream.input_categories_T,
                          sample=stream.sample, layers_to_render=layers_to_render,
-                         ablation_tokens=ablation_tokens, compare=others, training=history,
+                         ablation_tokens=ablation_tokens, compare=others,
+                         snapshots=snapshots, final_step=steps, training=history,
                          title=f"moekit lm analysis: {run.resolve().name}",
                          description=description, progress=progress)

@@ -41,6 +41,7 @@ from moekit.io.files import atomic_path, write_text_atomic
 from moekit.io.records import read_json_file
 from moekit.io.run_folder import CHECKPOINT_DIR, RERUN_FIX, RESUME_FILE
 from moekit.nn.lm import LMConfig, MoETransformerLM
+from moekit.nn.routers import step_load_biases
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +50,9 @@ CHECKPOINT_FILE = "lm.pt"
 FORMAT, KIND = 1, "lm-train"
 MODELS = ("moe", "dense")
 # Options that change neither the weights nor the history of the steps run (steps may be raised).
+# snapshot_every: the snapshots taken stay; later ones follow the interval the resuming call gives.
 RESUME_MAY_CHANGE = ("out", "overwrite", "resume", "progress", "threads", "steps",
-                     "checkpoint_every")
+                     "checkpoint_every", "snapshot_every")
 # Identity entries that are not options: how a difference in them is said.
 NOT_OPTIONS = {"corpus_sha256": "other bytes in the data",
                "labels_sha256": "other category labels (another Python's tokenize)"}
@@ -60,8 +62,9 @@ NOT_OPTIONS = {"corpus_sha256": "other bytes in the data",
 class LMTrainingState:
     """What a step of `moekit lm train` reads and changes, for both models (keys :data:`MODELS`).
 
-    ``history`` holds ``steps`` (one record per step: both training losses) and ``evals`` (one
-    record per evaluation: both validation bits per byte); ``step`` is the number of steps run.
+    ``history`` holds ``steps`` (one record per step: both training losses), ``evals`` (one
+    record per evaluation: both validation bits per byte) and ``snapshots`` (one record per
+    snapshot of the MoE saved: :mod:`.lm_snapshots`); ``step`` is the number of steps run.
     """
 
     models: dict[str, MoETransformerLM]
@@ -69,7 +72,7 @@ class LMTrainingState:
     schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler]
     batches: torch.Generator
     history: dict[str, list[dict[str, Any]]] = field(
-        default_factory=lambda: {"steps": [], "evals": []})
+        default_factory=lambda: {"steps": [], "evals": [], "snapshots": []})
     step: int = 0
 
 
@@ -120,6 +123,7 @@ def train_step(state: LMTrainingState, x_BT: Tensor, y_BT: Tensor) -> None:
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(state.models[name].parameters(), GRAD_CLIP)
         state.optimizers[name].step()
+        step_load_biases(state.models[name])  # the sigmoid router's bias: once per step
         state.schedulers[name].step()
         record[f"{name}_loss"] = float(out.cross_entropy.detach())
         if name == "moe":

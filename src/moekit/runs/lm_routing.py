@@ -20,7 +20,9 @@ experts chosen per token, C token categories, N bytes drawn.
   alone, over ``ablation_tokens`` positions in windows spread over the stream: (L * E + 1)
   forward passes);
 - against each ``compare`` model (a checkpoint or another seed of the same architecture), the
-  routing overlap with experts as numbered (saturation) and after matching them (seeds).
+  routing overlap with experts as numbered (saturation) and after matching them (seeds);
+- for ``snapshots`` of the model over its training, the saturation curve: each one's top-k
+  overlap with the model per layer (:mod:`~moekit.runs.lm_saturation`).
 
 ``lm_analysis.json`` holds every number, and the figures are drawn from it alone
 (:func:`moekit.reports.lm.lm_report`); the output folder is replaced whole.
@@ -49,6 +51,7 @@ from moekit.io.files import jsonable, write_text_atomic
 from moekit.io.run_folder import folder_built_whole
 from moekit.nn.lm import MoETransformerLM
 from moekit.reports.lm import JSON_FILE, lm_report, lm_summary
+from moekit.runs.lm_saturation import check_snapshots, saturation_over_training
 
 FORMAT = "moekit-lm-analysis"
 DEFAULT_MAX_TOKENS = 65536  # positions recorded: ~1/6 of the default validation split
@@ -144,6 +147,7 @@ def analyze_model(model: nn.Module, batches: Iterable, category_names: Sequence[
                   layers_to_render: Sequence[int] | None = None,
                   ablation_tokens: int = DEFAULT_ABLATION_TOKENS,
                   compare: Sequence[tuple[str, nn.Module]] = (),
+                  snapshots: Sequence[tuple[int, Any]] = (), final_step: int | None = None,
                   training: dict[str, Any] | None = None, title: str = "moekit lm analysis",
                   description: str = "", notes: Sequence[str] = (), progress: bool = False
                   ) -> Path:
@@ -162,6 +166,8 @@ def analyze_model(model: nn.Module, batches: Iterable, category_names: Sequence[
         ablation_tokens: positions of the ablation table (whole windows spread over the
             stream: :func:`spread_windows`); 0 skips it.
         compare: ``(name, model)`` pairs of the same shape (checkpoints, other seeds).
+        snapshots, final_step: ``(step, model or saved model folder)`` pairs of the model over
+            its training, steps below ``final_step`` (the model's own): the saturation curve.
         training: ``{"evals", "steps", "final"}`` of the training history, for its figure.
         title, description, notes: the report's title, a sentence on the model and data, and
             warnings shown on top (e.g. "the routing is untrained").
@@ -173,6 +179,7 @@ def analyze_model(model: nn.Module, batches: Iterable, category_names: Sequence[
     owner = "analyze_model"
     out = check_analysis_out(out)
     check_int(owner, "ablation_tokens", ablation_tokens, minimum=0)
+    snapshots = check_snapshots(owner, snapshots, final_step)
     stream = validation_stream(batches, max_tokens)
     names = [str(c) for c in category_names]
     rec = record_layers(model, stream, source=source, progress=progress)
@@ -199,6 +206,9 @@ def analyze_model(model: nn.Module, batches: Iterable, category_names: Sequence[
         "ablation": _ablation(model, stream, names, ablation_tokens, progress),
         "overlap": [_overlap(rec, name, other, stream, source, progress)
                     for name, other in compare],
+        "saturation": saturation_over_training(
+            rec.indices_TLK, snapshots, stream, n_experts=rec.n_experts, final_step=final_step,
+            source=source, progress=progress) if snapshots else None,
         "sample": _sample(model, sample or TextSample(validation_stream(stream, SAMPLE_BYTES),
                                                       0, SAMPLE_BYTES, "the first positions"),
                           layers, source),

@@ -16,9 +16,8 @@ recipe. The MoE backpropagates its
 cross-entropy plus its routers' load-balancing loss (weight 0.01); the history records the
 cross-entropies, and the evaluations are cross-entropy alone, in bits per byte.
 
-Evaluation: every ``eval_every`` steps (and at step 0 and the last step) on a fixed sample of the
-validation split: ``ceil(eval_bytes / seq_len)`` windows spread evenly over it; at the end on the
-whole split, with bits per byte per token category (:meth:`~moekit.data.ByteCorpus.windows`).
+Evaluation (:mod:`.lm_eval`): every ``eval_every`` steps (and at step 0 and the last step) on a
+fixed sample of the validation split; at the end on the whole split, per token category.
 
 The default run's size, measured on this project's 2-core machine on one thread (2048 tokens per
 step): a training step takes 0.21 s of CPU for the MoE and 0.17 s for its dense twin. The whole
@@ -28,9 +27,10 @@ got 58% of a core), about 7 minutes on a quiet machine. On a busy machine 2 thre
 times slower than one; the thread rule picks one there.
 
 A run folder holds ``moe/`` and ``dense/`` (:func:`~moekit.io.save_model` folders whose metadata
-holds the run's options, the corpus record and the final metrics), ``history.json``,
-``summary.json`` and ``log.md`` (one table row per evaluation); it is built beside ``out`` and put
-in place whole (:func:`~moekit.io.run_folder.run_folder`). Checkpoints: :mod:`.lm_checkpoint`.
+holds the run's options, the corpus record and the final metrics), ``snapshots/step_XXXXXX/`` (the
+MoE every ``snapshot_every`` steps: :mod:`.lm_snapshots`), ``history.json``, ``summary.json`` and
+``log.md`` (one table row per evaluation); it is built beside ``out`` and put in place whole
+(:func:`~moekit.io.run_folder.run_folder`). Checkpoints: :mod:`.lm_checkpoint`.
 """
 
 from __future__ import annotations
@@ -39,22 +39,19 @@ import dataclasses
 import json
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from moekit.data import CATEGORIES, ByteCorpus, stdlib_corpus, text_corpus
+from moekit.data import ByteCorpus, stdlib_corpus, text_corpus
 from moekit.exceptions import DataError, Setting
 from moekit.io.files import write_text_atomic
 from moekit.io.models import save_model
 from moekit.io.run_folder import check_run_destination, run_folder
-from moekit.nn.lm import LMConfig, MoETransformerLM
+from moekit.nn.lm import LMConfig
 from moekit.nn.routers import ROUTER_KINDS, RouterConfig
 from moekit.runs.lm_checkpoint import (
     MODELS,
@@ -69,13 +66,20 @@ from moekit.runs.lm_checkpoint import (
     start_or_resume,
     train_step,
 )
+from moekit.runs.lm_eval import EVAL_BATCH, eval_sample, evaluate
+from moekit.runs.lm_snapshots import (
+    SNAPSHOT_DIR,
+    prune_snapshots,
+    save_snapshot,
+    snapshot_due,
+    snapshot_interval,
+)
 from moekit.threads import compute_threads
 
 logger = logging.getLogger(__name__)
 
 COMMAND = "lm train"
 HISTORY_FILE, SUMMARY_FILE, LOG_FILE = "history.json", "summary.json", "log.md"
-EVAL_BATCH = 32
 NUMBER_RULES: dict[str, tuple[str, Callable[[float], bool]]] = {
     "lr": ("> 0", lambda v: 0 < v < math.inf),
     "weight_decay": (">= 0", lambda v: 0 <= v < math.inf),
@@ -89,6 +93,8 @@ class LMTrainConfig:
     ``data``: 'stdlib' (the Python standard library's source) or the paths of text files or
     folders. ``top_k``: None takes the router kind's default (2; 1 for 'switch'). ``eval_bytes``:
     how much of the validation split each evaluation during training reads (the last reads all).
+    ``snapshot_every``: steps between the MoE's snapshots (:mod:`.lm_snapshots`); None: about
+    ``steps`` / 8; 0: none.
     ``threads``: None chooses for the work (:func:`moekit.threads.compute_threads`; a resumed run
     keeps the count it ran on, so that it ends bit for bit as the uninterrupted run would).
     """
@@ -115,6 +121,7 @@ class LMTrainConfig:
     eval_every: int = 100
     eval_bytes: int = 32_768
     checkpoint_every: int = 100
+    snapshot_every: int | None = None
     seed: int = 0
     threads: int | None = None
     overwrite: bool = False
@@ -127,7 +134,8 @@ class LMTrainConfig:
         base = {"max_bytes": 200_000, "validation_fraction": 0.2, "d_model": 32, "n_layers": 2,
                 "n_heads": 2, "n_experts": 4, "expert_hidden": 32, "max_seq_len": 64,
                 "seq_len": 64, "batch_size": 4, "steps": 30, "warmup_steps": 3,
-                "eval_every": 10, "eval_bytes": 2048, "checkpoint_every": 10}
+                "eval_every": 10, "eval_bytes": 2048, "checkpoint_every": 10,
+                "snapshot_every": 10}
         return cls(**{**base, **overrides})
 
     def model_configs(self) -> dict[str, LMConfig]:
@@ -168,6 +176,9 @@ def check_config(config: LMTrainConfig) -> dict[str, LMConfig]:
             raise _bad(name, getattr(config, name), "an integer >= 1", getattr(default, name))
     if not _is_int(config.warmup_steps, 0):
         raise _bad("warmup_steps", config.warmup_steps, "an integer >= 0", default.warmup_steps)
+    if config.snapshot_every is not None and not _is_int(config.snapshot_every, 0):
+        raise _bad("snapshot_every", config.snapshot_every, "an integer >= 0 (0: no snapshots; "
+                   "unset: about steps / 8)", 100)
     if config.max_bytes is not None and not _is_int(config.max_bytes, 1):
         raise _bad("max_bytes", config.max_bytes, "an integer >= 1, or None for no cap",
                    default.max_bytes)
@@ -217,43 +228,6 @@ def load_corpus(config: LMTrainConfig) -> ByteCorpus:
     return corpus
 
 
-def eval_sample(corpus: ByteCorpus, seq_len: int, eval_bytes: int
-                ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The fixed evaluation sample: ``ceil(eval_bytes / seq_len)`` full validation windows (at
-    most all), spread evenly over the split, in batches of EVAL_BATCH ``(x_BT, y_BT, cat_BT)``."""
-    x_WT, y_WT, category_WT = next(corpus.windows("validation", seq_len, batch_size=sys.maxsize))
-    n_windows = len(x_WT)
-    n_taken = min(n_windows, math.ceil(eval_bytes / seq_len))
-    rows = torch.arange(n_taken) * n_windows // n_taken
-    return [(x_WT[r], y_WT[r], category_WT[r]) for r in rows.split(EVAL_BATCH)]
-
-
-@torch.no_grad()
-def evaluate(model: MoETransformerLM, batches: Any, stop: StopRequest | None = None
-             ) -> dict[str, Any]:
-    """Bits per byte of ``model`` on ``batches`` of ``(x_BT, y_BT, category_BT)``: overall
-    (``bpb``), the bytes scored, and per category (``categories``: name -> bpb and bytes; bpb
-    None for a category with no bytes). The model is put back in training mode after."""
-    model.eval()
-    nats_C = torch.zeros(len(CATEGORIES), dtype=torch.float64)
-    count_C = torch.zeros(len(CATEGORIES), dtype=torch.long)
-    try:
-        for x_BT, y_BT, category_BT in batches:
-            if stop is not None:
-                stop.check()
-            logits_BTV = model(x_BT).logits_BTV
-            nll_N = F.cross_entropy(logits_BTV.reshape(-1, logits_BTV.shape[-1]),
-                                    y_BT.reshape(-1), reduction="none")
-            nats_C.index_add_(0, category_BT.reshape(-1), nll_N.double())
-            count_C += torch.bincount(category_BT.reshape(-1), minlength=len(CATEGORIES))
-    finally:
-        model.train()
-    bits_C = nats_C / math.log(2)
-    return {"bpb": float(bits_C.sum() / count_C.sum()), "bytes": int(count_C.sum()),
-            "categories": {name: {"bpb": float(bits_C[c] / count_C[c]) if count_C[c] else None,
-                                  "bytes": int(count_C[c])} for c, name in enumerate(CATEGORIES)}}
-
-
 def log_table(history: dict[str, Any], tokens_per_step: int) -> str:
     """log.md: one row per evaluation (training bpb: the mean over the steps since the previous
     evaluation), and the final evaluation on the whole validation split."""
@@ -301,6 +275,7 @@ def _run_steps(state: LMTrainingState, corpus: ByteCorpus, config: LMTrainConfig
     sample = eval_sample(corpus, config.seq_len, config.eval_bytes)
     tokens = config.batch_size * config.seq_len
     path, in_step = checkpoint_path(build), False
+    every = snapshot_interval(config.snapshot_every, config.steps)
     bar = tqdm(total=config.steps, initial=state.step, desc=COMMAND, unit="step",
                disable=not config.progress, dynamic_ncols=True)
     with bar, StopRequest() as stop:
@@ -308,6 +283,8 @@ def _run_steps(state: LMTrainingState, corpus: ByteCorpus, config: LMTrainConfig
             while True:
                 if _eval_due(state, config):
                     _evaluate_both(state, sample, stop, build, tokens, bar)
+                if snapshot_due(state.step, every, config.steps, state.history):
+                    save_snapshot(state.models["moe"], build, state.step, state.history)
                 if state.step >= config.steps:
                     break
                 in_step = True
@@ -364,6 +341,7 @@ def train_lm(config: LMTrainConfig, *, on_step: Callable[[int], None] | None = N
         payload = read_lm_checkpoint(checkpoint_path(build)) if config.resume else None
         if payload is not None:
             restore_lm_checkpoint(state, payload, config.steps)
+            prune_snapshots(build, state.history)  # those written after the checkpoint
         resumed_from = state.step
         threads = config.threads or (payload["threads"] if payload is not None else None)
         step_multiply_adds = 3 * tokens * costs["moe"]["flops_per_token"] / 2
@@ -376,6 +354,7 @@ def train_lm(config: LMTrainConfig, *, on_step: Callable[[int], None] | None = N
                        for name in MODELS},
             "steps": state.step, "resumed_from": resumed_from, "bytes_seen": state.step * tokens,
             "threads": threads, "final": history["final"],
+            "snapshots": [r["step"] for r in history.get("snapshots", [])],
             "last_eval": history["evals"][-1], "seconds": round(time.perf_counter() - began, 1),
             "corpus": record}
         for name in MODELS:
@@ -388,4 +367,4 @@ def train_lm(config: LMTrainConfig, *, on_step: Callable[[int], None] | None = N
     out = Path(config.out)
     return LMTrainOutcome(summary, history, {
         "moe": out / "moe", "dense": out / "dense", "history": out / HISTORY_FILE,
-        "summary": out / SUMMARY_FILE, "log": out / LOG_FILE})
+        "summary": out / SUMMARY_FILE, "log": out / LOG_FILE, "snapshots": out / SNAPSHOT_DIR})
