@@ -4,15 +4,18 @@ are sharded over the ranks of an "ep" group, exactly one process's layer over th
 Read bottom up: :mod:`~moekit.parallel.mesh` (the ep group, checked before any work),
 :mod:`~moekit.parallel.exchange` (counts, capacity and the all-to-all row exchange),
 :mod:`~moekit.parallel.global_losses` (auxiliary losses from statistics summed over the ranks),
-:mod:`~moekit.parallel.expert_parallel` (the layer, :func:`shard_experts`).
+:mod:`~moekit.parallel.expert_parallel` (the layer, :func:`shard_experts`),
+:mod:`~moekit.parallel.data_parallel` (a (dp, ep) mesh: experts over ep, the rest under DDP).
 """
 
+from moekit.parallel.data_parallel import DP_DIM, parallelize_moe, reduce_expert_grads
 from moekit.parallel.exchange import ExchangePlan, plan_exchange, sum_over_ranks
 from moekit.parallel.expert_parallel import ExpertParallelMoE, ExpertParallelOutput, shard_experts
 from moekit.parallel.global_losses import global_aux_losses
 from moekit.parallel.mesh import EP_DIM, ExpertGroup, check_divisible, resolve_group
 
 __all__ = [
+    "DP_DIM",
     "EP_DIM",
     "ExchangePlan",
     "ExpertGroup",
@@ -20,7 +23,9 @@ __all__ = [
     "ExpertParallelOutput",
     "check_divisible",
     "global_aux_losses",
+    "parallelize_moe",
     "plan_exchange",
+    "reduce_expert_grads",
     "resolve_group",
     "shard_experts",
     "sum_over_ranks",
