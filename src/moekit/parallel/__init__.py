@@ -5,9 +5,19 @@ Read bottom up: :mod:`~moekit.parallel.mesh` (the ep group, checked before any w
 :mod:`~moekit.parallel.exchange` (counts, capacity and the all-to-all row exchange),
 :mod:`~moekit.parallel.global_losses` (auxiliary losses from statistics summed over the ranks),
 :mod:`~moekit.parallel.expert_parallel` (the layer, :func:`shard_experts`),
-:mod:`~moekit.parallel.data_parallel` (a (dp, ep) mesh: experts over ep, the rest under DDP).
+:mod:`~moekit.parallel.data_parallel` (a (dp, ep) mesh: experts over ep, the rest under DDP),
+:mod:`~moekit.parallel.checkpoint` (checkpoints that reload at any EP size). The `torchrun` entry,
+:mod:`moekit.parallel.train`, is not imported here (``python -m`` runs it).
 """
 
+from moekit.parallel.checkpoint import (
+    CheckpointInfo,
+    checkpoint_to_model_folder,
+    load_checkpoint,
+    model_folder_to_checkpoint,
+    read_checkpoint_info,
+    save_checkpoint,
+)
 from moekit.parallel.data_parallel import DP_DIM, parallelize_moe, reduce_expert_grads
 from moekit.parallel.exchange import ExchangePlan, plan_exchange, sum_over_ranks
 from moekit.parallel.expert_parallel import ExpertParallelMoE, ExpertParallelOutput, shard_experts
@@ -17,16 +27,22 @@ from moekit.parallel.mesh import EP_DIM, ExpertGroup, check_divisible, resolve_g
 __all__ = [
     "DP_DIM",
     "EP_DIM",
+    "CheckpointInfo",
     "ExchangePlan",
     "ExpertGroup",
     "ExpertParallelMoE",
     "ExpertParallelOutput",
     "check_divisible",
+    "checkpoint_to_model_folder",
     "global_aux_losses",
+    "load_checkpoint",
+    "model_folder_to_checkpoint",
     "parallelize_moe",
     "plan_exchange",
+    "read_checkpoint_info",
     "reduce_expert_grads",
     "resolve_group",
+    "save_checkpoint",
     "shard_experts",
     "sum_over_ranks",
 ]
