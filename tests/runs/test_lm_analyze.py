@@ -16,6 +16,7 @@ from moekit.analysis.layer_interventions import validation_stream
 from moekit.analysis.layer_recorder import record_layers
 from moekit.analysis.layer_risk import risk_difference
 from moekit.cli import main
+from moekit.cli.lm_analyze import print_summary
 from moekit.data import CATEGORIES, text_corpus
 from moekit.exceptions import DataError
 from moekit.io.models import save_model
@@ -156,7 +157,7 @@ def test_the_ablation_baseline_is_the_models_bits_per_byte(analysed):
     assert ablation["ranked"][0]["delta_bpb"] == max(max(r) for r in ablation["delta_bpb_LE"])
 
 
-def test_comparing_a_run_with_itself_overlaps_fully(analysed, tmp_path):
+def test_comparing_a_run_with_itself_overlaps_fully(analysed, tmp_path, capsys):
     run = analysed[0]
     out = analyze_lm(run, max_tokens=256, ablation_tokens=0, compare=[run], out=tmp_path / "a",
                      layers_to_render=[1])
@@ -166,6 +167,9 @@ def test_comparing_a_run_with_itself_overlaps_fully(analysed, tmp_path):
     assert overlap["matched"]["matched_overlap_L"] == [1.0, 1.0]
     assert analysis["ablation"] is None and analysis["sample"]["layers"] == [1]
     assert f"Against {run}" in (out / REPORT_FILE).read_text()
+    print_summary(out)
+    assert (f"Against {run}: top-k overlap per layer after matching experts 1.00, 1.00 (as "
+            "numbered 1.00, 1.00; chance") in capsys.readouterr().out
 
 
 def test_a_changed_corpus_is_refused_and_moved_text_is_found_with_data(tmp_path):

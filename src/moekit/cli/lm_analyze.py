@@ -104,14 +104,16 @@ def _run_analyze(args: argparse.Namespace) -> int:
         out = lm_analyze.analyze_lm(args.run, data=data, layers_to_render=args.layers,
                                     compare=args.compare or (), saturation=not args.no_saturation,
                                     out=args.analysis_out, **options)
-    _print_summary(out)
+    print_summary(out)
     return 0
 
 
-def _print_summary(out: Any) -> None:
+def print_summary(out: Any) -> None:
+    """Print the headline numbers of the analysis folder ``out`` (read from its JSON)."""
     from moekit.reports.lm import FIGURES_DIR, JSON_FILE, REPORT_FILE
 
-    s = json.loads((out / JSON_FILE).read_text(encoding="utf-8"))["summary"]
+    analysis = json.loads((out / JSON_FILE).read_text(encoding="utf-8"))
+    s = analysis["summary"]
     if s["final_bpb"]:
         print("Final validation bits per byte: " + ", ".join(
             f"{m} {v:.4f}" for m, v in s["final_bpb"].items()))
@@ -133,6 +135,12 @@ def _print_summary(out: Any) -> None:
               + ", ".join(f"{c:.2f}" for c in chance_L) + "): " + "; ".join(
                   f"step {sat['steps'][i]}: " + ", ".join(f"{v:.2f}" for v in sat["overlap_SL"][i])
                   for i in shown))
+    for other in analysis.get("overlap") or []:
+        m = other["matched"]
+        print(f"Against {other['name']}: top-k overlap per layer after matching experts "
+              + ", ".join(f"{v:.2f}" for v in m["matched_overlap_L"]) + " (as numbered "
+              + ", ".join(f"{v:.2f}" for v in m["unmatched_overlap_L"]) + "; chance "
+              + ", ".join(f"{v:.2f}" for v in m["chance_overlap_L"]) + ")")
     if s["importance"]:
         print("Most needed experts (Δ bits per byte when removed): " + "; ".join(
             f"layer {r['layer']} expert {r['expert']} {r['delta_bpb']:+.4f} (most on "
