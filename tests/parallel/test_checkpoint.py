@@ -6,10 +6,7 @@ model folder; clear errors for a checkpoint of another model.
 One spawned group of 4 runs the chain of ``checkpoint_cases`` (its docstring); the tests compare.
 """
 
-import multiprocessing as mp
-import queue as queue_module
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +28,7 @@ from moekit.parallel.checkpoint import (
 
 sys.path.insert(0, str(Path(__file__).parent))
 import checkpoint_cases as cases  # the workers import it by this name in the spawned processes
+from spawned import result, spawn_and_collect
 
 WORLD, DEADLINE_S = 4, 180
 PHASES = {"A": [0, 1], "B": [0, 1, 2, 3], "C": [0, 1]}
@@ -43,37 +41,14 @@ def run(tmp_path_factory):
     reference = cases.reference_states()
     save_model(cases.build_model(0), folder / "start_folder")
     model_folder_to_checkpoint(folder / "start_folder", folder / "C1")
-    ctx = mp.get_context("spawn")
-    results_queue = ctx.Queue()
-    procs = [ctx.Process(target=cases.worker, daemon=True,
-                         args=(rank, WORLD, str(folder / "store"), str(folder), results_queue))
-             for rank in range(WORLD)]
-    for proc in procs:
-        proc.start()
     wanted = {(r, phase) for phase, ranks in PHASES.items() for r in ranks}
-    results: dict = {}
-    deadline = time.monotonic() + DEADLINE_S
-    while not wanted <= results.keys() and time.monotonic() < deadline:
-        try:
-            rank, name, value, error = results_queue.get(timeout=2)
-        except queue_module.Empty:
-            if not any(p.is_alive() for p in procs):
-                break
-            continue
-        results[(rank, name)] = (value, error)
-    for proc in procs:
-        proc.join(timeout=10)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
+    results = spawn_and_collect(cases.worker, WORLD, (WORLD, str(folder / "store"), str(folder)),
+                                wanted, DEADLINE_S)
     return folder, reference, results
 
 
 def _get(results: dict, rank: int, phase: str) -> dict:
-    value, error = results.get((rank, phase), (None, f"rank {rank} sent no phase {phase}"))
-    if error is not None:
-        pytest.fail(f"phase {phase}, rank {rank}:\n{error}")
-    return value
+    return result(results, rank, phase, "phase: ")
 
 
 @pytest.mark.parametrize("phase, loaded, saved_by", [

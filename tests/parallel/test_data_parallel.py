@@ -10,11 +10,8 @@ which pytest's importlib mode does not register, hence the sys.path line.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import queue as queue_module
 import sys
-import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -29,6 +26,7 @@ from moekit.nn.routers import RouterConfig
 from moekit.nn.sparse import SparseMoE
 
 sys.path.insert(0, str(Path(__file__).parent))
+from spawned import result, spawn_and_collect
 
 D, E, HIDDEN = 6, 4, 8
 DP, EP = 2, 2
@@ -153,39 +151,13 @@ def worker(rank: int, store_path: str, results: Any) -> None:
 def spawned(tmp_path_factory) -> dict[tuple[int, str], tuple[Any, str | None]]:
     import test_data_parallel as by_plain_name  # what the spawned processes can import
 
-    ctx = mp.get_context("spawn")
-    results_queue = ctx.Queue()
     store = tmp_path_factory.mktemp("dp_ep") / "store"
-    procs = [ctx.Process(target=by_plain_name.worker, args=(rank, str(store), results_queue),
-                         daemon=True) for rank in range(WORLD)]
-    for proc in procs:
-        proc.start()
-    got: dict[tuple[int, str], tuple[Any, str | None]] = {}
-    deadline = time.monotonic() + DEADLINE_S
-    while not {(r, "done") for r in range(WORLD)} <= got.keys() and time.monotonic() < deadline:
-        try:
-            rank, name, value, error = results_queue.get(timeout=2)
-        except queue_module.Empty:
-            if not any(p.is_alive() for p in procs):
-                break
-            continue
-        got[(rank, name)] = (value, error)
-    for proc in procs:
-        proc.join(timeout=10)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-    return got
+    return spawn_and_collect(by_plain_name.worker, WORLD, (str(store),),
+                             {(r, "done") for r in range(WORLD)}, DEADLINE_S)
 
 
 def _ranks(spawned: dict, name: str) -> list[Any]:
-    values = []
-    for rank in range(WORLD):
-        value, error = spawned.get((rank, name), (None, f"rank {rank} sent no {name!r}"))
-        if error is not None:
-            pytest.fail(f"rank {rank}, {name}:\n{error}")
-        values.append(value)
-    return values
+    return [result(spawned, rank, name) for rank in range(WORLD)]
 
 
 def reference() -> tuple[Stack, list[torch.Tensor]]:

@@ -8,10 +8,7 @@ One spawned group per world size runs every case (``ep_cases.worker``) and sends
 the tests below compare them in this process.
 """
 
-import multiprocessing as mp
-import queue as queue_module
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,35 +17,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import ep_cases  # the workers must import it by this name in the spawned processes
+from spawned import Results, result, spawn_and_collect
 
 DEADLINE_S = 240  # the whole run of one world size; a hang fails here instead of blocking
 
 
-def _run_world(world: int, store_dir: Path) -> dict[tuple[int, str], tuple[object, str | None]]:
-    ctx = mp.get_context("spawn")
-    results_queue = ctx.Queue()
-    procs = [ctx.Process(target=ep_cases.worker, daemon=True,
-                         args=(rank, world, str(store_dir / "store"), results_queue))
-             for rank in range(world)]
-    for proc in procs:
-        proc.start()
+def _run_world(world: int, store_dir: Path) -> Results:
     wanted = {(r, "done") for r in range(world)} | {(r, "dying_peer") for r in range(world - 1)}
-    results: dict[tuple[int, str], tuple[object, str | None]] = {}
-    deadline = time.monotonic() + DEADLINE_S
-    while not wanted <= results.keys() and time.monotonic() < deadline:
-        try:
-            rank, name, value, error = results_queue.get(timeout=2)
-        except queue_module.Empty:
-            if not any(p.is_alive() for p in procs):
-                break
-            continue
-        results[(rank, name)] = (value, error)
-    for proc in procs:
-        proc.join(timeout=5)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-    return results
+    return spawn_and_collect(ep_cases.worker, world, (world, str(store_dir / "store")), wanted,
+                             DEADLINE_S)
 
 
 class World:
@@ -56,10 +33,7 @@ class World:
         self.size, self.results = size, results
 
     def get(self, rank: int, name: str):
-        value, error = self.results.get((rank, name), (None, f"rank {rank} sent no {name!r}"))
-        if error is not None:
-            pytest.fail(f"world size {self.size}, rank {rank}, {name}:\n{error}")
-        return value
+        return result(self.results, rank, name, f"world size {self.size}, ")
 
     def ranks(self, name: str) -> list:
         return [self.get(rank, name) for rank in range(self.size)]

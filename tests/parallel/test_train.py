@@ -7,12 +7,9 @@ One spawned group of 2 runs every case (``train_cases.worker``); the tests compa
 """
 
 import json
-import multiprocessing as mp
-import queue as queue_module
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +20,7 @@ from moekit.parallel.train import HISTORY_FILE, check_options, main, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 import train_cases as cases  # the workers import it by this name in the spawned processes
+from spawned import result, spawn_and_collect
 
 WORLD, DEADLINE_S = 2, 120
 NAMES = [*cases.ROUTERS, "resumed"]
@@ -35,37 +33,14 @@ def run(tmp_path_factory):
     reference = {router: train(cases.config(folder / f"single_{router}", router))
                  for router in cases.ROUTERS}
     train(cases.config(folder / "single_half", steps=cases.RESUMED_AT))
-    ctx = mp.get_context("spawn")
-    results_queue = ctx.Queue()
-    procs = [ctx.Process(target=cases.worker, daemon=True,
-                         args=(rank, WORLD, str(folder / "store"), str(folder), results_queue))
-             for rank in range(WORLD)]
-    for proc in procs:
-        proc.start()
     wanted = {(r, name) for r in range(WORLD) for name in NAMES}
-    results: dict = {}
-    deadline = time.monotonic() + DEADLINE_S
-    while not wanted <= results.keys() and time.monotonic() < deadline:
-        try:
-            rank, name, value, error = results_queue.get(timeout=2)
-        except queue_module.Empty:
-            if not any(p.is_alive() for p in procs):
-                break
-            continue
-        results[(rank, name)] = (value, error)
-    for proc in procs:
-        proc.join(timeout=10)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
+    results = spawn_and_collect(cases.worker, WORLD, (WORLD, str(folder / "store"), str(folder)),
+                                wanted, DEADLINE_S)
     return folder, reference, results
 
 
 def _history(results: dict, rank: int, name: str) -> dict:
-    value, error = results.get((rank, name), (None, f"rank {rank} sent no run {name!r}"))
-    if error is not None:
-        pytest.fail(f"run {name}, rank {rank}:\n{error}")
-    return value
+    return result(results, rank, name, "run: ")
 
 
 def _close(got: list[dict], want: list[dict]) -> None:
