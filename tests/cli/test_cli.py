@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from moekit import __version__, load_model
-from moekit.cli import main
+from moekit.cli import describe, main
 
 
 def test_version_from_the_installed_command():
@@ -84,3 +84,10 @@ def test_fit_with_em_and_the_gaussian_gate(tmp_path, capsys):
     assert f"alpha = {summary['alpha'] * 72:g} / rows: the strongest prior within one" in printed
     assert "dtype = float64: chosen by moekit ('auto')" in printed  # EM solves in float64
     assert "early_stopping = False" in printed
+
+
+def test_ctrl_c_while_a_c_extension_initialises_is_an_interrupt_not_an_internal_error():
+    # pybind11 modules (parselmouth) turn a KeyboardInterrupt during their import into this
+    assert describe(ImportError("KeyboardInterrupt: "), "vowels") == (
+        "interrupted; nothing was written", 130)
+    assert describe(ImportError("No module named 'x'"), "vowels")[0].startswith("internal error")

@@ -1,6 +1,12 @@
 """The trainings of `moekit vowels` as jobs: the plan, what waits on what, and the same numbers
 whether one process or two run them."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 
@@ -109,3 +115,38 @@ def test_a_job_that_fails_in_a_worker_is_raised_here():
     bogus = [vowels_jobs.Job(f"bogus {i}", "bogus", None, runs=1, cost=1.0) for i in range(2)]
     with pytest.raises(ValueError, match=r"job.kind must be one of .*; got 'bogus'"):
         run_jobs(bogus, vowel_task(), config, processes=2)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signals")
+@pytest.mark.parametrize("after_s", [2.0, 8.0], ids=["workers-starting", "jobs-running"])
+def test_ctrl_c_stops_the_workers_at_once_without_a_traceback(tmp_path, after_s):
+    """Ctrl-C goes to the terminal's whole process group: while the worker processes start (they
+    hold it) and while they run jobs, the run ends within seconds with the one-line message, no
+    worker's traceback, and no process left behind."""
+    out = tmp_path / "vowels"
+    command = [sys.executable, "-m", "moekit", "vowels", "--no-progress", "--out", str(out)]
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # a child would inherit that
+        pytest.skip("SIGINT is ignored here (a background job)")
+    run = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           start_new_session=True)  # its own group, as a terminal's job
+    time.sleep(after_s)
+    sent = time.monotonic()
+    os.killpg(run.pid, signal.SIGINT)
+    _, err = run.communicate(timeout=60)
+    assert time.monotonic() - sent < 10
+    assert run.returncode == 130 and "Traceback" not in err.decode(), err.decode()
+    assert err.decode().strip().endswith("moekit vowels: error: interrupted; nothing was written")
+    assert not out.exists()
+    assert _group_gone(run.pid, within_s=5.0)  # workers and multiprocessing's resource tracker
+
+
+def _group_gone(group: int, within_s: float) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False

@@ -147,6 +147,8 @@ def _os_error(err: OSError) -> str:
 
 def describe(err: BaseException, command: str) -> tuple[str, int]:
     """The one-line message and the exit code of an error that reached the command line."""
+    if _interrupted_import(err):  # Ctrl-C while a C extension (parselmouth) was initialising
+        err = KeyboardInterrupt()
     if isinstance(err, KeyboardInterrupt):
         notes = getattr(err, "__notes__", None)
         kept = ("each file rewritten so far was written whole; the others are as they were"
@@ -170,6 +172,14 @@ def describe(err: BaseException, command: str) -> tuple[str, int]:
         return as_flags(str(err)) if command == "fit" else str(err), 1
     return (f"internal error ({type(err).__name__}: {err}); rerun with --debug and report it "
             "with the traceback"), 1
+
+
+def _interrupted_import(err: BaseException) -> bool:
+    """Whether ``err`` is the ImportError a pybind11 module raises when Ctrl-C lands during its
+    initialisation ("KeyboardInterrupt: "), which is an interrupt, not an internal error."""
+    return isinstance(err, ImportError) and (
+        str(err).startswith("KeyboardInterrupt")
+        or isinstance(err.__cause__ or err.__context__, KeyboardInterrupt))
 
 
 def check_output(args: argparse.Namespace) -> None:

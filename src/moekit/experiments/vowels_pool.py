@@ -12,9 +12,14 @@ through a queue: each job's runs finished, and the expected work done over the w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing
+import os
 import queue
+import signal
+import threading
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -137,26 +142,49 @@ def _run_here(plan: _Plan, bars: _Bars, task: VowelTask, config: VowelsConfig) -
 def _run_in_workers(plan: _Plan, bars: _Bars, task: VowelTask, config: VowelsConfig,
                     processes: int) -> None:
     context = multiprocessing.get_context("spawn")
-    progress = context.Queue()
     running: dict[Future, Job] = {}
-    with ProcessPoolExecutor(processes, mp_context=context, initializer=_start_worker,
-                             initargs=(progress,)) as pool:
-        try:
-            while plan.waiting or running:
-                while plan.waiting and len(running) < processes:
-                    job = plan.take()
-                    bars.start(job)
+    with _ctrl_c_held():  # the queues start multiprocessing's resource tracker, a process too
+        progress = context.Queue()
+        pool = ProcessPoolExecutor(processes, mp_context=context, initializer=_start_worker,
+                                   initargs=(progress,))
+    try:
+        while plan.waiting or running:
+            while plan.waiting and len(running) < processes:
+                job = plan.take()
+                bars.start(job)
+                with _ctrl_c_held():  # a worker starting here does not see Ctrl-C until ready
                     running[pool.submit(_run_in_worker, job, task, config)] = job
-                finished, _ = wait(running, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
-                _relay(progress, bars)
-                for future in finished:
-                    job = running.pop(future)
-                    bars.done(job, plan.finish(job, future.result()))
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)  # the running jobs end before the raise
-            raise
-        finally:
-            progress.close()
+            finished, _ = wait(running, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
+            _relay(progress, bars)
+            for future in finished:
+                job = running.pop(future)
+                bars.done(job, plan.finish(job, future.result()))
+    finally:  # after Ctrl-C the running jobs have stopped too (_run_in_worker); after an
+        pool.shutdown(wait=True, cancel_futures=True)  # error, they end before it is raised
+        progress.close()
+
+
+@contextlib.contextmanager
+def _ctrl_c_held() -> Iterator[None]:
+    """Hold Ctrl-C for the block, then act on it. A worker spawned inside starts with SIGINT
+    blocked (a thread's signal mask passes to the processes it starts), so a Ctrl-C during its
+    start-up reaches this process alone; once started, a worker takes Ctrl-C only while it runs a
+    job (:func:`_start_worker`). None prints a traceback from its start-up or between two jobs.
+    Here the Python handler is swapped too: other threads (torch's) may take the signal."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not \
+            threading.main_thread():  # signal handlers are the main thread's
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        signal.signal(signal.SIGINT, previous)
+    if caught and callable(previous):
+        previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
 
 
 def _relay(progress: Any, bars: _Bars) -> None:
@@ -172,8 +200,17 @@ def _relay(progress: Any, bars: _Bars) -> None:
 def _start_worker(progress: Any) -> None:
     _WORKER["progress"] = progress
     keep_freed_memory()  # run_job computes on one thread
+    if hasattr(signal, "pthread_sigmask"):  # started with SIGINT held (_ctrl_c_held)
+        if signal.SIGINT in signal.sigpending():  # Ctrl-C during the start-up: the parent
+            os._exit(130)                          # stops; leave without a traceback
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # between jobs: the parent stops the pool
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _run_in_worker(job: Job, task: VowelTask, config: VowelsConfig) -> Any:
-    return run_job(job, task, config, lambda f, e: _WORKER["progress"].put((job.key, f, e)))
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C stops the job at once
+    try:
+        return run_job(job, task, config, lambda f, e: _WORKER["progress"].put((job.key, f, e)))
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
