@@ -8,6 +8,10 @@ pool. Each keeps freed memory in its heap (:func:`moekit.runtime.keep_freed_memo
 frees a few dozen tensors of up to 16 MB, which glibc would hand back to the system and page-fault
 in again the next epoch (the backprop nets' explorations ran 1.4x as fast). Progress comes back
 through a queue: each job's runs finished, and the expected work done over the whole run.
+
+Ctrl-C (the terminal sends it to every process of the run): a running job stops at once and the
+pool shuts down; a worker still starting, or between two jobs, leaves quietly (:func:`_ctrl_c_held`,
+:func:`_start_worker`), so the command ends within seconds with its one-line message.
 """
 
 from __future__ import annotations
