@@ -1,4 +1,4 @@
-"""The expert-parallel training entry (moekit.parallel.train): at world size 2 over a real gloo
+"""The expert-parallel training entry (`moekit lm train-ep`): at world size 2 over a real gloo
 group, the per-step losses and gradient norms equal one process's on the same global batches
 (float64, 1e-10), for every token- and expert-choice router; a run saved by one process resumes
 at world size 2 on the same course; the command line.
@@ -6,6 +6,7 @@ at world size 2 on the same course; the command line.
 One spawned group of 2 runs every case (``train_cases.worker``); the tests compare here.
 """
 
+import dataclasses
 import json
 import socket
 import subprocess
@@ -15,8 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from moekit.cli import main
+from moekit.cli.lm_ep import OPTIONS
 from moekit.exceptions import DataError
-from moekit.parallel.train import HISTORY_FILE, check_options, main, train
+from moekit.parallel.train import HISTORY_FILE, EPTrainConfig, check_options, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 import train_cases as cases  # the workers import it by this name in the spawned processes
@@ -80,17 +83,21 @@ def test_a_resume_with_other_options_is_refused_naming_them(run, tmp_path):
 
 
 def test_the_command_line_trains_one_process_and_refuses_unknown_options(tmp_path, capsys):
-    args = ["--steps", "2", "--batch-size", "2", "--seq-len", "8", "--d-model", "8",
-            "--n-heads", "2", "--n-experts", "2", "--expert-hidden", "8",
+    args = ["lm", "train-ep", "--steps", "2", "--batch-size", "2", "--seq-len", "8",
+            "--d-model", "8", "--n-heads", "2", "--n-experts", "2", "--expert-hidden", "8",
             "--max-bytes", "30000", "--out", str(tmp_path / "cli")]
     assert main(args) == 0
     assert "single-process at world size 1: step 2 loss" in capsys.readouterr().out
     history = json.loads((tmp_path / "cli" / HISTORY_FILE).read_text())
     assert [s["step"] for s in history["steps"]] == [1, 2]
-    with pytest.raises(DataError, match=r"holds a run; pass overwrite=True"):
-        main(args)
+    assert main(args) == 1
+    assert "holds a run; pass --overwrite to replace it" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*args, "--overwrite", "--no-such-option", "1"])
+
+
+def test_the_command_line_has_a_flag_for_every_option():
+    assert set(OPTIONS) | {"overwrite"} == {f.name for f in dataclasses.fields(EPTrainConfig)}
 
 
 def test_options_that_cannot_run_at_the_world_size_are_refused(tmp_path):
@@ -113,7 +120,7 @@ def test_torchrun_runs_the_entry(tmp_path):
                "--max-bytes", "30000", "--dtype", "float64"]
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                     "--master-addr", "127.0.0.1", "--master-port", str(port), "-m",
-                    "moekit.parallel.train", *options, "--out", str(tmp_path / "ep")],
+                    "moekit", "lm", "train-ep", *options, "--out", str(tmp_path / "ep")],
                    check=True, timeout=120, capture_output=True)
     train(cases.config(tmp_path / "one", steps=2, batch_size=2, seq_len=8, d_model=8,
                        n_experts=2, expert_hidden=8, max_bytes=30_000, lr=3e-3))

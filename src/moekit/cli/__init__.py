@@ -56,7 +56,8 @@ FLAGS = {"n_experts": "--experts", "data": "--data", "expert_hidden": "--hidden"
 FIT_PARAMETERS = ("n_experts", "expert_hidden", "expert", "gate", "loss", "solver", "lr", "alpha",
                   "max_epochs", "random_state", "validation_fraction")
 # Commands that write a run folder (their --out), and those that rewrite files inside one.
-FOLDER_OUT = {"fit", "vowels", "vowels-sweep", "demo", "compare-solvers", "lm train"}
+FOLDER_OUT = {"fit", "vowels", "vowels-sweep", "demo", "compare-solvers", "lm train",
+              "lm train-ep"}
 IN_PLACE = {"report", "analyze"}
 OS_HINTS = {errno.ENOSPC: "the disk is full: free some space and rerun",
             errno.EDQUOT: "the disk quota is used up: free some space and rerun",

@@ -10,6 +10,7 @@ import sys
 
 from moekit.cli import args as types
 from moekit.cli.lm_analyze import add_lm_analyze
+from moekit.cli.lm_ep import add_lm_train_ep
 
 # `moekit lm train` options: flag dest -> LMTrainConfig field (given only when set; the config
 # fills the rest). --experts and --hidden are spelled as `moekit fit` spells them.
@@ -55,6 +56,7 @@ def add_lm(subparsers: argparse._SubParsersAction) -> None:
     commands = p.add_subparsers(dest="lm_command", metavar="SUBCOMMAND")
     add_lm_train(commands)
     add_lm_analyze(commands)
+    add_lm_train_ep(commands)
     p.set_defaults(func=lambda args: _no_subcommand(p))
 
 

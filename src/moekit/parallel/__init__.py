@@ -6,8 +6,8 @@ Read bottom up: :mod:`~moekit.parallel.mesh` (the ep group, checked before any w
 :mod:`~moekit.parallel.global_losses` (auxiliary losses from statistics summed over the ranks),
 :mod:`~moekit.parallel.expert_parallel` (the layer, :func:`shard_experts`),
 :mod:`~moekit.parallel.data_parallel` (a (dp, ep) mesh: experts over ep, the rest under DDP),
-:mod:`~moekit.parallel.checkpoint` (checkpoints that reload at any EP size). The `torchrun` entry,
-:mod:`moekit.parallel.train`, is not imported here (``python -m`` runs it).
+:mod:`~moekit.parallel.checkpoint` (checkpoints that reload at any EP size),
+:mod:`~moekit.parallel.train` (the byte LM trained with expert parallelism: `moekit lm train-ep`).
 """
 
 from moekit.parallel.checkpoint import (

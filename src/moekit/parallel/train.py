@@ -1,5 +1,5 @@
 """Train the byte-level MoE language model with its experts sharded over processes, and get one
-process's losses: ``torchrun --nproc-per-node N -m moekit.parallel.train --out DIR``.
+process's losses: ``torchrun --nproc-per-node N -m moekit lm train-ep --out DIR``.
 
 Shape legend: B windows in the global batch, T bytes per window, W ranks, b = B / W windows per
 rank, V = 256 byte values.
@@ -24,8 +24,8 @@ rank's backward carries its rows' part of their gradient). Then:
   the ranks.
 
 So the losses, gradients and weights are one process's on the same batches up to float rounding
-(summation order), for routers without noise. Without a process group (``python -m
-moekit.parallel.train``) the same code trains the plain model: the single-process reference. A run
+(summation order), for routers without noise. Without a process group (``moekit lm train-ep``
+alone) the same code trains the plain model: the single-process reference. A run
 writes ``history.json`` (rank 0: the per-step losses) and a topology-free checkpoint
 (:mod:`moekit.parallel.checkpoint`) into ``--out``; ``--resume CKPT`` continues one at any world
 size (the batches it drew are drawn again and skipped).
@@ -33,11 +33,9 @@ size (the batches it drew are drawn again and skipped).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -75,7 +73,7 @@ RESUME_MAY_CHANGE = ("out", "steps", "resume", "overwrite", "timeout_s")
 
 @dataclasses.dataclass(frozen=True)
 class EPTrainConfig:
-    """The options of ``python -m moekit.parallel.train`` (``--batch-size`` for ``batch_size``).
+    """The options of ``moekit lm train-ep`` (``--batch-size`` for ``batch_size``).
 
     ``batch_size``: the global batch B (windows per step), split evenly over the ranks.
     ``dtype``: 'float32' or 'float64' (for comparisons to the last digits). ``resume``: a
@@ -285,27 +283,9 @@ def train(config: EPTrainConfig, mesh: DeviceMesh | None = None) -> dict[str, An
     return history
 
 
-def parse_args(argv: list[str] | None = None) -> EPTrainConfig:
-    """The command line as an :class:`EPTrainConfig`; unknown options are refused."""
-    parser = argparse.ArgumentParser(
-        prog="torchrun --nproc-per-node N -m moekit.parallel.train",
-        description="Train the byte-level MoE LM with its experts sharded over N processes "
-                    "(gloo, CPU); without torchrun, one process: the reference losses.")
-    for f in dataclasses.fields(EPTrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            parser.add_argument(flag, action="store_true")
-            continue
-        kind = {"int": int, "float": float, "int | None": int}.get(f.type, str)
-        parser.add_argument(flag, type=kind, default=f.default, metavar=f.name.upper())
-    return EPTrainConfig(**vars(parser.parse_args(argv)))
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The entry: join torchrun's group (gloo, on the loopback interface when the master is
-    local) if launched by it, train, print where the results are."""
-    config = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+def run_launched(config: EPTrainConfig) -> dict[str, Any]:
+    """:func:`train`, in torchrun's process group when launched by it (gloo; on the loopback
+    interface when the master is local), else in this one process; the history."""
     launched = "WORLD_SIZE" in os.environ and not dist.is_initialized()
     if launched:
         local = os.environ.get("MASTER_ADDR", "127.0.0.1") in ("127.0.0.1", "localhost")
@@ -313,22 +293,12 @@ def main(argv: list[str] | None = None) -> int:
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         dist.init_process_group("gloo", timeout=timedelta(seconds=config.timeout_s))
     try:
-        history = train(config, expert_parallel_mesh() if dist.is_initialized() else None)
+        return train(config, expert_parallel_mesh() if dist.is_initialized() else None)
     finally:
         if launched:
             dist.destroy_process_group()
-    if not launched or int(os.environ.get("RANK", "0")) == 0:
-        last = history["steps"][-1]
-        print(f"{history['mode']} at world size {history['world_size']}: step {last['step']} "
-              f"loss {last['loss']:.6f}; wrote {Path(config.out) / HISTORY_FILE} and "
-              f"{Path(config.out) / CHECKPOINT_DIR}")
-    return 0 if all(math.isfinite(s["loss"]) for s in history["steps"]) else 1
 
 
 __all__ = ["EPTrainConfig", "EPTrainer", "build_trainer", "check_options",
-           "clip_global_grad_norm", "expert_parallel_mesh", "main", "parse_args", "train"]
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+           "clip_global_grad_norm", "expert_parallel_mesh", "run_launched", "train"]
 
