@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -260,3 +260,36 @@ def require_manifest(folder: Path | str, commands: Collection[str], rerun: str
         raise DataError(f"{str(folder)!r} is a run of `moekit {record.get('command')}`; this "
                         f"needs a run of {wanted}.")
     return record
+
+
+def record_or_check_identity(build: Path | str, identity: dict[str, Any], *, resume: bool,
+                             command: str, what: str,
+                             explain: Mapping[str, Callable[[Any, Any], str]] | None = None
+                             ) -> None:
+    """Record what makes a run that run (``identity``: its options, a digest of its data) in its
+    partial folder ``build``; when resuming one that recorded it, refuse (a DataError) an identity
+    that differs, naming every difference: ``--name`` before and now, or for the entries of
+    ``explain`` (not options) what ``explain[key](before, now)`` says.
+
+    ``command`` names the command in a damaged record's message ('moekit fit --resume'), ``what``
+    the run ('fit')."""
+    record, identity = Path(build) / RESUME_FILE, json.loads(json.dumps(identity))
+    if not (resume and record.is_file()):
+        write_text_atomic(record, json.dumps(identity, indent=1))
+        return
+    before = read_json_file(command, record, fix=RERUN_FIX)
+    before = before if isinstance(before, dict) else {}
+    changed = [k for k, v in identity.items() if before.get(k) != v]
+    if not changed:
+        return
+    where = f"cannot resume the interrupted {what} in {str(build)!r}: it ran with "
+    parts: list[str | Setting] = [where]
+    for i, key in enumerate(changed):
+        parts.append(", " if i else "")
+        if explain and key in explain:
+            parts.append(explain[key](before.get(key), identity[key]))
+        else:
+            parts += [Setting(key, before.get(key)), ", not ", Setting(key, identity[key])]
+    raise DataError(*parts, "; rerun with its options, or pass ", Setting("overwrite", True),
+                    " to start again.")
+

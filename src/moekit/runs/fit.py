@@ -31,13 +31,11 @@ from moekit.estimators import (
 from moekit.exceptions import DataError, Setting
 from moekit.io.files import write_text_atomic
 from moekit.io.paths import inside
-from moekit.io.records import read_json_file
 from moekit.io.run_folder import (
     CHECKPOINT_DIR,
-    RERUN_FIX,
-    RESUME_FILE,
     check_run_destination,
     clean_leftovers,
+    record_or_check_identity,
     run_folder,
 )
 from moekit.reports.fit import ANALYSIS_DIR, expert_loads, write_fit_report
@@ -108,6 +106,11 @@ def _estimator(config: FitRunConfig, task: str, checkpoint: Path | None = None
                threads=config.threads)
 
 
+# Identity entries that are not options: how a difference in them is said.
+FIT_NOT_OPTIONS = {"data_sha256": lambda before, now: "other contents in the data file",
+                   "data": lambda before, now: f"the data file {before!r}, not {now!r}"}
+
+
 def _fit_identity(config: FitRunConfig, data: Path) -> dict[str, Any]:
     """What makes a fit the same fit: its options, the data file and its content."""
     return {**{k: v for k, v in asdict(config).items() if k not in NOT_THE_FITS},
@@ -117,27 +120,8 @@ def _fit_identity(config: FitRunConfig, data: Path) -> dict[str, Any]:
 def _start_or_resume(build: Path, config: FitRunConfig, data: Path) -> None:
     """Record the fit's identity in its partial folder; when resuming, refuse a fit whose options
     or data differ from the interrupted one's, naming each difference."""
-    identity, record = _fit_identity(config, data), build / RESUME_FILE
-    if not (config.resume and record.is_file()):
-        write_text_atomic(record, json.dumps(identity, indent=1))
-        return
-    before = read_json_file("moekit fit --resume", record, fix=RERUN_FIX)
-    before = before if isinstance(before, dict) else {}
-    changed = [k for k, v in identity.items() if before.get(k) != v]
-    if not changed:
-        return
-    where = f"cannot resume the interrupted fit in {str(build)!r}: it ran with "
-    parts: list[str | Setting] = [where]
-    for i, key in enumerate(changed):
-        parts.append(", " if i else "")
-        if key == "data_sha256":
-            parts.append("other contents in the data file")
-        elif key == "data":
-            parts.append(f"the data file {before.get(key)!r}, not {str(data)!r}")
-        else:
-            parts += [Setting(key, before.get(key)), ", not ", Setting(key, identity[key])]
-    raise DataError(*parts, "; rerun with its options, or pass ", Setting("overwrite", True),
-                    " to start again.")
+    record_or_check_identity(build, _fit_identity(config, data), resume=config.resume,
+                             command="moekit fit --resume", what="fit", explain=FIT_NOT_OPTIONS)
 
 
 def split_rows(y: np.ndarray, task: str, fraction: float, seed: int

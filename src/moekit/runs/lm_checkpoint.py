@@ -37,9 +37,8 @@ import torch
 from torch import Tensor
 
 from moekit.exceptions import DataError, Setting
-from moekit.io.files import atomic_path, write_text_atomic
-from moekit.io.records import read_json_file
-from moekit.io.run_folder import CHECKPOINT_DIR, RERUN_FIX, RESUME_FILE
+from moekit.io.files import atomic_path
+from moekit.io.run_folder import CHECKPOINT_DIR, record_or_check_identity
 from moekit.nn.lm import LMConfig, MoETransformerLM
 from moekit.nn.routers import step_load_biases
 
@@ -54,8 +53,9 @@ MODELS = ("moe", "dense")
 RESUME_MAY_CHANGE = ("out", "overwrite", "resume", "progress", "threads", "steps",
                      "checkpoint_every", "snapshot_every")
 # Identity entries that are not options: how a difference in them is said.
-NOT_OPTIONS = {"corpus_sha256": "other bytes in the data",
-               "labels_sha256": "other category labels (another Python's tokenize)"}
+NOT_OPTIONS = {"corpus_sha256": lambda before, now: "other bytes in the data",
+               "labels_sha256": lambda before, now: "other category labels (another Python's "
+                                                    "tokenize)"}
 
 
 @dataclass
@@ -221,22 +221,5 @@ def restore_lm_checkpoint(state: LMTrainingState, payload: dict[str, Any], steps
 def start_or_resume(build: Path, identity: dict[str, Any], resume: bool) -> None:
     """Record the run's ``identity`` in its partial folder ``build``; when resuming a run that
     recorded one, refuse (a DataError) an identity that differs, naming every difference."""
-    record, identity = Path(build) / RESUME_FILE, json.loads(json.dumps(identity))
-    if not (resume and record.is_file()):
-        write_text_atomic(record, json.dumps(identity, indent=1))
-        return
-    before = read_json_file("lm train --resume", record, fix=RERUN_FIX)
-    before = before if isinstance(before, dict) else {}
-    changed = [k for k, v in identity.items() if before.get(k) != v]
-    if not changed:
-        return
-    where = f"cannot resume the interrupted run in {str(build)!r}: it ran with "
-    parts: list[str | Setting] = [where]
-    for i, key in enumerate(changed):
-        parts.append(", " if i else "")
-        if key in NOT_OPTIONS:
-            parts.append(NOT_OPTIONS[key])
-        else:
-            parts += [Setting(key, before.get(key)), ", not ", Setting(key, identity[key])]
-    raise DataError(*parts, "; rerun with its options, or pass ", Setting("overwrite", True),
-                    " to start again.")
+    record_or_check_identity(build, identity, resume=resume, command="lm train --resume",
+                             what="run", explain=NOT_OPTIONS)
