@@ -83,25 +83,56 @@ def _autograd_of_errors(engine, params):
 @pytest.mark.parametrize("expert", EXPERTS, ids=lambda e: f"{e.kind}-{e.head}")
 @pytest.mark.parametrize("loss", ["cooperative", "competitive", "mixture_nll", "categorical_nll"])
 def test_fast_path_gives_autograds_gradients_bit_for_bit(gen, expert, loss, dtype, monkeypatch):
-    """errors_and_grads runs the runs in chunks (3 runs of 5 experts x 4 outputs x 32 rows each
-    here, so 7 runs make chunks of 3, 3, 1) and the products with x on the whole batch: the same
-    numbers as autograd through errors, to the last bit, in float32 too. The conditions: one
-    thread (on two, torch may split a small sum of a chunk otherwise than the batch's), and rows
-    in whole vectors of the CPU (32 here, 400 in the vowel task: an elementwise kernel computes
-    the last numbers of a tensor that does not fill its vectors by a scalar formula, which may
-    round them otherwise)."""
+    """errors_and_grads runs the runs in chunks (nominally 3 runs of 5 experts x 4 outputs x 32
+    rows; at least 16 rows in the gate's product with x, so 4 runs: 13 runs make chunks of 5, 4
+    and 4): the same numbers as autograd through errors, whose products with x run on the whole
+    batch, to the last bit, in float32 too. The conditions: one thread (on two, torch may split a
+    small sum of a chunk otherwise than the batch's), and rows in whole vectors of the CPU (32
+    here, 400 in the vowel task: an elementwise kernel computes the last numbers of a tensor that
+    does not fill its vectors by a scalar formula, which may round them otherwise)."""
     monkeypatch.setattr(replicate_engines, "CHUNKED_BATCH", 0)
     monkeypatch.setattr(replicate_engines, "CHUNK_ELEMENTS", 3 * 5 * 4 * 32)
-    fast, _ = _engines(gen, expert, loss, "sse", n_runs=7, n_rows=32)
+    fast, _ = _engines(gen, expert, loss, "sse", n_runs=13, n_rows=32)
     fast = _cast(fast, dtype)
     with compute_threads(1):
-        assert fast.chunk_runs(7) == 3
+        assert fast.chunk_runs(13) == 3
+        assert fast.chunks(13) == [slice(0, 5), slice(5, 9), slice(9, 13)]
         want = _autograd_of_errors(fast, fast.params)
-        loss_R, metric_R, grads = fast.errors_and_grads(fast.params, torch.arange(7))
+        loss_R, metric_R, grads = fast.errors_and_grads(fast.params, torch.arange(13))
     assert torch.equal(loss_R, want[0]) and torch.equal(metric_R, want[1])
     assert grads.keys() == want[2].keys()
     for name, grad in grads.items():
         assert torch.equal(grad, want[2][name]), name
+
+
+@pytest.mark.parametrize("n_inputs", [2, 3, 5])
+@pytest.mark.parametrize("n_rows", [32, 400])
+def test_a_products_rows_do_not_depend_on_the_other_rows_from_min_product_rows(gen, n_inputs,
+                                                                                n_rows):
+    """What chunking the products with x rests on (float32, one thread): from MIN_PRODUCT_ROWS
+    rows up, rows of a product (w @ x, and grad @ x^T) are the same numbers as in a larger one."""
+    x = torch.randn(n_inputs, n_rows, generator=gen)
+    w = torch.randn(700, n_inputs, generator=gen)
+    grad = torch.randn(700, n_rows, generator=gen)
+    with compute_threads(1):
+        w_x, grad_x = w.mm(x), grad.mm(x.t())
+        for rows in range(replicate_engines.MIN_PRODUCT_ROWS, 70):
+            part = slice(9, 9 + rows)
+            assert torch.equal(w[part].mm(x), w_x[part]), rows
+            assert torch.equal(grad[part].mm(x.t()), grad_x[part]), rows
+
+
+def test_chunks_are_nearly_equal_and_keep_min_product_rows(gen, monkeypatch):
+    monkeypatch.setattr(replicate_engines, "CHUNKED_BATCH", 0)
+    fast, _ = _engines(gen, ExpertConfig(), "mixture_nll", "mse")  # 5 experts: 4 runs at least
+    per_run = 5 * 4 * 17
+    with compute_threads(1):
+        monkeypatch.setattr(replicate_engines, "CHUNK_ELEMENTS", 10 * per_run)
+        assert [p.stop - p.start for p in fast.chunks(32)] == [8, 8, 8, 8]
+        assert [p.stop - p.start for p in fast.chunks(21)] == [7, 7, 7]
+        monkeypatch.setattr(replicate_engines, "CHUNK_ELEMENTS", per_run)  # nominally 1 run
+        assert [p.stop - p.start for p in fast.chunks(9)] == [5, 4]
+        assert fast.chunks(3) == [slice(0, 3)]  # too few runs to split: whole
 
 
 def _cast(engine, dtype):

@@ -17,11 +17,15 @@ numbers as autograd through its ``errors`` (the reference) to the last bit, in l
 - the runs of a large batch go through the forward and backward in chunks of about
   ``CHUNK_ELEMENTS`` numbers per (R, E, O, N) tensor, which stay in a core's cache (one such
   tensor of 325 runs of 8 experts is 16 MB, and an epoch writes a few dozen);
-- the products with the inputs x, and their weights' gradients (grad @ x^T), run on the whole
-  batch, as in ``errors``: in float32 a matrix product's rounding can depend on how many rows it
-  has, and at an oscillating step one rounding changes a run's path;
 - for linear experts and Eqs. 1-3, the backward is written out formula by formula as autograd
-  runs it (the same operations in the same order), without autograd's overhead.
+  runs it (the same operations in the same order), without autograd's overhead, and every
+  product with x runs a chunk at a time too, so that a chunk stays in cache from the first
+  product to the last (an epoch of 8 experts, 325 runs: 1.4x as fast). A matrix product gives a
+  row the same numbers whatever the other rows, from ``MIN_PRODUCT_ROWS`` rows up: chunks keep
+  to that;
+- for other experts (autograd between the products), the products with x and their weights'
+  gradients (grad @ x^T) run on the whole batch, as in ``errors``.
+In float32 one rounding at an oscillating step changes a run's path, hence bit for bit.
 Bit for bit needs one thread (with two, torch may split a small sum of a chunk otherwise than the
 batch's) and rows in whole CPU vectors (400 in the vowel task; elementwise kernels compute the last
 numbers of a tensor that does not fill its vectors by a scalar formula, which may round them
@@ -56,6 +60,10 @@ from moekit.nn.gates import SoftmaxGate
 # backward): 8 experts 33 ms against 54 ms by autograd unchunked, 4 experts 16 against 22 ms.
 CHUNK_ELEMENTS = 1 << 18
 CHUNKED_BATCH = 1 << 20
+# A chunk's products with x have at least this many rows (or the chunk is the whole batch): below
+# 16 rows MKL's float32 matrix product takes another path (measured: from 11 to 16 rows by
+# shape), whose numbers may differ from those it gives the same rows in a larger product.
+MIN_PRODUCT_ROWS = 16
 
 
 class VmapEngine:
@@ -233,73 +241,98 @@ class StackedMixtureEngine:
             return n_runs
         return max(1, CHUNK_ELEMENTS // per_run)
 
+    def chunks(self, n_runs: int) -> list[slice]:
+        """The chunks of a batch of ``n_runs``: about ``chunk_runs(n_runs)`` runs each, of
+        nearly equal sizes, each with at least :data:`MIN_PRODUCT_ROWS` rows in the gate's
+        product with x (E per run) unless it is the whole batch."""
+        least = -(-MIN_PRODUCT_ROWS // self.config.n_experts)  # runs
+        n_chunks = max(1, min(-(-n_runs // self.chunk_runs(n_runs)), n_runs // least))
+        size, extra = divmod(n_runs, n_chunks)
+        starts = [i * size + min(i, extra) for i in range(n_chunks + 1)]
+        return [slice(starts[i], starts[i + 1]) for i in range(n_chunks)]
+
     def errors_and_grads(self, work: dict[str, Tensor], rows: Tensor
                          ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Loss and stop metric of each run in ``work`` (R,), and the gradient of each run's loss
         with respect to its parameters: bit for bit autograd's of :meth:`errors`, in less time
         (the conditions: the module's docstring).
 
-        Linear experts under Eqs. 1-3 go by hand (:meth:`_linear_chunk`); the others by autograd,
-        through :meth:`errors` itself when the batch runs whole. The products with x (forward)
-        and with x^T (their weights' gradients) run on the whole batch, as in :meth:`errors`;
-        everything between runs ``chunk_runs(R)`` runs at a time, those products its inputs.
+        Linear experts under Eqs. 1-3 go by hand, ``chunk_runs(R)`` runs at a time
+        (:meth:`_linear_chunk`), every product with x included. The others go by autograd:
+        through :meth:`errors` itself when the batch runs whole, else with the products with x
+        (forward) and with x^T (their weights' gradients) on the whole batch and everything
+        between them a chunk at a time.
         """
         n_runs = next(iter(work.values())).shape[0]
-        x_DN = self.x_DN
-        step = self.chunk_runs(n_runs)
-        by_hand = self.config.expert.kind == "linear" and self.loss != "categorical_nll"
-        if not by_hand and n_runs <= step:  # autograd through errors, as it is
+        chunks = self.chunks(n_runs)
+        if self.config.expert.kind == "linear" and self.loss != "categorical_nll":
+            return self._linear_by_hand(work, chunks)
+        if len(chunks) == 1:  # autograd through errors, as it is
             leaves = {k: v.detach().requires_grad_(True) for k, v in work.items()}
             loss_R, metric_R = self.errors(leaves, rows)
             found = torch.autograd.grad(loss_R.sum(), list(leaves.values()))
             return loss_R.detach(), metric_R.detach(), dict(zip(leaves, found, strict=True))
+        x_DN = self.x_DN
         with torch.no_grad():
             pre = {k: torch.matmul(work[k], x_DN, out=self._buffer(f"x {k}", self._shape_times(
                 work[k]))) for k in self.input_weights}
-        if n_runs <= step:  # one chunk: no copies
-            loss_R, metric_R, grads = self._chunk(work, pre, slice(0, n_runs))
-        else:
-            loss_R = torch.empty(n_runs, dtype=x_DN.dtype)
-            metric_R = torch.empty(n_runs, dtype=x_DN.dtype)
-            grads = {k: self._buffer(f"grad {k}", pre[k]) if k in pre else torch.empty_like(v)
-                     for k, v in work.items()}
-            for start in range(0, n_runs, step):
-                part = slice(start, min(start + step, n_runs))
-                loss_R[part], metric_R[part], found = self._chunk(work, pre, part)
-                for k, grad in found.items():
-                    grads[k][part] = grad
+        loss_R = torch.empty(n_runs, dtype=x_DN.dtype)
+        metric_R = torch.empty(n_runs, dtype=x_DN.dtype)
+        grads = {k: self._buffer(f"grad {k}", pre[k]) if k in pre else torch.empty_like(v)
+                 for k, v in work.items()}
+        for part in chunks:
+            loss_R[part], metric_R[part], found = self._autograd_chunk(work, pre, part)
+            for k, grad in found.items():
+                grads[k][part] = grad
         n = x_DN.shape[1]
         for k in pre:  # autograd's backward of the folded matmul: grad @ x^T, the whole batch
             grads[k] = grads[k].view(-1, n).mm(x_DN.t()).view(work[k].shape)
         return loss_R, metric_R, grads
 
-    def _chunk(self, work: dict[str, Tensor], pre: dict[str, Tensor], part: slice
-               ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """Loss, metric and gradients of the runs ``part``, with respect to ``pre`` (the products
-        with x) and to the other parameters: by hand for linear experts and Eqs. 1-3, else by
-        autograd."""
-        if self.config.expert.kind == "linear" and self.loss != "categorical_nll":
-            with torch.no_grad():
-                return self._linear_chunk({k: v[part] for k, v in work.items()},
-                                          {k: v[part] for k, v in pre.items()})
+    def _autograd_chunk(self, work: dict[str, Tensor], pre: dict[str, Tensor], part: slice
+                        ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """Loss, metric and gradients of the runs ``part`` by autograd, with respect to ``pre``
+        (the products with x) and to the other parameters."""
         leaves = {k: (pre[k] if k in pre else work[k])[part].detach().requires_grad_(True)
                   for k in work}
         loss_C, metric_C = self._errors(leaves, {k: leaves[k] for k in pre})
         found = torch.autograd.grad(loss_C.sum(), list(leaves.values()))
         return loss_C.detach(), metric_C.detach(), dict(zip(leaves, found, strict=True))
 
-    def _linear_chunk(self, work: dict[str, Tensor], pre: dict[str, Tensor]
-                      ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """:meth:`_chunk` for linear experts and Eqs. 1-3: the forward of :meth:`_errors`, then
-        the backward autograd would run through it, formula by formula in autograd's order (its
-        derivatives.yaml, torch 2.x), so the same numbers to the last bit (tested), without the
-        engine's overhead and into buffers kept from epoch to epoch: an epoch of 25 runs 1.2x
-        (4 experts) to 1.4x (8 experts) as fast as autograd's (one thread, 2-core machine)."""
+    @torch.no_grad()
+    def _linear_by_hand(self, work: dict[str, Tensor], chunks: list[slice]
+                        ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """:meth:`errors_and_grads` for linear experts and Eqs. 1-3: chunk by chunk, each chunk's
+        results written in place into the batch's."""
+        n_runs = next(iter(work.values())).shape[0]
+        loss_R = torch.empty(n_runs, dtype=self.x_DN.dtype)
+        metric_R = torch.empty(n_runs, dtype=self.x_DN.dtype)
+        grads = {k: torch.empty_like(v) for k, v in work.items()}
+        for part in chunks:
+            self._linear_chunk({k: v[part] for k, v in work.items()}, loss_R[part],
+                               metric_R[part], {k: v[part] for k, v in grads.items()})
+        return loss_R, metric_R, grads
+
+    def _linear_chunk(self, work: dict[str, Tensor], loss_C: Tensor, metric_C: Tensor,
+                      grads: dict[str, Tensor]) -> None:
+        """Loss, metric and gradients of the runs of ``work`` (a chunk), written into ``loss_C``,
+        ``metric_C`` and ``grads``: the forward of :meth:`errors`, then the backward autograd
+        would run through it, formula by formula in autograd's order (its derivatives.yaml,
+        torch 2.x), so the same numbers to the last bit (tested), without the engine's overhead,
+        into buffers kept from epoch to epoch. The products with x run per chunk, so that a
+        chunk's numbers stay in a core's cache from the first product to the last: a matrix
+        product gives each of its rows the same numbers whatever the other rows (measured, and
+        tested, from 16 rows per chunk up: 16 or 32 per run in the vowel task)."""
+        x_DN = self.x_DN
+        logits_REN = torch.matmul(work["gate_w_RED"], x_DN)
         gate_RE1 = work.get("gate_b_RE1")
-        logits_REN = pre["gate_w_RED"] if gate_RE1 is None else pre["gate_w_RED"] + gate_RE1
+        if gate_RE1 is not None:
+            logits_REN = logits_REN + gate_RE1
         log_p_REN = torch.log_softmax(logits_REN, dim=1)
         p_REN = log_p_REN.exp()
-        z_REON = torch.add(pre["w_REOD"], work["b_REO1"], out=self._buffer("z", pre["w_REOD"]))
+        z_REON = torch.matmul(work["w_REOD"], x_DN,
+                              out=self._buffer("z", self._shape_times(work["w_REOD"])))
+        z_REON.add_(work["b_REO1"])
         o_REON = self._head_into(z_REON, self._buffer("o", z_REON))
         product_REON = self._buffer("product", z_REON)
         blend_RON = torch.mul(p_REN.unsqueeze(2), o_REON, out=product_REON).sum(1)
@@ -313,7 +346,7 @@ class StackedMixtureEngine:
             t_RON = g_RN.unsqueeze(1) * diff_RON
             g_blend_RON = (t_RON + t_RON).neg()  # the product's two factors; then d - blend
             g_p_REN = (g_blend_RON.unsqueeze(1) * o_REON).sum(2, keepdim=True).squeeze(2)
-            g_o_REON = g_blend_RON.unsqueeze(1) * p_REN.unsqueeze(2)
+            g_o_REON = torch.mul(g_blend_RON.unsqueeze(1), p_REN.unsqueeze(2), out=product_REON)
             g_log_p_REN = g_p_REN * p_REN  # exp's backward
             loss_RN = blend_sq_RON.sum(1)
         else:
@@ -330,21 +363,23 @@ class StackedMixtureEngine:
                 loss_RN = -lse_RN
                 g_log_p_REN = (-g_RN).unsqueeze(1) * (a_REN - lse_RN.unsqueeze(1)).exp()
                 g_sq_REN = (g_log_p_REN / (2.0 * self.variance)).neg()
-            t_REON = torch.mul(g_sq_REN.unsqueeze(2), diff_REON, out=product_REON)
-            # the product's two factors, then d - o
-            g_o_REON = torch.add(t_REON, t_REON, out=t_REON).neg_()
+            # autograd: t = g_sq * diff for each factor of diff * diff, t + t, then d - o's
+            # negation; doubling and negation are exact, so -2 g_sq first gives the same bits
+            g_o_REON = torch.mul((-2.0 * g_sq_REN).unsqueeze(2), diff_REON, out=product_REON)
         g_z_REON = self._head_backward(g_o_REON, o_REON, out=z_REON)
         g_logits_REN = torch._log_softmax_backward_data(g_log_p_REN, log_p_REN, 1,
                                                         log_p_REN.dtype)
-        grads = {"gate_w_RED": g_logits_REN, "w_REOD": g_z_REON,
-                 "b_REO1": g_z_REON.sum(-1, keepdim=True)}
+        d = x_DN.shape[0]  # autograd's backward of the folded matmuls: grad @ x^T
+        torch.mm(g_z_REON.view(-1, n), x_DN.t(), out=grads["w_REOD"].view(-1, d))
+        torch.sum(g_z_REON, -1, keepdim=True, out=grads["b_REO1"])
+        torch.mm(g_logits_REN.view(-1, n), x_DN.t(), out=grads["gate_w_RED"].view(-1, d))
         if gate_RE1 is not None:
-            grads["gate_b_RE1"] = g_logits_REN.sum(-1, keepdim=True)
+            torch.sum(g_logits_REN, -1, keepdim=True, out=grads["gate_b_RE1"])
+        loss_C.copy_(loss_RN.mean(-1))
         if self.metric == "sse":
-            metric_R = blend_sq_RON.sum(1).mean(-1)
+            metric_C.copy_(blend_sq_RON.sum(1).mean(-1))
         else:
-            metric_R = blend_sq_RON.mean((1, 2))
-        return loss_RN.mean(-1), metric_R, grads
+            metric_C.copy_(blend_sq_RON.mean((1, 2)))
 
     def _head_backward(self, g_o_REON: Tensor, o_REON: Tensor, out: Tensor) -> Tensor:
         head = self.config.expert.head
