@@ -18,7 +18,7 @@ from moekit.experiments.vowels_jobs import (
     first_jobs,
     jobs_after,
 )
-from moekit.experiments.vowels_pool import run_jobs
+from moekit.experiments.vowels_pool import Workers, run_jobs
 
 
 def test_the_default_plan_and_what_its_first_results_release():
@@ -98,6 +98,30 @@ def test_one_process_or_two_give_the_same_numbers(tmp_path):
     assert all(path.is_file() for path in files.values())
     assert _numbers(beside) == _numbers(alone)
     assert torch.get_num_threads() >= 1  # the caller's count is put back
+
+
+def test_a_worker_imports_what_training_needs_and_no_more():
+    """A worker process imports moekit.experiments.vowels_pool before its first job: plotting,
+    SciPy, pandas, scikit-learn, the analysis and the reports (1.4 s, more than torch itself) wait
+    for the jobs that draw or analyse."""
+    heavy = ("matplotlib", "scipy", "pandas", "sklearn", "moekit.analysis", "moekit.reports",
+             "moekit.plotting.style", "moekit.experiments.vowels_sweep")
+    code = ("import sys, moekit.experiments.vowels_pool\n"
+            f"print([m for m in {heavy!r} if m in sys.modules])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, timeout=120)
+    assert done.stdout.strip() == "[]"
+
+
+def test_workers_started_beforehand_run_the_jobs_and_the_idle_call_runs_once():
+    task, config = vowel_task(), _small()
+    jobs = first_jobs(config)[:1]  # one job (it releases 'sigmoid') for two workers
+    calls = []
+    with Workers(2) as workers:
+        beside = run_jobs(jobs, task, config, workers=workers, on_idle=lambda: calls.append(1))
+    assert set(beside) == {jobs[0].key, "sigmoid"}
+    assert _numbers(beside) == _numbers(run_jobs(jobs, task, config, processes=1))
+    assert calls == [1]  # a worker had no job to take from the start: once, not per job
 
 
 def test_an_error_in_a_job_is_raised(monkeypatch):

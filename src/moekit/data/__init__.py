@@ -3,9 +3,10 @@ synthetic tasks with a known answer (:mod:`~moekit.data.synthetic`), a user's CS
 (:mod:`~moekit.data.tabular`), and Python source as bytes (:mod:`~moekit.data.source_text`)
 labelled by token category (:mod:`~moekit.data.token_categories`)."""
 
+import importlib as _importlib
+
 from moekit.data.source_text import ByteCorpus, CorpusSplit, stdlib_corpus, text_corpus
 from moekit.data.synthetic import piecewise_linear
-from moekit.data.tabular import Preprocessing, prepare_fit, read_csv
 from moekit.data.token_categories import CATEGORIES, label_byte_classes, label_python
 from moekit.data.vowels import (
                                 VOWEL_CODES,
@@ -15,6 +16,14 @@ from moekit.data.vowels import (
                                 peterson_barney,
                                 vowel_task,
 )
+
+# The tables' names import pandas (0.2 s) when first asked for: the worker processes of `moekit
+# vowels` import moekit.data.vowels, which runs this file first.
+_LAZY = {
+    "Preprocessing": "moekit.data.tabular",
+    "prepare_fit": "moekit.data.tabular",
+    "read_csv": "moekit.data.tabular",
+}
 
 __all__ = [
     "CATEGORIES",
@@ -35,3 +44,13 @@ __all__ = [
     "text_corpus",
     "vowel_task",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        return getattr(_importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'moekit.data' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -5,14 +5,35 @@ its outputs, :mod:`~moekit.experiments.vowels_summary` Table 1 and the verdicts,
 of solvers to one criterion (:mod:`~moekit.experiments.solvers`, with its config and runs), and the
 piecewise-linear demo (:mod:`~moekit.experiments.piecewise`)."""
 
-from moekit.experiments.piecewise import DemoConfig, run_demo
-from moekit.experiments.solver_config import SolversConfig
-from moekit.experiments.solvers import compare_solvers, write_comparison
-from moekit.experiments.vowels import VowelsConfig
-from moekit.experiments.vowels_models import load_vowels_run
-from moekit.experiments.vowels_run import run_vowels
-from moekit.experiments.vowels_sweep import SweepConfig, run_sweep, write_sweep
+import importlib as _importlib
+
+# Each name is imported when first asked for: a worker process of `moekit vowels` imports
+# moekit.experiments.vowels_pool, which runs this file first, and should not import every other
+# experiment (the sweep's matplotlib among them) before its first job.
+_LAZY = {
+    "DemoConfig": "moekit.experiments.piecewise",
+    "SolversConfig": "moekit.experiments.solver_config",
+    "SweepConfig": "moekit.experiments.vowels_sweep",
+    "VowelsConfig": "moekit.experiments.vowels",
+    "compare_solvers": "moekit.experiments.solvers",
+    "load_vowels_run": "moekit.experiments.vowels_models",
+    "run_demo": "moekit.experiments.piecewise",
+    "run_sweep": "moekit.experiments.vowels_sweep",
+    "run_vowels": "moekit.experiments.vowels_run",
+    "write_comparison": "moekit.experiments.solvers",
+    "write_sweep": "moekit.experiments.vowels_sweep",
+}
 
 __all__ = ["DemoConfig", "SolversConfig", "SweepConfig", "VowelsConfig", "compare_solvers",
            "load_vowels_run", "run_demo", "run_sweep", "run_vowels", "write_comparison",
            "write_sweep"]
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        return getattr(_importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'moekit.experiments' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -45,7 +45,6 @@ from moekit.experiments.vowels import (
 from moekit.experiments.vowels_models import ANALYSIS_DIR, load_vowels_run, save_vowels_models
 from moekit.experiments.vowels_readings import common_systems, control_of
 from moekit.experiments.vowels_report import figures
-from moekit.reports.analysis import analyze_input
 from moekit.threads import caller_chose_threads, compute_threads
 
 SOLVER_RUNS = 5  # initial weights per solver in the comparison: it shows passes, not spread
@@ -195,6 +194,10 @@ def _analysis(mixtures: list[Any], task: VowelTask, config: VowelsConfig, out: P
               ) -> tuple[dict[str, object], dict[str, dict], dict[str, Path]]:
     """Save the mixtures' models into ``out`` and analyse them: the record results.json keeps,
     the analyses by model name, and their files."""
+    # imported here: moekit.reports.analysis imports SciPy and matplotlib (1 s), which the
+    # workers that only train do not need
+    from moekit.reports.analysis import analyze_input
+
     saved = save_vowels_models(mixtures, config, out, task)
     analyses, files = {}, {}
     for item in load_vowels_run(out, task=task, saved=saved):

@@ -7,9 +7,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from moekit.analysis.over_training import routing_summary
 from moekit.data.vowels import VOWEL_LABELS, VowelTask, vowel_task
 from moekit.exceptions import DataError
 from moekit.experiments.vowels import SystemResult, VowelsConfig
@@ -20,7 +19,9 @@ from moekit.io.paths import inside, plain_name
 from moekit.io.records import read_json_file
 from moekit.io.run_folder import RERUN_FIX, require_manifest
 from moekit.nn.dense import MixtureOfExperts
-from moekit.reports.analysis import AnalysisInput
+
+if TYPE_CHECKING:
+    from moekit.reports.analysis import AnalysisInput
 
 MODELS_DIR, ANALYSIS_DIR, HISTORY_FILE = "models", "analysis", "routing_history.json"
 RESULTS_FILE = "results.json"
@@ -59,6 +60,10 @@ def save_vowels_models(results: list[SystemResult], config: VowelsConfig, out: P
 def _routing_history(result: SystemResult, config: VowelsConfig, task: VowelTask
                      ) -> list[dict[str, float]]:
     """Load and entropy of the tracked run at each snapshot epoch, on the training set."""
+    # imported here: moekit.analysis imports SciPy (0.6 s), which the workers of `moekit vowels`
+    # that only train do not need (this runs in the 'analysis' job)
+    from moekit.analysis.over_training import routing_summary
+
     frame = MixtureOfExperts.from_config(result.models[0].config).to(config.torch_dtype)
     x = task.x_train.to(config.torch_dtype)
     records = []
@@ -148,6 +153,10 @@ def load_vowels_run(run_dir: Path | str, *, task: VowelTask | None = None,
         >>> for item in load_vowels_run("runs/vowels"):            # doctest: +SKIP
         ...     analyze_input(item, "runs/vowels/analysis")
     """
+    # imported here: moekit.reports.analysis imports SciPy and matplotlib (1 s), which the
+    # workers of `moekit vowels` that only train do not need
+    from moekit.reports.analysis import AnalysisInput
+
     run_dir = Path(run_dir)
     saved = saved_models(run_dir) if saved is None else saved
     source = run_dir / RESULTS_FILE

@@ -9,6 +9,11 @@ frees a few dozen tensors of up to 16 MB, which glibc would hand back to the sys
 in again the next epoch (the backprop nets' explorations ran 1.4x as fast). Progress comes back
 through a queue: each job's runs finished, and the expected work done over the whole run.
 
+Start-up: a worker imports torch and the training modules (about 1 s; plotting, SciPy and the
+reports only in the jobs that draw or analyse). :class:`Workers` starts them before the jobs'
+inputs exist, so they import while this process builds the task; and once a worker has nothing
+left to do, ``on_idle`` (the caller's imports for what follows the jobs) runs beside the last jobs.
+
 Ctrl-C (the terminal sends it to every process of the run): a running job stops at once and the
 pool shuts down; a worker still starting, or between two jobs, leaves quietly (:func:`_ctrl_c_held`,
 :func:`_start_worker`), so the command ends within seconds with its one-line message.
@@ -23,7 +28,7 @@ import os
 import queue
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -106,12 +111,42 @@ class _Plan:
         return new
 
 
+class Workers:
+    """``processes`` worker processes, started now (each import takes about 1 s) for
+    :func:`run_jobs`; shut down on leaving the ``with`` block, the jobs still queued cancelled."""
+
+    def __init__(self, processes: int) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.processes = processes
+        with _ctrl_c_held():  # the queues start multiprocessing's resource tracker, a process too
+            self.progress = context.Queue()
+            self.pool = ProcessPoolExecutor(processes, mp_context=context,
+                                            initializer=_start_worker, initargs=(self.progress,))
+        # a block of its own: starting the tracker unblocks Ctrl-C in this thread (its own start)
+        with _ctrl_c_held():  # a spawned pool starts a worker per call submitted, each with
+            for _ in range(processes):  # Ctrl-C held until it is ready (_start_worker)
+                self.pool.submit(_ready)
+
+    def __enter__(self) -> Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:  # after Ctrl-C the running jobs have stopped too
+        try:  # (_run_in_worker); after an error, they end before it is raised
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        finally:
+            self.progress.close()
+
+
 def run_jobs(jobs: list[Job], task: VowelTask, config: VowelsConfig, *,
-             processes: int | None = None, out: Path | None = None) -> dict[str, Any]:
+             processes: int | None = None, out: Path | None = None,
+             workers: Workers | None = None,
+             on_idle: Callable[[], object] | None = None) -> dict[str, Any]:
     """Run ``jobs`` and the jobs their results release (:func:`jobs_after`; with a folder
     ``out``, :func:`output_jobs` too) in ``processes`` worker processes (None:
-    :func:`choose_processes`; 1: in this process); each job's result by its key. A job's error
-    is raised here, once the jobs running beside it have stopped.
+    :func:`choose_processes`; 1: in this process), or in ``workers`` started beforehand; each
+    job's result by its key. A job's error is raised here, once the jobs running beside it have
+    stopped. ``on_idle`` runs once, in a thread of this process, when a worker first has no job
+    left to take (its errors are ignored: the caller meets them again when it does the work).
 
     Example:
         >>> from moekit.data.vowels import vowel_task
@@ -122,14 +157,20 @@ def run_jobs(jobs: list[Job], task: VowelTask, config: VowelsConfig, *,
         >>> sorted(run_jobs(first_jobs(config), vowel_task(), config, processes=1))
         ['own 4 Experts', 'own 8 Experts', 'own control']
     """
-    processes = choose_processes(config, len(jobs)) if processes is None else processes
+    if workers is not None:
+        processes = workers.processes
+    elif processes is None:
+        processes = choose_processes(config, len(jobs))
     plan, bars = _Plan(jobs, config, out), _Bars(config.progress, jobs)
     quiet = dataclasses.replace(config, progress=False)  # the bars here show progress
     try:
         if processes <= 1:
             _run_here(plan, bars, task, quiet)
+        elif workers is not None:
+            _run_in_workers(plan, bars, task, quiet, workers, on_idle)
         else:
-            _run_in_workers(plan, bars, task, quiet, processes)
+            with Workers(processes) as started:
+                _run_in_workers(plan, bars, task, quiet, started, on_idle)
     finally:
         bars.close()
     return plan.results
@@ -144,28 +185,32 @@ def _run_here(plan: _Plan, bars: _Bars, task: VowelTask, config: VowelsConfig) -
 
 
 def _run_in_workers(plan: _Plan, bars: _Bars, task: VowelTask, config: VowelsConfig,
-                    processes: int) -> None:
-    context = multiprocessing.get_context("spawn")
+                    workers: Workers, on_idle: Callable[[], object] | None) -> None:
     running: dict[Future, Job] = {}
-    with _ctrl_c_held():  # the queues start multiprocessing's resource tracker, a process too
-        progress = context.Queue()
-        pool = ProcessPoolExecutor(processes, mp_context=context, initializer=_start_worker,
-                                   initargs=(progress,))
+    idle: threading.Thread | None = None
     try:
         while plan.waiting or running:
-            while plan.waiting and len(running) < processes:
+            while plan.waiting and len(running) < workers.processes:
                 job = plan.take()
                 bars.start(job)
                 with _ctrl_c_held():  # a worker starting here does not see Ctrl-C until ready
-                    running[pool.submit(_run_in_worker, job, task, config)] = job
+                    running[workers.pool.submit(_run_in_worker, job, task, config)] = job
+            if on_idle is not None and idle is None and len(running) < workers.processes:
+                idle = threading.Thread(target=_quietly, args=(on_idle,), daemon=True)
+                idle.start()
             finished, _ = wait(running, timeout=POLL_SECONDS, return_when=FIRST_COMPLETED)
-            _relay(progress, bars)
+            _relay(workers.progress, bars)
             for future in finished:
                 job = running.pop(future)
                 bars.done(job, plan.finish(job, future.result()))
-    finally:  # after Ctrl-C the running jobs have stopped too (_run_in_worker); after an
-        pool.shutdown(wait=True, cancel_futures=True)  # error, they end before it is raised
-        progress.close()
+    finally:
+        if idle is not None:  # not left running: an import cut short at exit is not safe
+            idle.join()
+
+
+def _quietly(call: Callable[[], object]) -> None:
+    with contextlib.suppress(Exception):  # the caller meets the error again (run_jobs)
+        call()
 
 
 @contextlib.contextmanager
@@ -209,6 +254,10 @@ def _start_worker(progress: Any) -> None:
             os._exit(130)                          # stops; leave without a traceback
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # between jobs: the parent stops the pool
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def _ready() -> None:
+    """A worker's first call (:class:`Workers`): it has started."""
 
 
 def _run_in_worker(job: Job, task: VowelTask, config: VowelsConfig) -> Any:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -15,12 +16,13 @@ from moekit.experiments.solvers import format_table as format_solver_table
 from moekit.experiments.vowels import SystemResult, VowelsConfig
 from moekit.experiments.vowels_models import ANALYSIS_DIR, FEATURE_NAMES
 from moekit.experiments.vowels_readings import HEADERS, entry_cells
-from moekit.plotting.curves import plot_training_curves
-from moekit.plotting.expert_lines import active_experts, expert_decision_lines, plot_lines_over_time
-from moekit.plotting.partition import plot_mixing_proportions, plot_partition
-from moekit.plotting.style import save_figure
-from moekit.reports.analysis import analysis_sections
-from moekit.reports.html import Section, figure, preformatted, table, text, write_report
+
+if TYPE_CHECKING:
+    from moekit.reports.html import Section
+
+# moekit.plotting (matplotlib) and moekit.reports (SciPy, matplotlib, pandas) are imported in the
+# functions that draw and write: `moekit vowels` imports this module in its parent process before
+# it starts its workers, and in every worker, most of which only train.
 
 
 def figure2_run(result: SystemResult) -> int:
@@ -42,6 +44,9 @@ def figure2(result: SystemResult, task: VowelTask, *, title: str = ""):
     """The paper's Figure 2 from one of ``result``'s runs: the first whose experts divide the
     vowels as the paper's do, else the first of the most common division (the typical run); the
     title says which run and how it divides them."""
+    from moekit.plotting.expert_lines import active_experts, expert_decision_lines
+    from moekit.plotting.partition import plot_partition
+
     x_train, y_train = task.x_train.numpy(), task.y_train.numpy()
     run = figure2_run(result)
     model = result.models[run]
@@ -58,6 +63,11 @@ def figure2(result: SystemResult, task: VowelTask, *, title: str = ""):
 def figures(results: list[SystemResult], task: VowelTask, config: VowelsConfig,
             out: Path) -> dict[str, Path]:
     """Figures 2 and 3, each mixture's proportions, and the training curves, as PNG files."""
+    from moekit.plotting.curves import plot_training_curves
+    from moekit.plotting.expert_lines import plot_lines_over_time
+    from moekit.plotting.partition import plot_mixing_proportions
+    from moekit.plotting.style import save_figure
+
     x_train, y_train = task.x_train.numpy(), task.y_train.numpy()
     files: dict[str, Path] = {}
     mixtures = [r for r in results if r.system.kind == "mixture"]
@@ -81,6 +91,8 @@ def figures(results: list[SystemResult], task: VowelTask, config: VowelsConfig,
 
 
 def _solver_section(rows: list[SolverRow]) -> Section:
+    from moekit.reports.html import Section, table, text
+
     body = table(
         ["solver", "setting", "reached", "passes to the criterion (median)", "iterations (median)",
          "seconds (median)", "train %", "test %"],
@@ -131,6 +143,9 @@ def _caption(key: str) -> str:
 
 def write_html(outcome, results: list[SystemResult], path: Path) -> Path:
     """The self-contained report of a :class:`~moekit.experiments.vowels_run.VowelsOutcome`."""
+    from moekit.reports.analysis import analysis_sections
+    from moekit.reports.html import Section, figure, preformatted, table, text, write_report
+
     config = outcome.config
     verdicts = table(["Claim of the paper", "This run", "Evidence"],
                      [(c.claim, c.verdict, c.evidence) for c in outcome.claims],

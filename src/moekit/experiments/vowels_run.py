@@ -3,7 +3,9 @@ HTML report (:mod:`moekit.experiments.vowels_report`)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import importlib
 import json
 import platform
 import time
@@ -27,7 +29,7 @@ from moekit.experiments.vowels_models import (
     RESULTS_FILE,
     save_vowels_models,
 )
-from moekit.experiments.vowels_pool import run_jobs
+from moekit.experiments.vowels_pool import Workers, run_jobs
 from moekit.experiments.vowels_readings import (
     Reading,
     common_systems,
@@ -103,10 +105,13 @@ def _run_into(config: VowelsConfig, task: VowelTask | None, out: Path,
               processes: int | None) -> VowelsOutcome:
     """:func:`run_vowels`, writing into the folder ``out`` (the partial run folder)."""
     start = time.perf_counter()
-    task = task or vowel_task(include_speaker_76=config.include_speaker_76)
     jobs = first_jobs(config)
     processes = choose_processes(config, len(jobs)) if processes is None else processes
-    done = run_jobs(jobs, task, config, processes=processes, out=out)
+    # the workers start first: they import torch while this process builds the task
+    with Workers(processes) if processes > 1 else contextlib.nullcontext() as workers:
+        task = task or vowel_task(include_speaker_76=config.include_speaker_76)
+        done = run_jobs(jobs, task, config, processes=processes, out=out, workers=workers,
+                        on_idle=_import_outputs)
     results = [done[f"own {s.name}"] for s in systems_of(config)]
     control = control_of(config)
     control_own = done["own control"] if control is not None else None
@@ -131,6 +136,14 @@ def _run_into(config: VowelsConfig, task: VowelTask | None, out: Path,
     outcome.files["results"] = _write_json(outcome, results + extra + loss_results, out, saved)
     outcome.files["report"] = write_html(outcome, results, out / "report.html")
     return outcome
+
+
+def _import_outputs() -> None:
+    """Import what this process needs once the jobs are done (about 1 s: SciPy for the t-tests,
+    the report's plotting and analysis), while the last jobs run (:func:`run_jobs`'s
+    ``on_idle``)."""
+    for module in ("scipy.stats", "moekit.reports.analysis"):
+        importlib.import_module(module)
 
 
 def _write_json(outcome: VowelsOutcome, results: list[SystemResult], out: Path,

@@ -7,7 +7,6 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
 
 from moekit.experiments.vowels import PAPER_TABLE, SystemResult, VowelsConfig
 from moekit.experiments.vowels_measures import rising_epochs
@@ -72,6 +71,10 @@ def t_test(a: np.ndarray, b: np.ndarray, kind: str = "pooled") -> tuple[float, f
     """
     if np.ptp(a) == 0 and np.ptp(b) == 0:
         return float("nan"), float("nan"), float(len(a) + len(b) - 2)  # no spread at all
+    # imported here: SciPy takes 0.6 s to import, and the worker processes of `moekit vowels`,
+    # which import this module through the readings, never test
+    from scipy import stats
+
     with warnings.catch_warnings():  # near-identical samples: scipy warns, we report it
         warnings.simplefilter("ignore", RuntimeWarning)
         result = stats.ttest_ind(a, b, equal_var=kind == "pooled", alternative="less")

@@ -4,34 +4,39 @@ experts' decision lines (:mod:`~moekit.plotting.expert_lines`), routing statisti
 (:mod:`~moekit.plotting.routing`), curves over training (:mod:`~moekit.plotting.curves`) and a
 fitted model's predictions against the truth (:mod:`~moekit.plotting.diagnostics`)."""
 
-from moekit.plotting.curves import plot_learning_curves, plot_training_curves
-from moekit.plotting.diagnostics import plot_confusion_matrix, plot_predicted_vs_actual
-from moekit.plotting.expert_lines import expert_decision_lines, plot_lines_over_time
-from moekit.plotting.lm import (
-                                       plot_ablation_deltas,
-                                       plot_category_shares,
-                                       plot_layer_load,
-                                       plot_lm_training,
-                                       plot_repeat_rates,
-                                       plot_selectivity,
-                                       plot_transitions,
-)
-from moekit.plotting.lm_text import plot_byte_experts
-from moekit.plotting.partition import (
-                                       ExpertLine,
-                                       Plane,
-                                       gate_probs,
-                                       plot_mixing_proportions,
-                                       plot_partition,
-)
-from moekit.plotting.routing import (
-                                       plot_coactivation,
-                                       plot_expert_by_label,
-                                       plot_importance,
-                                       plot_load,
-                                       plot_routing_over_training,
-)
-from moekit.plotting.style import expert_colors, save_figure
+import importlib as _importlib
+
+# Each name imports its module, and so matplotlib (0.3 s), when first asked for: the worker
+# processes of `moekit vowels` import moekit.plotting.expert_lines for INACTIVE_PROPORTION, which
+# runs this file first, and draw nothing.
+_LAZY = {
+    "ExpertLine": "moekit.plotting.partition",
+    "Plane": "moekit.plotting.partition",
+    "expert_colors": "moekit.plotting.style",
+    "expert_decision_lines": "moekit.plotting.expert_lines",
+    "gate_probs": "moekit.plotting.partition",
+    "plot_ablation_deltas": "moekit.plotting.lm",
+    "plot_byte_experts": "moekit.plotting.lm_text",
+    "plot_category_shares": "moekit.plotting.lm",
+    "plot_coactivation": "moekit.plotting.routing",
+    "plot_confusion_matrix": "moekit.plotting.diagnostics",
+    "plot_expert_by_label": "moekit.plotting.routing",
+    "plot_importance": "moekit.plotting.routing",
+    "plot_layer_load": "moekit.plotting.lm",
+    "plot_learning_curves": "moekit.plotting.curves",
+    "plot_lines_over_time": "moekit.plotting.expert_lines",
+    "plot_lm_training": "moekit.plotting.lm",
+    "plot_load": "moekit.plotting.routing",
+    "plot_mixing_proportions": "moekit.plotting.partition",
+    "plot_partition": "moekit.plotting.partition",
+    "plot_predicted_vs_actual": "moekit.plotting.diagnostics",
+    "plot_repeat_rates": "moekit.plotting.lm",
+    "plot_routing_over_training": "moekit.plotting.routing",
+    "plot_selectivity": "moekit.plotting.lm",
+    "plot_training_curves": "moekit.plotting.curves",
+    "plot_transitions": "moekit.plotting.lm",
+    "save_figure": "moekit.plotting.style",
+}
 
 __all__ = [
     "ExpertLine",
@@ -61,3 +66,13 @@ __all__ = [
     "plot_transitions",
     "save_figure",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        return getattr(_importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'moekit.plotting' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

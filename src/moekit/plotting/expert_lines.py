@@ -7,16 +7,21 @@ Shape legend: N rows, D = 2 input features, E experts, C classes.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 
 from moekit.nn.dense import MixtureOfExperts
-from moekit.plotting.partition import ExpertLine, gate_probs
-from moekit.plotting.style import draw_line, expert_colors, grid, new_figure, scatter_labels
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from moekit.plotting.partition import ExpertLine
+
+# matplotlib (through moekit.plotting.partition and .style) is imported in the functions that use
+# it: the vowel experiment's measures import INACTIVE_PROPORTION from here in every worker process
+# of `moekit vowels`, which draws nothing.
 INACTIVE_PROPORTION = 0.01  # a mean mixing proportion below this is "effectively 0" (the paper's)
 
 
@@ -33,6 +38,8 @@ def expert_line(model: MixtureOfExperts, expert: int, classes: tuple[int, int]
 def expert_class_pairs(model: MixtureOfExperts, x_N2: np.ndarray, y_N: np.ndarray
                        ) -> list[tuple[int, int]]:
     """For each expert, the two classes it is most responsible for (by gate-weighted counts)."""
+    from moekit.plotting.partition import gate_probs  # matplotlib: see INACTIVE_PROPORTION
+
     p_NE = gate_probs(model, x_N2)
     n_classes = int(y_N.max()) + 1
     weight_EC = np.stack([p_NE[y_N == c].sum(0) for c in range(n_classes)], axis=1)
@@ -42,6 +49,8 @@ def expert_class_pairs(model: MixtureOfExperts, x_N2: np.ndarray, y_N: np.ndarra
 def active_experts(model: MixtureOfExperts, x_N2: np.ndarray,
                    threshold: float = INACTIVE_PROPORTION) -> list[bool]:
     """Whether each expert's mean mixing proportion over ``x_N2`` reaches ``threshold``."""
+    from moekit.plotting.partition import gate_probs  # matplotlib: see INACTIVE_PROPORTION
+
     return list(gate_probs(model, x_N2).mean(0) >= threshold)
 
 
@@ -49,6 +58,8 @@ def expert_decision_lines(model: MixtureOfExperts, x_N2: np.ndarray, y_N: np.nda
                           labels: Sequence[str]) -> list[ExpertLine]:
     """The decision line of every active expert, between the two classes it handles most: the
     lines of the paper's Figure 2, for :func:`~moekit.plotting.partition.plot_partition`."""
+    from moekit.plotting.partition import ExpertLine  # matplotlib: see INACTIVE_PROPORTION
+
     pairs = expert_class_pairs(model, x_N2, y_N)
     lines = []
     for e, (is_active, pair) in enumerate(zip(active_experts(model, x_N2), pairs, strict=True)):
@@ -68,6 +79,11 @@ def plot_lines_over_time(model: MixtureOfExperts, snapshots: Sequence[tuple[int,
     Lines are drawn between the classes each expert handles at the end of the run; their width
     follows the expert's mean mixing proportion at that epoch (hairlines: effectively 0).
     """
+    from matplotlib.lines import Line2D  # matplotlib here only: see INACTIVE_PROPORTION
+
+    from moekit.plotting.partition import gate_probs
+    from moekit.plotting.style import draw_line, expert_colors, grid, new_figure, scatter_labels
+
     at = np.unique(np.linspace(0, len(snapshots) - 1, panels).round())
     chosen = [snapshots[int(i)] for i in at]
     cols = min(len(chosen), 3)
