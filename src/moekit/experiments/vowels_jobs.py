@@ -49,7 +49,8 @@ from moekit.threads import caller_chose_threads, compute_threads
 
 SOLVER_RUNS = 5  # initial weights per solver in the comparison: it shows passes, not spread
 # Below this many run-epochs at most (runs x steps x cap, over Table 1's systems), one process:
-# a worker's start (importing torch, about 2 s) would not pay (--quick is 3 x 2 x 300).
+# a worker's start (importing torch and the training modules, about 1.2 s) would not pay
+# (--quick is 3 x 2 x 300).
 PARALLEL_WORK = 1_000_000
 JOB_KINDS = ("explore", "steps", "solvers", "figures", "analysis")
 OUTPUT_COST = 1_000_000.0  # a job writing figures or analyses: about 1-2 s
