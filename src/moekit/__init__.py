@@ -9,8 +9,7 @@ functions), ``moekit.fitting`` (gradient and EM), ``moekit.analysis`` (what the 
 ``moekit.cli``. The names below are the public surface.
 """
 
-import importlib as _importlib
-
+from moekit._lazy import lazy_names as _lazy_names
 from moekit._version import __version__
 from moekit.exceptions import ConvergenceWarning, DataError, DivergenceWarning, MoekitError
 from moekit.fitting.callbacks import Callback, KeepBest, TrainState
@@ -113,11 +112,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        return getattr(_importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'moekit' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = _lazy_names(__name__, _LAZY)

@@ -3,8 +3,7 @@ synthetic tasks with a known answer (:mod:`~moekit.data.synthetic`), a user's CS
 (:mod:`~moekit.data.tabular`), and Python source as bytes (:mod:`~moekit.data.source_text`)
 labelled by token category (:mod:`~moekit.data.token_categories`)."""
 
-import importlib as _importlib
-
+from moekit._lazy import lazy_names as _lazy_names
 from moekit.data.source_text import ByteCorpus, CorpusSplit, stdlib_corpus, text_corpus
 from moekit.data.synthetic import piecewise_linear
 from moekit.data.token_categories import CATEGORIES, label_byte_classes, label_python
@@ -46,11 +45,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        return getattr(_importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'moekit.data' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = _lazy_names(__name__, _LAZY)

@@ -5,7 +5,7 @@ its outputs, :mod:`~moekit.experiments.vowels_summary` Table 1 and the verdicts,
 of solvers to one criterion (:mod:`~moekit.experiments.solvers`, with its config and runs), and the
 piecewise-linear demo (:mod:`~moekit.experiments.piecewise`)."""
 
-import importlib as _importlib
+from moekit._lazy import lazy_names as _lazy_names
 
 # Each name is imported when first asked for: a worker process of `moekit vowels` imports
 # moekit.experiments.vowels_pool, which runs this file first, and should not import every other
@@ -29,11 +29,4 @@ __all__ = ["DemoConfig", "SolversConfig", "SweepConfig", "VowelsConfig", "compar
            "write_sweep"]
 
 
-def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        return getattr(_importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'moekit.experiments' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = _lazy_names(__name__, _LAZY)

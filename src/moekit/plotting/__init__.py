@@ -4,7 +4,7 @@ experts' decision lines (:mod:`~moekit.plotting.expert_lines`), routing statisti
 (:mod:`~moekit.plotting.routing`), curves over training (:mod:`~moekit.plotting.curves`) and a
 fitted model's predictions against the truth (:mod:`~moekit.plotting.diagnostics`)."""
 
-import importlib as _importlib
+from moekit._lazy import lazy_names as _lazy_names
 
 # Each name imports its module, and so matplotlib (0.3 s), when first asked for: the worker
 # processes of `moekit vowels` import moekit.plotting.expert_lines for INACTIVE_PROPORTION, which
@@ -68,11 +68,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        return getattr(_importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'moekit.plotting' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = _lazy_names(__name__, _LAZY)
