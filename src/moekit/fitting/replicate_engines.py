@@ -321,8 +321,8 @@ class StackedMixtureEngine:
         torch 2.x), so the same numbers to the last bit (tested), without the engine's overhead,
         into buffers kept from epoch to epoch. The products with x run per chunk, so that a
         chunk's numbers stay in a core's cache from the first product to the last: a matrix
-        product gives each of its rows the same numbers whatever the other rows (measured, and
-        tested, from 16 rows per chunk up: 16 or 32 per run in the vowel task)."""
+        product gives each of its rows the same numbers whatever the other rows, from
+        ``MIN_PRODUCT_ROWS`` rows up (measured and tested), which :meth:`chunks` keeps to."""
         x_DN = self.x_DN
         logits_REN = torch.matmul(work["gate_w_RED"], x_DN)
         gate_RE1 = work.get("gate_b_RE1")
