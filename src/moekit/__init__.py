@@ -12,47 +12,77 @@ functions), ``moekit.fitting`` (gradient and EM), ``moekit.analysis`` (what the 
 from moekit._lazy import lazy_names as _lazy_names
 from moekit._version import __version__
 from moekit.exceptions import ConvergenceWarning, DataError, DivergenceWarning, MoekitError
-from moekit.fitting.callbacks import Callback, KeepBest, TrainState
-from moekit.fitting.config import TrainConfig
-from moekit.fitting.em import fit_em
-from moekit.fitting.em_config import EMConfig, EMResult
-from moekit.fitting.gradient import TrainResult, evaluate, fit
-from moekit.fitting.history import History
-from moekit.fitting.objective import mixture_loss
-from moekit.io.models import load_model, save_model
-from moekit.losses import (
-    categorical_mixture_nll,
-    competitive_loss,
-    cooperative_loss,
-    mixture_nll,
-    responsibilities,
-)
-from moekit.nn.dense import MixtureOfExperts, MoEConfig
-from moekit.nn.experts import ExpertConfig, LinearExperts, MLPExperts
-from moekit.nn.gates import GateConfig, SoftmaxGate
-from moekit.nn.gaussian_gate import GaussianGate
-from moekit.nn.grouped_mm import release_gradient_memory
-from moekit.nn.hierarchical import HierarchicalMixtureOfExperts, HMEConfig
-from moekit.nn.localized import LocalizedMixtureOfExperts
-from moekit.nn.outputs import MoEOutput, Routing
-from moekit.nn.routers import RouterConfig
-from moekit.nn.sparse import SparseMoE, SparseMoEConfig
 from moekit.runtime import keep_freed_memory
 
-# scikit-learn (and SciPy) are imported only when an estimator or the analysis is first asked for,
-# so that `import moekit` stays light.
+# Every other name is imported from its module when first asked for, so that `import moekit`
+# (and `from moekit.cli import main`, the `moekit` command's entry) imports no torch: `moekit
+# --help` answers at once, and a Ctrl-C while torch loads is the command's to report.
 _LAZY = {
+    "Callback": "moekit.fitting.callbacks",
+    "EMConfig": "moekit.fitting.em_config",
+    "EMResult": "moekit.fitting.em_config",
+    "ExpertConfig": "moekit.nn.experts",
+    "GateConfig": "moekit.nn.gates",
+    "GaussianGate": "moekit.nn.gaussian_gate",
+    "HMEConfig": "moekit.nn.hierarchical",
+    "HierarchicalMixtureOfExperts": "moekit.nn.hierarchical",
+    "History": "moekit.fitting.history",
+    "KeepBest": "moekit.fitting.callbacks",
+    "LinearExperts": "moekit.nn.experts",
+    "LocalizedMixtureOfExperts": "moekit.nn.localized",
+    "MLPExperts": "moekit.nn.experts",
+    "MixtureOfExperts": "moekit.nn.dense",
     "MixtureOfExpertsClassifier": "moekit.estimators.classifier",
     "MixtureOfExpertsRegressor": "moekit.estimators.regressor",
+    "MoEConfig": "moekit.nn.dense",
+    "MoEOutput": "moekit.nn.outputs",
+    "RouterConfig": "moekit.nn.routers",
+    "Routing": "moekit.nn.outputs",
     "RoutingHistory": "moekit.analysis.over_training",
+    "SoftmaxGate": "moekit.nn.gates",
+    "SparseMoE": "moekit.nn.sparse",
+    "SparseMoEConfig": "moekit.nn.sparse",
+    "TrainConfig": "moekit.fitting.config",
+    "TrainResult": "moekit.fitting.gradient",
+    "TrainState": "moekit.fitting.callbacks",
     "ablate_expert": "moekit.analysis.interventions",
+    "categorical_mixture_nll": "moekit.losses",
+    "competitive_loss": "moekit.losses",
+    "cooperative_loss": "moekit.losses",
+    "evaluate": "moekit.fitting.gradient",
     "expert_importance": "moekit.analysis.importance",
+    "fit": "moekit.fitting.gradient",
+    "fit_em": "moekit.fitting.em",
     "force_expert": "moekit.analysis.interventions",
     "load_estimator": "moekit.estimators.persistence",
+    "load_model": "moekit.io.models",
+    "mixture_loss": "moekit.fitting.objective",
+    "mixture_nll": "moekit.losses",
     "record_routing": "moekit.analysis.recorder",
+    "release_gradient_memory": "moekit.nn.grouped_mm",
+    "responsibilities": "moekit.losses",
     "routing_agreement": "moekit.analysis.agreement",
     "save_estimator": "moekit.estimators.persistence",
+    "save_model": "moekit.io.models",
     "scale_temperature": "moekit.analysis.interventions",
+}
+# The subpackages, as `import moekit` made them attributes when it imported everything.
+_SUBPACKAGES = {
+    "analysis": "moekit.analysis",
+    "cli": "moekit.cli",
+    "data": "moekit.data",
+    "estimators": "moekit.estimators",
+    "experiments": "moekit.experiments",
+    "fitting": "moekit.fitting",
+    "interop": "moekit.interop",
+    "io": "moekit.io",
+    "losses": "moekit.losses",
+    "nn": "moekit.nn",
+    "parallel": "moekit.parallel",
+    "plotting": "moekit.plotting",
+    "reports": "moekit.reports",
+    "runs": "moekit.runs",
+    "threads": "moekit.threads",
 }
 
 __all__ = [
@@ -112,4 +142,4 @@ __all__ = [
 ]
 
 
-__getattr__, __dir__ = _lazy_names(__name__, _LAZY)
+__getattr__, __dir__ = _lazy_names(__name__, {**_LAZY, **_SUBPACKAGES})

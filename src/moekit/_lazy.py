@@ -21,13 +21,15 @@ from collections.abc import Callable
 def lazy_names(package: str, names: dict[str, str]
                ) -> tuple[Callable[[str], object], Callable[[], list[str]]]:
     """The module-level ``__getattr__`` and ``__dir__`` of ``package`` whose ``names`` (name ->
-    the module defining it) are imported on first use."""
+    the module defining it; a subpackage or module of ``package`` maps to itself) are imported on
+    first use."""
 
     def __getattr__(name: str) -> object:
         module = names.get(name)
         if module is None:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        return getattr(importlib.import_module(module), name)
+        found = importlib.import_module(module)
+        return found if module == f"{package}.{name}" else getattr(found, name)
 
     def __dir__() -> list[str]:
         namespace = vars(sys.modules[package])

@@ -17,6 +17,18 @@ def test_version_from_the_installed_command():
     assert done.returncode == 0 and done.stdout.strip() == f"moekit {__version__}"
 
 
+def test_the_commands_entry_and_help_import_no_torch():
+    """`from moekit.cli import main` (the console script's entry) and `moekit --help` load no torch,
+    numpy aside: the command answers at once, and catches a Ctrl-C that comes while torch loads."""
+    child = ("import sys; from moekit.cli import main; import moekit\n"
+             "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+             "print(sorted(m for m in ('torch', 'scipy', 'sklearn', 'matplotlib', 'pandas')"
+             " if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
+                          check=True, timeout=60)
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_help_lists_the_demo(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])

@@ -143,11 +143,13 @@ def test_a_job_that_fails_in_a_worker_is_raised_here():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not hasattr(signal, "pthread_sigmask"), reason="POSIX signals")
-@pytest.mark.parametrize("after_s", [2.0, 8.0], ids=["workers-starting", "jobs-running"])
+@pytest.mark.parametrize("after_s", [0.3, 2.0, 8.0],
+                         ids=["command-starting", "workers-starting", "jobs-running"])
 def test_ctrl_c_stops_the_workers_at_once_without_a_traceback(tmp_path, after_s):
-    """Ctrl-C goes to the terminal's whole process group: while the worker processes start (they
-    hold it) and while they run jobs, the run ends within seconds with the one-line message, no
-    worker's traceback, and no process left behind."""
+    """Ctrl-C goes to the terminal's whole process group: while the command itself starts (torch
+    loads after the command can report an interrupt: it aborted in C++ before), while the worker
+    processes start (they hold it) and while they run jobs, the run ends within seconds with the
+    one-line message, no worker's traceback, and no process left behind."""
     out = tmp_path / "vowels"
     command = [sys.executable, "-m", "moekit", "vowels", "--no-progress", "--out", str(out)]
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # a child would inherit that
