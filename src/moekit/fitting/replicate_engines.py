@@ -20,7 +20,7 @@ numbers as autograd through its ``errors`` (the reference) to the last bit, in l
 - for linear experts and Eqs. 1-3, the backward is written out formula by formula as autograd
   runs it (the same operations in the same order), without autograd's overhead, and every
   product with x runs a chunk at a time too, so that a chunk stays in cache from the first
-  product to the last (an epoch of 8 experts, 325 runs: 1.4x as fast). A matrix product gives a
+  product to the last (an epoch of 8 experts, 325 runs: 1.3x as fast). A matrix product gives a
   row the same numbers whatever the other rows, from ``MIN_PRODUCT_ROWS`` rows up: chunks keep
   to that;
 - for other experts (autograd between the products), the products with x and their weights'
@@ -35,7 +35,7 @@ otherwise); the tests check it.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -57,13 +57,24 @@ from moekit.nn.gates import SoftmaxGate
 # float32), for batches over CHUNKED_BATCH numbers per such tensor; smaller batches run whole, as
 # each chunk costs the fixed overhead of some 60 operations (about 0.2 ms). Measured on the 2-core
 # test machine, one thread, an epoch of 325 runs (benchmarks/vowels_speed.py, with the by-hand
-# backward): 8 experts 33 ms against 54 ms by autograd unchunked, 4 experts 16 against 22 ms.
+# backward and the products per chunk): 8 experts 26 ms against 61 ms by autograd unchunked, 4
+# experts 14 against 25 ms.
 CHUNK_ELEMENTS = 1 << 18
 CHUNKED_BATCH = 1 << 20
 # A chunk's products with x have at least this many rows (or the chunk is the whole batch): below
 # 16 rows MKL's float32 matrix product takes another path (measured: from 11 to 16 rows by
 # shape), whose numbers may differ from those it gives the same rows in a larger product.
 MIN_PRODUCT_ROWS = 16
+
+
+def by_autograd(errors: Callable[[dict[str, Tensor]], tuple[Tensor, Tensor]],
+                inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """``errors(leaves)``'s loss and metric (R,) at ``inputs``, and the gradient of the summed
+    loss with respect to each input (autograd; the inputs' own graphs are cut)."""
+    leaves = {k: v.detach().requires_grad_(True) for k, v in inputs.items()}
+    loss_R, metric_R = errors(leaves)
+    found = torch.autograd.grad(loss_R.sum(), list(leaves.values()))
+    return loss_R.detach(), metric_R.detach(), dict(zip(leaves, found, strict=True))
 
 
 class VmapEngine:
@@ -90,10 +101,7 @@ class VmapEngine:
                          ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """Loss and stop metric of each run in ``work`` (R,), and the gradient of each run's loss
         with respect to its parameters (shaped like ``work``)."""
-        leaves = {k: v.detach().requires_grad_(True) for k, v in work.items()}
-        loss_R, metric_R = self.errors(leaves, rows)
-        grads = torch.autograd.grad(loss_R.sum(), list(leaves.values()))
-        return loss_R.detach(), metric_R.detach(), dict(zip(leaves, grads, strict=True))
+        return by_autograd(lambda leaves: self.errors(leaves, rows), work)
 
     def module_state(self, params: dict[str, Tensor], r: int) -> dict[str, Tensor]:
         return {k: v[r].detach().clone() for k, v in params.items()}
@@ -257,8 +265,8 @@ class StackedMixtureEngine:
         with respect to its parameters: bit for bit autograd's of :meth:`errors`, in less time
         (the conditions: the module's docstring).
 
-        Linear experts under Eqs. 1-3 go by hand, ``chunk_runs(R)`` runs at a time
-        (:meth:`_linear_chunk`), every product with x included. The others go by autograd:
+        Linear experts under Eqs. 1-3 go by hand, chunk by chunk (:meth:`chunks`,
+        :meth:`_linear_chunk`), every product with x included. The others go by autograd:
         through :meth:`errors` itself when the batch runs whole, else with the products with x
         (forward) and with x^T (their weights' gradients) on the whole batch and everything
         between them a chunk at a time.
@@ -268,10 +276,7 @@ class StackedMixtureEngine:
         if self.config.expert.kind == "linear" and self.loss != "categorical_nll":
             return self._linear_by_hand(work, chunks)
         if len(chunks) == 1:  # autograd through errors, as it is
-            leaves = {k: v.detach().requires_grad_(True) for k, v in work.items()}
-            loss_R, metric_R = self.errors(leaves, rows)
-            found = torch.autograd.grad(loss_R.sum(), list(leaves.values()))
-            return loss_R.detach(), metric_R.detach(), dict(zip(leaves, found, strict=True))
+            return by_autograd(lambda leaves: self.errors(leaves, rows), work)
         x_DN = self.x_DN
         with torch.no_grad():
             pre = {k: torch.matmul(work[k], x_DN, out=self._buffer(f"x {k}", self._shape_times(
@@ -280,24 +285,16 @@ class StackedMixtureEngine:
         metric_R = torch.empty(n_runs, dtype=x_DN.dtype)
         grads = {k: self._buffer(f"grad {k}", pre[k]) if k in pre else torch.empty_like(v)
                  for k, v in work.items()}
-        for part in chunks:
-            loss_R[part], metric_R[part], found = self._autograd_chunk(work, pre, part)
+        for part in chunks:  # gradients with respect to the products with x, and the biases
+            inputs = {k: (pre[k] if k in pre else work[k])[part] for k in work}
+            loss_R[part], metric_R[part], found = by_autograd(
+                lambda leaves: self._errors(leaves, {k: leaves[k] for k in pre}), inputs)
             for k, grad in found.items():
                 grads[k][part] = grad
         n = x_DN.shape[1]
         for k in pre:  # autograd's backward of the folded matmul: grad @ x^T, the whole batch
             grads[k] = grads[k].view(-1, n).mm(x_DN.t()).view(work[k].shape)
         return loss_R, metric_R, grads
-
-    def _autograd_chunk(self, work: dict[str, Tensor], pre: dict[str, Tensor], part: slice
-                        ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """Loss, metric and gradients of the runs ``part`` by autograd, with respect to ``pre``
-        (the products with x) and to the other parameters."""
-        leaves = {k: (pre[k] if k in pre else work[k])[part].detach().requires_grad_(True)
-                  for k in work}
-        loss_C, metric_C = self._errors(leaves, {k: leaves[k] for k in pre})
-        found = torch.autograd.grad(loss_C.sum(), list(leaves.values()))
-        return loss_C.detach(), metric_C.detach(), dict(zip(leaves, found, strict=True))
 
     @torch.no_grad()
     def _linear_by_hand(self, work: dict[str, Tensor], chunks: list[slice]
